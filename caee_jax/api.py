@@ -1,0 +1,94 @@
+"""The notebook-facing entry points: `load` a checkpoint, `init_random` a preset, call the model."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from caee_jax.config import ModelConfig, preset
+from caee_jax.experts import ExpertBackend
+from caee_jax.model.transformer import DeepseekV3
+from caee_jax.runtime.tokenizer import Tokenizer
+from caee_jax.weights.hf_loader import load_hf_model
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend"))
+def _logits(graphdef, state, tokens, backend: ExpertBackend) -> jax.Array:
+    return nnx.merge(graphdef, state)(tokens, backend=backend).logits
+
+
+class Model:
+    """A loaded model: `m(tokens)` gives logits; `m.config`, `m.tokenizer`, `m.module` (the NNX module).
+
+    The module is split once into a static graph definition and a state of arrays; jitted functions
+    take both, so parameters are arguments, never constants baked into compiled code.
+    """
+
+    def __init__(self, module: DeepseekV3, tokenizer: Tokenizer | None = None, backend=ExpertBackend.LOOP):
+        self.module = module
+        self.config: ModelConfig = module.config
+        self.tokenizer = tokenizer
+        self.backend = ExpertBackend(backend)
+        self.graphdef, self.state = nnx.split(module)
+
+    @property
+    def dtype(self):
+        return self.module.embed.embedding.dtype
+
+    def __call__(self, tokens) -> jax.Array:
+        """int token ids [B, T] -> full-sequence logits [B, T, V] float32."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be a non-empty [B, T] array, got shape {tokens.shape}")
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+        vocab = self.config.vocab_size
+        if tokens.min() < 0 or tokens.max() >= vocab:
+            bad = tokens[(tokens < 0) | (tokens >= vocab)][0]
+            raise ValueError(f"token id {bad} out of range [0, {vocab})")
+        if tokens.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds max_position_embeddings {self.config.max_position_embeddings}"
+            )
+        return _logits(self.graphdef, self.state, jnp.asarray(tokens, jnp.int32), self.backend)
+
+
+def load(path: str | os.PathLike | None = None, *, dtype="float32", backend="loop") -> Model:
+    """Loads an HF-format DeepseekV3 directory (config.json + *.safetensors, sharded index included).
+
+    dtype: parameter dtype, "float32" (parity) or "bfloat16" (speed). backend: expert execution
+    ("loop", the CPU default, or "dense").
+    """
+    if path is None:
+        raise ValueError("no bundled default model in this build yet: pass a checkpoint directory")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a checkpoint directory")
+    config = ModelConfig.from_hf(path)
+    module = load_hf_model(path, config, _dtype(dtype))
+    eos = config.eos_token_id
+    eos_ids = () if eos is None else (tuple(eos) if isinstance(eos, tuple) else (eos,))
+    return Model(module, Tokenizer.from_dir(path, eos_ids), backend)
+
+
+def init_random(config: ModelConfig | str, *, seed: int = 0, dtype="float32", backend="loop") -> Model:
+    """A model with random weights (normal(0, 0.02)) for a config or preset name: tests, demos, benchmarks."""
+    if isinstance(config, str):
+        config = preset(config)
+    module = DeepseekV3(config, dtype=_dtype(dtype), rngs=nnx.Rngs(seed))
+    return Model(module, None, backend)

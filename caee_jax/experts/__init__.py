@@ -1,0 +1,55 @@
+"""The expert-execution boundary: every way of running routed experts goes through `run_experts`.
+
+Expert parallelism, offloading and the Pallas kernel wrap or implement this one function; none
+re-implements routing or combining. Letters: N tokens, D hidden, E experts, F expert width, K top-k.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import jax
+
+from caee_jax.experts.dense import run_dense
+from caee_jax.experts.loop import run_loop
+
+
+class ExpertBackend(enum.Enum):
+    """How routed experts execute.
+
+    DENSE: every expert on every token, masked combine (reference; cost E x N).
+    LOOP: XLA while-loop over active experts and row tiles of their kept tokens (CPU default; cost
+    follows kept token-expert pairs and active experts).
+    """
+
+    DENSE = "dense"
+    LOOP = "loop"
+
+
+class ExpertWeights(NamedTuple):
+    """Stacked SwiGLU expert weights: gate, up [E, D, F]; down [E, F, D]."""
+
+    gate: jax.Array
+    up: jax.Array
+    down: jax.Array
+
+
+def run_experts(
+    x: jax.Array,
+    topk_ids: jax.Array,
+    topk_weights: jax.Array,
+    keep_mask: jax.Array,
+    weights: ExpertWeights,
+    backend: ExpertBackend = ExpertBackend.LOOP,
+) -> jax.Array:
+    """Combined routed-expert output [N, D] (dtype of x).
+
+    x [N, D]; topk_ids [N, K] int (ids in [0, E)); topk_weights [N, K] float (combine weights);
+    keep_mask [N, K] bool (False: the pair is not executed and contributes nothing).
+    """
+    backend = ExpertBackend(backend)
+    with jax.named_scope(f"experts_{backend.value}"):
+        if backend is ExpertBackend.DENSE:
+            return run_dense(x, topk_ids, topk_weights, keep_mask, weights)
+        return run_loop(x, topk_ids, topk_weights, keep_mask, weights)

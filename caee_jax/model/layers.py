@@ -1,0 +1,63 @@
+"""Small building blocks: parameters with logical axes, RMSNorm, embedding, SwiGLU MLP.
+
+Every parameter carries `logical_axes` metadata (roles such as "embed", "experts", "moe_ffw"); the
+sharding rules table maps those roles to mesh axes, so no module spells a PartitionSpec.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, *, ones: bool = False):
+    """An `nnx.Param` of `shape` (normal(0, 0.02) or ones) tagged with one logical axis name per dim."""
+    if len(shape) != len(axes):
+        raise ValueError(f"shape {shape} and logical axes {axes} differ in rank")
+    if ones:
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * weight, computed in float32 and cast back (as HF's DeepseekV3RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float, dtype, *, rngs: nnx.Rngs, axis: str = "embed"):
+        self.weight = param(rngs, (dim,), (axis,), dtype, ones=True)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table [V, D]."""
+
+    def __init__(self, vocab: int, dim: int, dtype, *, rngs: nnx.Rngs):
+        self.embedding = param(rngs, (vocab, dim), ("vocab", "embed"), dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """int [B, T] -> [B, T, D]."""
+        return jnp.take(self.embedding[...], tokens, axis=0)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward down(silu(x @ gate) * (x @ up)); weights stored [in, out]."""
+
+    def __init__(self, dim: int, width: int, dtype, *, rngs: nnx.Rngs, width_axis: str = "ffw"):
+        self.gate_proj = param(rngs, (dim, width), ("embed", width_axis), dtype)
+        self.up_proj = param(rngs, (dim, width), ("embed", width_axis), dtype)
+        self.down_proj = param(rngs, (width, dim), (width_axis, "embed"), dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., D] -> [..., D]."""
+        gate = x @ self.gate_proj[...]
+        up = x @ self.up_proj[...]
+        return (jax.nn.silu(gate) * up) @ self.down_proj[...]

@@ -1,0 +1,182 @@
+"""Batched generation: one jitted prefill, then a jitted decode step that donates the latent cache.
+
+Prompts of different lengths are right-padded to a bucket; each sequence keeps its own position, so
+padding never reaches attention (slots after a sequence's position are masked, then overwritten).
+Shapes depend only on (batch, prompt bucket, cache length): steps never recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from caee_jax.experts import ExpertBackend
+from caee_jax.model.cache import LatentCache
+from caee_jax.runtime.sampling import sample
+
+PROMPT_BUCKET = 16
+CACHE_BUCKET = 64
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "backend"))
+def prefill(graphdef, state, tokens, lengths, key, temperature, top_p, *, cache_len: int, backend: ExpertBackend):
+    """tokens [B, T] (right-padded), lengths [B] -> (first sampled ids [B], LatentCache with S = cache_len)."""
+    model = nnx.merge(graphdef, state)
+    out = model(tokens, backend=backend)
+    batch, length = tokens.shape
+    cache = LatentCache.zeros(model.config, batch, cache_len, out.cache.moe.dtype)
+    cache = jax.tree.map(lambda c, new: c.at[:, :, :length].set(new), cache, out.cache)
+    last = out.logits[jnp.arange(batch), lengths - 1]  # [B, V]
+    return sample(last, key, temperature, top_p), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend"), donate_argnames=("cache",))
+def decode_step(graphdef, state, cache, tokens, positions, key, temperature, top_p, *, backend: ExpertBackend):
+    """tokens [B] at positions [B] -> (next ids [B], updated cache)."""
+    model = nnx.merge(graphdef, state)
+    out = model(tokens[:, None], positions[:, None], cache, backend=backend)
+    return sample(out.logits[:, 0], key, temperature, top_p), out.cache
+
+
+@dataclasses.dataclass
+class Generation:
+    """tokens: generated ids per prompt (stop token excluded); prefill_s: wall time of the prefill call
+    (compilation included on first use); decode_step_s: wall time of each decode step (seconds)."""
+
+    tokens: list[list[int]]
+    prefill_s: float
+    decode_step_s: list[float]
+
+    @property
+    def decode_s_per_token(self) -> float:
+        """Median decode step time, skipping the first step (it may include compilation)."""
+        steps = self.decode_step_s[1:] or self.decode_step_s
+        return float(np.median(steps)) if steps else float("nan")
+
+
+def encode_prompts(model, prompts: Sequence) -> list[list[int]]:
+    """Prompts as token-id lists, validated against the vocabulary."""
+    if len(prompts) == 0:
+        raise ValueError("prompts: empty batch")
+    vocab = model.config.vocab_size
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if model.tokenizer is None:
+                raise ValueError(f"prompts[{i}] is text but the model has no tokenizer: pass token ids")
+            prompt = model.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError(f"prompts[{i}] is empty")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompts[{i}]: token id {bad[0]} out of range [0, {vocab})")
+        out.append(ids)
+    return out
+
+
+def generate_with_stats(
+    model,
+    prompts: Sequence,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: Sequence[int] | None = None,
+    max_cache_len: int | None = None,
+) -> Generation:
+    """Like `generate`, with timings."""
+    ids = encode_prompts(model, prompts)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    lengths = np.array([len(p) for p in ids], np.int32)
+    needed = int(lengths.max()) + max_new_tokens
+    limit = model.config.max_position_embeddings
+    cache_len = min(_round_up(needed, CACHE_BUCKET), limit) if max_cache_len is None else max_cache_len
+    if needed > min(cache_len, limit):
+        raise ValueError(
+            f"longest prompt ({lengths.max()} tokens) + max_new_tokens ({max_new_tokens}) = {needed} exceeds "
+            f"the cache ({cache_len} slots, max_position_embeddings {limit})"
+        )
+    stop_ids = set(_default_stop(model) if stop is None else stop)
+    prompt_len = min(_round_up(int(lengths.max()), PROMPT_BUCKET), cache_len)
+    tokens = np.zeros((len(ids), prompt_len), np.int32)
+    for b, p in enumerate(ids):
+        tokens[b, : len(p)] = p
+
+    key = jax.random.key(seed)
+    key, first_key = jax.random.split(key)
+    temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
+    start = time.perf_counter()
+    next_ids, cache = prefill(
+        model.graphdef, model.state, jnp.asarray(tokens), jnp.asarray(lengths), first_key, temp, nucleus,
+        cache_len=cache_len, backend=model.backend,
+    )
+    next_host = np.asarray(next_ids)
+    prefill_s = time.perf_counter() - start
+
+    positions = jnp.asarray(lengths)
+    generated: list[list[int]] = [[] for _ in ids]
+    done = np.zeros(len(ids), bool)
+    step_times = []
+    for step in range(max_new_tokens):
+        for b, token in enumerate(next_host):
+            if done[b]:
+                continue
+            if int(token) in stop_ids:
+                done[b] = True
+            else:
+                generated[b].append(int(token))
+        if done.all() or step == max_new_tokens - 1:
+            break
+        key, step_key = jax.random.split(key)
+        start = time.perf_counter()
+        next_ids, cache = decode_step(
+            model.graphdef, model.state, cache, next_ids, positions, step_key, temp, nucleus, backend=model.backend
+        )
+        next_host = np.asarray(next_ids)
+        step_times.append(time.perf_counter() - start)
+        positions = positions + 1
+    return Generation(generated, prefill_s, step_times)
+
+
+def generate(
+    model,
+    prompts: Sequence,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: Sequence[int] | None = None,
+    max_cache_len: int | None = None,
+) -> list[list[int]]:
+    """Generates up to `max_new_tokens` ids for each prompt.
+
+    prompts: token-id lists of any lengths (or strings when the model has a tokenizer).
+    temperature 0 is greedy; otherwise temperature + top-p sampling seeded by `seed`.
+    stop: ids that end a sequence (default: the config's eos); the stop id is not returned.
+    max_cache_len: cache slots per sequence (default: prompt + new tokens, rounded up).
+    """
+    return generate_with_stats(model, prompts, max_new_tokens, temperature, top_p, seed, stop, max_cache_len).tokens
+
+
+def _default_stop(model) -> tuple[int, ...]:
+    eos = model.config.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, tuple) else (eos,)

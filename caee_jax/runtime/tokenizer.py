@@ -1,0 +1,55 @@
+"""Text <-> token ids through a checkpoint's `tokenizer.json` (HF `tokenizers`)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tokenizers
+
+
+class Tokenizer:
+    """encode(text) -> ids (with the BOS token first when the checkpoint asks for it); decode(ids) -> text."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, bos_id: int | None, add_bos: bool, eos_ids: tuple[int, ...]):
+        self._tokenizer = tokenizer
+        self.bos_id = bos_id
+        self.add_bos = add_bos and bos_id is not None
+        self.eos_ids = eos_ids
+
+    @classmethod
+    def from_dir(cls, directory: str, eos_ids: tuple[int, ...] = ()) -> "Tokenizer | None":
+        """The directory's tokenizer, or None when it has no `tokenizer.json`.
+
+        `tokenizer_config.json` (when present) names the BOS token and whether to prepend it.
+        """
+        path = os.path.join(directory, "tokenizer.json")
+        if not os.path.exists(path):
+            return None
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:
+            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+        settings = {}
+        settings_path = os.path.join(directory, "tokenizer_config.json")
+        if os.path.exists(settings_path):
+            with open(settings_path) as f:
+                settings = json.load(f)
+        bos = settings.get("bos_token")
+        if isinstance(bos, dict):
+            bos = bos.get("content")
+        bos_id = tokenizer.token_to_id(bos) if bos else None
+        return cls(tokenizer, bos_id, bool(settings.get("add_bos_token", False)), eos_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        if self.add_bos:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -1,0 +1,152 @@
+"""Reading HF safetensors checkpoints (single file or sharded with an index) as memory-mapped numpy.
+
+The header is parsed here rather than through `safetensors.safe_open(framework="numpy")` because
+numpy has no bfloat16 or float8: those come back as `ml_dtypes` arrays. Every problem (missing shard,
+truncated file, bad header) raises `CheckpointError` naming the file and, where it applies, the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+MAX_HEADER_BYTES = 100 * 2**20
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or tensor is missing, malformed or does not fit the model."""
+
+
+class SafetensorsFile:
+    """One .safetensors file: tensor names, shapes, dtypes, and memory-mapped reads."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                prefix = f.read(8)
+                if len(prefix) < 8:
+                    raise CheckpointError(f"{path}: truncated (no safetensors header)")
+                (header_len,) = struct.unpack("<Q", prefix)
+                if header_len > min(MAX_HEADER_BYTES, size - 8):
+                    raise CheckpointError(f"{path}: header length {header_len} is impossible for a {size}-byte file")
+                header = json.loads(f.read(header_len))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupted safetensors header ({e})") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self._data_start = 8 + header_len
+        self._entries = header
+        data_size = size - self._data_start
+        for name, entry in header.items():
+            if entry.get("dtype") not in DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+            begin, end = entry["data_offsets"]
+            expected = int(np.prod(entry["shape"], dtype=np.int64)) * DTYPES[entry["dtype"]].itemsize
+            if end - begin != expected:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} spans {end - begin} bytes but shape {entry['shape']} "
+                    f"{entry['dtype']} needs {expected}"
+                )
+            if end > data_size:
+                raise CheckpointError(
+                    f"{path}: truncated: tensor {name!r} ends at byte {end} of a {data_size}-byte data section"
+                )
+        self._mmap = None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return DTYPES[self._entries[name]["dtype"]]
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a read-only numpy view of the memory-mapped file (no copy)."""
+        if name not in self._entries:
+            raise CheckpointError(f"{self.path}: no tensor {name!r}")
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        begin, end = self._entries[name]["data_offsets"]
+        raw = self._mmap[self._data_start + begin : self._data_start + end]
+        return raw.view(self.dtype(name)).reshape(self.shape(name))
+
+
+class CheckpointReader:
+    """All tensors of an HF checkpoint directory: `model.safetensors.index.json` or every *.safetensors."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        index_path = os.path.join(directory, INDEX_NAME)
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, str] = {}
+        if os.path.exists(index_path):
+            try:
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+            for shard in sorted(set(weight_map.values())):
+                shard_path = os.path.join(directory, shard)
+                if not os.path.exists(shard_path):
+                    raise CheckpointError(f"{index_path}: points at missing shard {shard_path}")
+            for name, shard in weight_map.items():
+                file = self._open(shard)
+                if name not in file._entries:
+                    raise CheckpointError(f"{index_path}: tensor {name!r} is not in its shard {file.path}")
+                self._where[name] = shard
+        else:
+            shards = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+            if not shards:
+                raise CheckpointError(f"{directory}: no *.safetensors files and no {INDEX_NAME}")
+            for shard in shards:
+                for name in self._open(shard).keys():
+                    if name in self._where:
+                        raise CheckpointError(f"{directory}: tensor {name!r} is in both {self._where[name]} and {shard}")
+                    self._where[name] = shard
+
+    def _open(self, shard: str) -> SafetensorsFile:
+        if shard not in self._files:
+            self._files[shard] = SafetensorsFile(os.path.join(self.directory, shard))
+        return self._files[shard]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def file_of(self, name: str) -> str:
+        return self._files[self._where[name]].path
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._files[self._where[name]].shape(name)
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise CheckpointError(f"{self.directory}: missing tensor {name!r}")
+        return self._files[self._where[name]].read(name)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine with Python 3.11 and pip:
+#   bash dev.sh run [launch/run.py args]   set up .venv (runtime deps) and run the main job
+#   bash dev.sh test [pytest args]         set up .venv (runtime + test deps) and run the whole test suite
+#   bash dev.sh lint                       ruff over the repo
+# The virtual environment lives in .venv and is reused; it is re-synced when pyproject.toml changes.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+
+setup() {  # $1: extras ("" or "test")
+    local extras="$1" stamp
+    [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+    stamp=".venv/.synced-$(sha256sum pyproject.toml | cut -c1-16)-${extras:-base}"
+    if [ ! -f "$stamp" ]; then
+        .venv/bin/python -m pip install --quiet --upgrade pip
+        # torch==2.13.0 (test extra) comes from the machine's local wheel; installed first so that
+        # transformers never pulls a CUDA build from the registry.
+        if [ "$extras" = test ]; then .venv/bin/python -m pip install --quiet torch==2.13.0; fi
+        .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
+        touch "$stamp"
+    fi
+}
+
+cmd="${1:-}"; shift || true
+case "$cmd" in
+    run)  setup ""; exec .venv/bin/python launch/run.py "$@" ;;
+    test) setup test; exec .venv/bin/python -m pytest "$@" ;;
+    lint) setup test; .venv/bin/ruff check . && exec .venv/bin/ruff format --check . ;;
+    *) echo "usage: bash dev.sh run|test|lint [args]" >&2; exit 2 ;;
+esac
