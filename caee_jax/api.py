@@ -76,11 +76,12 @@ def load(path: str | os.PathLike | None = None, *, dtype="float32", backend="loo
     """
     if path is None:
         raise ValueError("no bundled default model in this build yet: pass a checkpoint directory")
+    dtype = _dtype(dtype)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
     config = ModelConfig.from_hf(path)
-    module = load_hf_model(path, config, _dtype(dtype))
+    module = load_hf_model(path, config, dtype)
     eos = config.eos_token_id
     eos_ids = () if eos is None else (tuple(eos) if isinstance(eos, tuple) else (eos,))
     return Model(module, Tokenizer.from_dir(path, eos_ids), backend)

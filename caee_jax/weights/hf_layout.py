@@ -146,3 +146,44 @@ def is_ignored(name: str, config: ModelConfig) -> bool:
     if match.group(2) is not None:
         return int(match.group(2)) >= config.num_hidden_layers
     return True
+
+
+def hf_shape(name: str, config: ModelConfig) -> tuple[int, ...]:
+    """The shape an HF DeepseekV3 tensor must have under `config` (KeyError for an unknown name)."""
+    d, h, v = config.hidden_size, config.num_attention_heads, config.vocab_size
+    r, p, c = config.kv_lora_rank, config.qk_rope_head_dim, config.v_head_dim
+    f, shared = config.moe_intermediate_size, config.moe_intermediate_size * config.n_shared_experts
+    q, e, i = config.q_lora_rank, config.n_routed_experts, config.intermediate_size
+    top = {
+        "model.embed_tokens.weight": (v, d),
+        "model.norm.weight": (d,),
+        "lm_head.weight": (v, d),
+    }
+    if name in top:
+        return top[name]
+    suffix = re.sub(r"^model\.layers\.\d+\.", "", name)
+    suffix = re.sub(r"^mlp\.experts\.\d+\.", "expert.", suffix)
+    shapes = {
+        "input_layernorm.weight": (d,),
+        "post_attention_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (h * config.qk_head_dim, d),
+        "self_attn.q_a_proj.weight": (q, d),
+        "self_attn.q_a_layernorm.weight": (q,),
+        "self_attn.q_b_proj.weight": (h * config.qk_head_dim, q),
+        "self_attn.kv_a_proj_with_mqa.weight": (r + p, d),
+        "self_attn.kv_a_layernorm.weight": (r,),
+        "self_attn.kv_b_proj.weight": (h * (config.qk_nope_head_dim + c), r),
+        "self_attn.o_proj.weight": (d, h * c),
+        "mlp.gate_proj.weight": (i, d),
+        "mlp.up_proj.weight": (i, d),
+        "mlp.down_proj.weight": (d, i),
+        "mlp.gate.weight": (e, d),
+        "mlp.gate.e_score_correction_bias": (e,),
+        "mlp.shared_experts.gate_proj.weight": (shared, d),
+        "mlp.shared_experts.up_proj.weight": (shared, d),
+        "mlp.shared_experts.down_proj.weight": (d, shared),
+        "expert.gate_proj.weight": (f, d),
+        "expert.up_proj.weight": (f, d),
+        "expert.down_proj.weight": (d, f),
+    }
+    return shapes[suffix]

@@ -9,7 +9,7 @@ from flax import nnx
 
 from caee_jax.config import ModelConfig
 from caee_jax.model.transformer import DeepseekV3
-from caee_jax.weights.hf_layout import is_ignored, recipes
+from caee_jax.weights.hf_layout import hf_shape, is_ignored, recipes
 from caee_jax.weights.safetensors_io import CheckpointError, CheckpointReader
 
 
@@ -19,8 +19,8 @@ def abstract_model(config: ModelConfig, dtype) -> DeepseekV3:
 
 
 def load_hf_model(directory: str, config: ModelConfig, dtype=jnp.float32) -> DeepseekV3:
-    """Builds the model from the directory's safetensors; every HF tensor must be used exactly once
-    (MTP layers and rotary buffers aside), and every parameter must match its expected shape."""
+    """Builds the model from the directory's safetensors; every non-empty HF tensor must be used (MTP
+    layers and rotary buffers aside), and every parameter must match its expected shape."""
     reader = CheckpointReader(directory)
     model = abstract_model(config, dtype)
     graphdef, state = nnx.split(model)
@@ -29,6 +29,11 @@ def load_hf_model(directory: str, config: ModelConfig, dtype=jnp.float32) -> Dee
 
     def get(name: str) -> np.ndarray:
         used.add(name)
+        expected = hf_shape(name, config)
+        if reader.shape(name) != expected:
+            raise CheckpointError(
+                f"{reader.file_of(name)}: tensor {name!r} has shape {reader.shape(name)}, expected {expected}"
+            )
         return np.asarray(reader.read(name), dtype=np.float32)
 
     for recipe in recipes(config):
@@ -36,19 +41,11 @@ def load_hf_model(directory: str, config: ModelConfig, dtype=jnp.float32) -> Dee
         if missing:
             raise CheckpointError(f"{directory}: missing tensor {missing[0]!r} (needed for {'.'.join(recipe.target)})")
         variable = flat[recipe.target]
-        try:
-            value = recipe.build(get)
-        except ValueError as e:
-            raise CheckpointError(
-                f"{directory}: tensor(s) {recipe.sources[0]!r}... do not fit {'.'.join(recipe.target)}: {e}"
-            ) from None
-        if value.shape != variable.shape:
-            raise CheckpointError(
-                f"{directory}: {recipe.sources[0]!r} gives {'.'.join(recipe.target)} shape {value.shape}, "
-                f"expected {variable.shape}"
-            )
+        value = recipe.build(get)
+        assert value.shape == variable.shape, (recipe.target, value.shape, variable.shape)
         variable.set_value(jnp.asarray(value, dtype=variable.dtype))
-    unexpected = [n for n in reader if n not in used and not is_ignored(n, config)]
+    # Zero-element tensors carry nothing (transformers writes an empty shared MLP when n_shared_experts=0).
+    unexpected = [n for n in reader if n not in used and not is_ignored(n, config) and np.prod(reader.shape(n)) > 0]
     if unexpected:
         raise CheckpointError(f"{reader.file_of(unexpected[0])}: unexpected tensor {unexpected[0]!r}")
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
