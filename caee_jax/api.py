@@ -12,6 +12,7 @@ from flax import nnx
 
 from caee_jax.config import ModelConfig, preset
 from caee_jax.experts import ExpertBackend
+from caee_jax.model.layers import random_state
 from caee_jax.model.transformer import DeepseekV3
 from caee_jax.runtime.tokenizer import Tokenizer
 from caee_jax.weights.hf_loader import load_hf_model
@@ -91,5 +92,7 @@ def init_random(config: ModelConfig | str, *, seed: int = 0, dtype="float32", ba
     """A model with random weights (normal(0, 0.02)) for a config or preset name: tests, demos, benchmarks."""
     if isinstance(config, str):
         config = preset(config)
-    module = DeepseekV3(config, dtype=_dtype(dtype), rngs=nnx.Rngs(seed))
-    return Model(module, None, backend)
+    dtype = _dtype(dtype)
+    abstract = nnx.eval_shape(lambda: DeepseekV3(config, dtype=dtype, rngs=nnx.Rngs(seed)))
+    graphdef = nnx.graphdef(abstract)
+    return Model(nnx.merge(graphdef, random_state(abstract, seed)), None, backend)

@@ -337,9 +337,32 @@ def _tiny(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def _demo() -> ModelConfig:
+    """A small model where MoE dominates (hidden 256, 64 experts, top-6): the random-weight demo."""
+    return _tiny(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=768,
+        moe_intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        n_routed_experts=64,
+        num_experts_per_tok=6,
+        n_group=8,
+        topk_group=4,
+        kv_lora_rank=64,
+        q_lora_rank=96,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        max_position_embeddings=2048,
+    )
+
+
 PRESETS = {
     "deepseek-r1-671b": _deepseek_671b,
     "deepseek-v3-671b": _deepseek_671b,
+    "demo": _demo,
     "tiny": _tiny,
     "tiny-no-qlora": functools.partial(_tiny, q_lora_rank=None, rope_scaling=None),
     "tiny-all-moe": functools.partial(

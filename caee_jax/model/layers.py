@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 INIT_STD = 0.02
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, *, ones: bool = False):
-    """An `nnx.Param` of `shape` (normal(0, 0.02) or ones) tagged with one logical axis name per dim."""
+    """An `nnx.Param` of `shape` (normal(0, 0.02) or ones) tagged with one logical axis name per dim.
+
+    The `init` metadata ("normal" or "ones") lets `random_state` re-create values without tracing.
+    """
     if len(shape) != len(axes):
         raise ValueError(f"shape {shape} and logical axes {axes} differ in rank")
     if ones:
         value = jnp.ones(shape, dtype)
     else:
         value = (INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(value, logical_axes=axes)
+    return nnx.Param(value, logical_axes=axes, init="ones" if ones else "normal")
 
 
 class RMSNorm(nnx.Module):
@@ -61,3 +65,24 @@ class MLP(nnx.Module):
         gate = x @ self.gate_proj[...]
         up = x @ self.up_proj[...]
         return (jax.nn.silu(gate) * up) @ self.down_proj[...]
+
+
+def random_state(abstract: nnx.Module, seed: int) -> nnx.State:
+    """Concrete random values for an abstract module's parameters, drawn with numpy.
+
+    Same distribution as the modules' own initialisers (normal(0, 0.02), ones for norms, zeros for
+    other variables) without compiling an XLA initialiser, which takes seconds per model on CPU.
+    """
+    rng = np.random.default_rng(seed)
+
+    def fill(variable: nnx.Variable) -> nnx.Variable:
+        init = variable.get_metadata().get("init")
+        if init == "normal":
+            value = INIT_STD * rng.standard_normal(variable.shape, np.float32)
+        elif init == "ones":
+            value = np.ones(variable.shape, np.float32)
+        else:
+            value = np.zeros(variable.shape, np.float32)
+        return variable.replace(jnp.asarray(value, variable.dtype))
+
+    return jax.tree.map(fill, nnx.state(abstract), is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,0 +1,181 @@
+"""Expert backends: `loop` against `dense` against a plain numpy SwiGLU reference, tiling, and no recompiles."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
+from caee_jax.experts.loop import default_tile_rows, run_loop
+
+# (tokens N, hidden D, expert width F, experts E, top-k K): odd sizes, a single token, K=1, E not a power of
+# two, and N*K >> E so an expert spans several default-size row tiles.
+SHAPES = [(1, 8, 4, 3, 1), (1, 16, 8, 6, 2), (7, 13, 5, 5, 3), (33, 24, 10, 12, 4), (64, 16, 6, 7, 2), (200, 8, 3, 3, 2)]
+SHAPE_IDS = [f"N{n}-D{d}-F{f}-E{e}-K{k}" for n, d, f, e, k in SHAPES]
+
+
+def make_weights(d, f, e, seed=0, dtype=jnp.float32) -> ExpertWeights:
+    rng = np.random.default_rng(seed)
+    return ExpertWeights(
+        gate=jnp.asarray(rng.standard_normal((e, d, f)) / np.sqrt(d), dtype),
+        up=jnp.asarray(rng.standard_normal((e, d, f)) / np.sqrt(d), dtype),
+        down=jnp.asarray(rng.standard_normal((e, f, d)) / np.sqrt(f), dtype),
+    )
+
+
+def make_routing(n, e, k, seed=0, keep_prob=0.7):
+    """ids [N, K] (distinct per token, as the router gives), positive weights, a random keep mask that keeps
+    pair (0, 0), so no case is trivially all-zero."""
+    rng = np.random.default_rng(seed)
+    ids = np.argsort(rng.random((n, e)), axis=-1)[:, :k].astype(np.int32)
+    weights = rng.uniform(0.1, 1.0, (n, k)).astype(np.float32)
+    keep = rng.random((n, k)) < keep_prob
+    keep[0, 0] = True
+    return ids, weights, keep
+
+
+def make_x(n, d, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, d), dtype=np.float32)
+
+
+def numpy_experts(x, ids, weights, keep, w: ExpertWeights) -> np.ndarray:
+    """y[n] = sum_k keep * weight * down_e(silu(x @ gate_e) * (x @ up_e)), one (token, slot) at a time, float64."""
+    x = x.astype(np.float64)
+    gate, up, down = (np.asarray(a, np.float64) for a in w)
+    y = np.zeros_like(x)
+    for n, k in np.ndindex(ids.shape):
+        if keep[n, k]:
+            e = ids[n, k]
+            g, u = x[n] @ gate[e], x[n] @ up[e]
+            y[n] += weights[n, k] * ((g / (1 + np.exp(-g)) * u) @ down[e])
+    return y
+
+
+def run(backend, x, ids, weights, keep, w) -> np.ndarray:
+    return np.asarray(run_experts(*(jnp.asarray(a) for a in (x, ids, weights, keep)), w, backend))
+
+
+def assert_close(actual, desired, rel=1e-5):
+    """fp32: atol 1e-5 relative to the output scale (summation order differs between backends)."""
+    scale = max(float(np.abs(desired).max()), 1e-30)
+    np.testing.assert_allclose(actual, desired, rtol=0, atol=rel * scale)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_dense_matches_numpy_reference(shape):
+    n, d, f, e, k = shape
+    x, (ids, weights, keep), w = make_x(n, d), make_routing(n, e, k), make_weights(d, f, e)
+    reference = numpy_experts(x, ids, weights, keep, w)
+    assert np.abs(reference).max() > 0
+    assert_close(run(ExpertBackend.DENSE, x, ids, weights, keep, w), reference)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_loop_matches_dense(shape, seed):
+    n, d, f, e, k = shape
+    x, (ids, weights, keep), w = make_x(n, d, seed), make_routing(n, e, k, seed), make_weights(d, f, e, seed)
+    dense = run(ExpertBackend.DENSE, x, ids, weights, keep, w)
+    assert_close(run(ExpertBackend.LOOP, x, ids, weights, keep, w), dense)
+    if not keep.all():  # pruned pairs must contribute nothing: dropping them from the reference changes it
+        assert_close(dense, numpy_experts(x, ids, weights, keep, w))
+
+
+@pytest.mark.parametrize("backend", list(ExpertBackend))
+def test_all_pairs_pruned_gives_exact_zero(backend):
+    n, d, f, e, k = 9, 12, 5, 6, 2
+    ids, weights, _ = make_routing(n, e, k)
+    out = run(backend, make_x(n, d), ids, weights, np.zeros((n, k), bool), make_weights(d, f, e))
+    assert out.shape == (n, d) and (out == 0).all()
+
+
+def test_loop_never_reads_unused_or_fully_pruned_experts():
+    """Expert 0 is routed but every pair to it pruned, the last expert never routed: both get NaN weights,
+    which `loop` must never touch (dense multiplies them by a zero weight, so it gets NaN: compare to clean)."""
+    n, d, f, e, k = 20, 10, 4, 7, 3
+    x, (ids, weights, keep), w = make_x(n, d), make_routing(n, e - 1, k), make_weights(d, f, e)
+    keep[ids == 0] = False
+    assert (ids == 0).any() and keep.any()
+    poisoned = ExpertWeights(*(a.at[jnp.array([0, e - 1])].set(jnp.nan) for a in w))
+    loop = run(ExpertBackend.LOOP, x, ids, weights, keep, poisoned)
+    assert np.isfinite(loop).all()
+    assert_close(loop, run(ExpertBackend.DENSE, x, ids, weights, keep, w))
+    assert_close(loop, numpy_experts(x, ids, weights, keep, w))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_duplicate_heavy_routing(k):
+    """Every token sends slot 0 to expert 2: one expert holds N pairs, spanning many row tiles."""
+    n, d, f, e = 150, 8, 5, 5
+    x, (ids, weights, keep), w = make_x(n, d), make_routing(n, e, k), make_weights(d, f, e)
+    holds_2 = ids == 2
+    ids[holds_2] = np.repeat(ids[:, :1], k, 1)[holds_2]  # swap, keeping ids distinct per token
+    ids[:, 0] = 2
+    assert all(len(set(row)) == k for row in ids)
+    dense = run(ExpertBackend.DENSE, x, ids, weights, keep, w)
+    assert_close(dense, numpy_experts(x, ids, weights, keep, w))
+    assert_close(run(ExpertBackend.LOOP, x, ids, weights, keep, w), dense)
+
+
+def test_bf16_loop_matches_dense():
+    """bf16 weights and activations. Both backends round the same intermediates to bf16 (gate/up products,
+    the SwiGLU hidden, the down projection), but XLA may fuse or accumulate them differently, so each can sit
+    a few bf16 roundings (2^-9 relative each) from the other, plus the final cast: 2^-6 of the output scale
+    allows ~8 such roundings and is still ~500x tighter than a wrong expert or weight would produce."""
+    n, d, f, e, k = 33, 24, 10, 12, 4
+    bf16 = jnp.bfloat16
+    x, (ids, weights, keep) = make_x(n, d).astype(bf16), make_routing(n, e, k)
+    w = make_weights(d, f, e, dtype=bf16)
+    dense, loop = (run(b, x, ids, weights, keep, w) for b in (ExpertBackend.DENSE, ExpertBackend.LOOP))
+    assert dense.dtype == loop.dtype == bf16
+    assert_close(loop.astype(np.float32), dense.astype(np.float32), rel=2**-6)
+
+
+def test_tile_rows_do_not_change_results():
+    n, d, f, e, k = 64, 12, 6, 5, 3
+    x, (ids, weights, keep), w = make_x(n, d), make_routing(n, e, k), make_weights(d, f, e)
+    args = (*(jnp.asarray(a) for a in (x, ids, weights, keep)), w)
+    default = np.asarray(run_loop(*args))
+    assert_close(default, numpy_experts(x, ids, weights, keep, w))
+    for tile_rows in (1, 3, 8, 128):
+        assert_close(np.asarray(run_loop(*args, tile_rows=tile_rows)), default)
+
+
+@pytest.mark.parametrize(
+    "pairs, experts, expected", [(1, 256, 8), (64, 16, 8), (256, 16, 32), (300, 16, 64), (4096, 8, 128)]
+)
+def test_default_tile_rows(pairs, experts, expected):
+    """About twice the mean pairs per expert, rounded up to a power of two, clamped to [8, 128]."""
+    assert default_tile_rows(pairs, experts) == expected
+
+
+def test_loop_does_not_recompile_for_new_routing():
+    """Trip counts are data: new ids, keep masks and even zero active experts reuse one executable."""
+    n, d, f, e, k = 24, 8, 4, 6, 2
+    x, w = make_x(n, d), make_weights(d, f, e)
+    routings = [make_routing(n, e, k, seed) for seed in range(3)]
+    routings.append((np.full((n, k), 3, np.int32), routings[0][1], np.ones((n, k), bool)))  # one active expert
+    routings.append((routings[0][0], routings[0][1], np.zeros((n, k), bool)))
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if "compile" in event:
+            compiles.append(event)
+
+    jitted = jax.jit(run_experts, static_argnames="backend")
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        outputs = []
+        for i, (ids, weights, keep) in enumerate(routings):
+            outputs.append(np.asarray(jitted(x, ids, weights, keep, w, backend=ExpertBackend.LOOP)))
+            if i == 0:
+                assert compiles, "the listener saw no compilation at all: it would not see a recompile either"
+                compiles.clear()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert jitted._cache_size() == 1
+    for out, (ids, weights, keep) in zip(outputs, routings, strict=True):  # the reused executable obeys new data
+        assert_close(out, numpy_experts(x, ids, weights, keep, w))
