@@ -76,14 +76,14 @@ def main() -> None:
 
     fn = jax.jit(run_experts, static_argnames="backend")
     ids = jnp.asarray(topk_ids)
-    reference = {}
+    tolerance = 1e-4 if dtype == jnp.float32 else 3e-2
     for name, (backend, keep, _) in cases.items():
         for _ in range(args.warmup):
             out = fn(x, ids, topk_weights, keep, weights, backend=ExpertBackend(backend)).block_until_ready()
-        reference[name] = np.asarray(out, np.float32)
         if backend == "loop":  # sanity: the loop agrees with dense under the same keep mask
-            dense = fn(x, ids, topk_weights, keep, weights, backend=ExpertBackend.DENSE)
-            np.testing.assert_allclose(reference[name], np.asarray(dense, np.float32), rtol=2e-2, atol=1e-4)
+            dense = np.asarray(fn(x, ids, topk_weights, keep, weights, backend=ExpertBackend.DENSE), np.float32)
+            error = np.abs(np.asarray(out, np.float32) - dense).max() / np.abs(dense).max()
+            assert error < tolerance, f"{name}: loop and dense differ (relative error {error:.2e})"
 
     times = {name: [] for name in cases}
     names = list(cases)

@@ -62,10 +62,9 @@ class Model:
         if tokens.min() < 0 or tokens.max() >= vocab:
             bad = tokens[(tokens < 0) | (tokens >= vocab)][0]
             raise ValueError(f"token id {bad} out of range [0, {vocab})")
-        if tokens.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {tokens.shape[1]} exceeds max_position_embeddings {self.config.max_position_embeddings}"
-            )
+        limit = self.config.max_position_embeddings
+        if tokens.shape[1] > limit:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_position_embeddings {limit}")
         return _logits(self.graphdef, self.state, jnp.asarray(tokens, jnp.int32), self.backend)
 
 

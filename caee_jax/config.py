@@ -11,7 +11,8 @@ import functools
 import json
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -177,12 +178,12 @@ class ModelConfig:
             scale *= m * m
         return scale
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # HF config.json ------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, source: str | os.PathLike | Mapping[str, Any]) -> "ModelConfig":
+    def from_hf(cls, source: str | os.PathLike | Mapping[str, Any]) -> ModelConfig:
         """Reads a DeepseekV3 `config.json` (a directory, the file, or its parsed dict).
 
         Both rope spellings load: `rope_theta` + `rope_scaling` (released checkpoints) and
@@ -209,7 +210,7 @@ class ModelConfig:
             raise ConfigError(f"{where}: {e}") from None
 
     @classmethod
-    def _from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+    def _from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         model_type = raw.get("model_type", "deepseek_v3")
         if model_type != "deepseek_v3":
             raise ConfigError(f"model_type={model_type!r} is not 'deepseek_v3'")
@@ -329,9 +330,7 @@ def _tiny(**overrides) -> ModelConfig:
         qk_rope_head_dim=8,
         v_head_dim=12,
         max_position_embeddings=512,
-        rope_scaling=YarnScaling(
-            factor=4.0, original_max_position_embeddings=128, mscale=1.0, mscale_all_dim=1.0
-        ),
+        rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=128, mscale=1.0, mscale_all_dim=1.0),
     )
     base.update(overrides)
     return ModelConfig(**base)
@@ -365,9 +364,7 @@ PRESETS = {
     "demo": _demo,
     "tiny": _tiny,
     "tiny-no-qlora": functools.partial(_tiny, q_lora_rank=None, rope_scaling=None),
-    "tiny-all-moe": functools.partial(
-        _tiny, first_k_dense_replace=0, n_group=1, topk_group=1, norm_topk_prob=False
-    ),
+    "tiny-all-moe": functools.partial(_tiny, first_k_dense_replace=0, n_group=1, topk_group=1, norm_topk_prob=False),
 }
 
 

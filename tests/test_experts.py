@@ -53,8 +53,12 @@ def numpy_experts(x, ids, weights, keep, w: ExpertWeights) -> np.ndarray:
     return y
 
 
+# One compilation per shape and backend (eager dispatch would compile every op separately: much slower).
+run_experts_jit = jax.jit(run_experts, static_argnames="backend")
+
+
 def run(backend, x, ids, weights, keep, w) -> np.ndarray:
-    return np.asarray(run_experts(*(jnp.asarray(a) for a in (x, ids, weights, keep)), w, backend))
+    return np.asarray(run_experts_jit(x, ids, weights, keep, w, backend=backend))
 
 
 def assert_close(actual, desired, rel=1e-5):
@@ -72,11 +76,10 @@ def test_dense_matches_numpy_reference(shape):
     assert_close(run(ExpertBackend.DENSE, x, ids, weights, keep, w), reference)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_loop_matches_dense(shape, seed):
+def test_loop_matches_dense(shape):
     n, d, f, e, k = shape
-    x, (ids, weights, keep), w = make_x(n, d, seed), make_routing(n, e, k, seed), make_weights(d, f, e, seed)
+    x, (ids, weights, keep), w = make_x(n, d, 1), make_routing(n, e, k, 1), make_weights(d, f, e, 1)
     dense = run(ExpertBackend.DENSE, x, ids, weights, keep, w)
     assert_close(run(ExpertBackend.LOOP, x, ids, weights, keep, w), dense)
     if not keep.all():  # pruned pairs must contribute nothing: dropping them from the reference changes it
@@ -121,9 +124,10 @@ def test_duplicate_heavy_routing(k):
 
 def test_bf16_loop_matches_dense():
     """bf16 weights and activations. Both backends round the same intermediates to bf16 (gate/up products,
-    the SwiGLU hidden, the down projection), but XLA may fuse or accumulate them differently, so each can sit
-    a few bf16 roundings (2^-9 relative each) from the other, plus the final cast: 2^-6 of the output scale
-    allows ~8 such roundings and is still ~500x tighter than a wrong expert or weight would produce."""
+    the SwiGLU hidden, the down projection, the output), but XLA fuses and accumulates them differently, so
+    they can sit several bf16 roundings (2^-9 relative each) apart; measured ~2^-8 of the output scale.
+    2^-6 of the output scale leaves margin for that, while a wrong expert, weight or token moves outputs by
+    O(scale)."""
     n, d, f, e, k = 33, 24, 10, 12, 4
     bf16 = jnp.bfloat16
     x, (ids, weights, keep) = make_x(n, d).astype(bf16), make_routing(n, e, k)
@@ -136,11 +140,11 @@ def test_bf16_loop_matches_dense():
 def test_tile_rows_do_not_change_results():
     n, d, f, e, k = 64, 12, 6, 5, 3
     x, (ids, weights, keep), w = make_x(n, d), make_routing(n, e, k), make_weights(d, f, e)
-    args = (*(jnp.asarray(a) for a in (x, ids, weights, keep)), w)
-    default = np.asarray(run_loop(*args))
+    loop = jax.jit(run_loop, static_argnames="tile_rows")
+    default = np.asarray(loop(x, ids, weights, keep, w))
     assert_close(default, numpy_experts(x, ids, weights, keep, w))
     for tile_rows in (1, 3, 8, 128):
-        assert_close(np.asarray(run_loop(*args, tile_rows=tile_rows)), default)
+        assert_close(np.asarray(loop(x, ids, weights, keep, w, tile_rows=tile_rows)), default)
 
 
 @pytest.mark.parametrize(
@@ -164,12 +168,12 @@ def test_loop_does_not_recompile_for_new_routing():
         if "compile" in event:
             compiles.append(event)
 
-    jitted = jax.jit(run_experts, static_argnames="backend")
+    jitted = jax.jit(lambda *args: run_experts(*args, backend=ExpertBackend.LOOP))
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         outputs = []
         for i, (ids, weights, keep) in enumerate(routings):
-            outputs.append(np.asarray(jitted(x, ids, weights, keep, w, backend=ExpertBackend.LOOP)))
+            outputs.append(np.asarray(jitted(x, ids, weights, keep, w)))
             if i == 0:
                 assert compiles, "the listener saw no compilation at all: it would not see a recompile either"
                 compiles.clear()

@@ -122,4 +122,3 @@ def test_model_call_rejects_bad_tokens(tiny):
         model(np.array([1, 2]))
     with pytest.raises(ValueError, match="integer"):
         model(np.array([[1.0]]))
-

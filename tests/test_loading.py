@@ -46,7 +46,9 @@ def test_sharded_index_loads_identically(checkpoint, tmp_path):
         weight_map.update({n: shard for n in part})
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     tokens = random_tokens(131, (1, 7))
-    np.testing.assert_array_equal(np.asarray(caee_jax.load(sharded)(tokens)), np.asarray(caee_jax.load(checkpoint)(tokens)))
+    np.testing.assert_array_equal(
+        np.asarray(caee_jax.load(sharded)(tokens)), np.asarray(caee_jax.load(checkpoint)(tokens))
+    )
 
 
 def rewrite(directory, change):
@@ -74,7 +76,9 @@ def test_shape_mismatch_is_named(checkpoint, tmp_path):
     directory = copy_of(checkpoint, tmp_path)
     name = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
     rewrite(directory, lambda t: t.update({name: t[name][:-1]}))
-    with pytest.raises(CheckpointError, match=f"model.safetensors: tensor '{name}' has shape \\(31, 48\\), expected \\(32, 48\\)"):
+    with pytest.raises(
+        CheckpointError, match=f"model.safetensors: tensor '{name}' has shape \\(31, 48\\), expected \\(32, 48\\)"
+    ):
         caee_jax.load(directory)
 
 

@@ -24,7 +24,7 @@ class LatentCache(NamedTuple):
     moe: jax.Array
 
     @classmethod
-    def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "LatentCache":
+    def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> LatentCache:
         def make(layers: int) -> jax.Array:
             return jnp.zeros((layers, batch, max_len, config.latent_dim), dtype)
 

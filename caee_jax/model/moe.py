@@ -40,7 +40,9 @@ class MoE(nnx.Module):
         self.up_proj = param(rngs, (e, d, f), ("experts", "embed", "moe_ffw"), dtype)
         self.down_proj = param(rngs, (e, f, d), ("experts", "moe_ffw", "embed"), dtype)
         shared_width = f * config.n_shared_experts
-        self.shared = nnx.data(MLP(d, shared_width, dtype, rngs=rngs, width_axis="shared_ffw") if shared_width else None)
+        self.shared = nnx.data(
+            MLP(d, shared_width, dtype, rngs=rngs, width_axis="shared_ffw") if shared_width else None
+        )
 
     @property
     def expert_weights(self) -> ExpertWeights:

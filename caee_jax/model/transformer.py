@@ -74,9 +74,7 @@ class DeepseekV3(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
         self.embed = Embed(config.vocab_size, config.hidden_size, dtype, rngs=rngs)
-        self.dense_layers = nnx.data(
-            stacked_layers(config, dtype, moe=False, count=config.num_dense_layers, rngs=rngs)
-        )
+        self.dense_layers = nnx.data(stacked_layers(config, dtype, moe=False, count=config.num_dense_layers, rngs=rngs))
         self.moe_layers = nnx.data(stacked_layers(config, dtype, moe=True, count=config.num_moe_layers, rngs=rngs))
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, rngs=rngs)
         head_shape = (config.hidden_size, config.vocab_size)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -124,8 +124,15 @@ def generate_with_stats(
     temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
     start = time.perf_counter()
     next_ids, cache = prefill(
-        model.graphdef, model.state, jnp.asarray(tokens), jnp.asarray(lengths), first_key, temp, nucleus,
-        cache_len=cache_len, backend=model.backend,
+        model.graphdef,
+        model.state,
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        first_key,
+        temp,
+        nucleus,
+        cache_len=cache_len,
+        backend=model.backend,
     )
     next_host = np.asarray(next_ids)
     prefill_s = time.perf_counter() - start

@@ -18,7 +18,7 @@ class Tokenizer:
         self.eos_ids = eos_ids
 
     @classmethod
-    def from_dir(cls, directory: str, eos_ids: tuple[int, ...] = ()) -> "Tokenizer | None":
+    def from_dir(cls, directory: str, eos_ids: tuple[int, ...] = ()) -> Tokenizer | None:
         """The directory's tokenizer, or None when it has no `tokenizer.json`.
 
         `tokenizer_config.json` (when present) names the BOS token and whether to prepend it.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -28,21 +28,24 @@ class Recipe:
     build: Callable[[Getter], np.ndarray]
 
 
-def _linear(name: str, *shape: int) -> Callable[[Getter], np.ndarray]:
-    """[out, in] -> [in, out], then reshaped to `shape` (e.g. splitting heads) when given."""
+LayerEntry = tuple[tuple[str, ...], tuple[str, ...], Callable[[Getter], np.ndarray]]
+
+
+def _linear(path: tuple[str, ...], name: str, *shape: int) -> LayerEntry:
+    """HF [out, in] -> [in, out], then reshaped to `shape` (e.g. splitting heads) when given."""
 
     def build(get: Getter) -> np.ndarray:
         w = get(name).T
         return w.reshape(shape) if shape else w
 
-    return build
+    return path, (name,), build
 
 
-def _copy(name: str) -> Callable[[Getter], np.ndarray]:
-    return lambda get: get(name)
+def _copy(path: tuple[str, ...], name: str) -> LayerEntry:
+    return path, (name,), lambda get: get(name)
 
 
-def _kv_b(name: str, config: ModelConfig, part: str) -> Callable[[Getter], np.ndarray]:
+def _kv_b(path: tuple[str, ...], name: str, config: ModelConfig, part: str) -> LayerEntry:
     """kv_b_proj [H*(N+C), R] -> key part [R, H, N] or value part [R, H, C]."""
     h, n, r = config.num_attention_heads, config.qk_nope_head_dim, config.kv_lora_rank
 
@@ -51,64 +54,60 @@ def _kv_b(name: str, config: ModelConfig, part: str) -> Callable[[Getter], np.nd
         w = w[:, :n] if part == "key" else w[:, n:]
         return np.transpose(w, (2, 0, 1))
 
-    return build
+    return path, (name,), build
 
 
-def layer_recipes(config: ModelConfig, prefix: str, moe: bool) -> list[tuple[tuple[str, ...], tuple[str, ...], Callable]]:
+def _experts(path: tuple[str, ...], names: tuple[str, ...]) -> LayerEntry:
+    """Per-expert HF [out, in] tensors -> one stacked [E, in, out]."""
+    return path, names, lambda get: np.stack([get(n).T for n in names])
+
+
+def layer_recipes(config: ModelConfig, prefix: str, moe: bool) -> list[LayerEntry]:
     """(path inside a DecoderLayer, HF names, build) for the HF layer at `prefix` ('model.layers.3.')."""
     h, d = config.num_attention_heads, config.hidden_size
     qk, c = config.qk_head_dim, config.v_head_dim
-    a = prefix + "self_attn."
+    a, m = prefix + "self_attn.", prefix + "mlp."
     out = [
-        (("attn_norm", "weight"), prefix + "input_layernorm.weight", _copy(prefix + "input_layernorm.weight")),
-        (("ffn_norm", "weight"), prefix + "post_attention_layernorm.weight",
-         _copy(prefix + "post_attention_layernorm.weight")),
-        (("attn", "wkv_a"), a + "kv_a_proj_with_mqa.weight", _linear(a + "kv_a_proj_with_mqa.weight")),
-        (("attn", "kv_norm", "weight"), a + "kv_a_layernorm.weight", _copy(a + "kv_a_layernorm.weight")),
-        (("attn", "wk_b"), a + "kv_b_proj.weight", _kv_b(a + "kv_b_proj.weight", config, "key")),
-        (("attn", "wv_b"), a + "kv_b_proj.weight", _kv_b(a + "kv_b_proj.weight", config, "value")),
-        (("attn", "wo"), a + "o_proj.weight", _linear(a + "o_proj.weight", h, c, d)),
+        _copy(("attn_norm", "weight"), prefix + "input_layernorm.weight"),
+        _copy(("ffn_norm", "weight"), prefix + "post_attention_layernorm.weight"),
+        _linear(("attn", "wkv_a"), a + "kv_a_proj_with_mqa.weight"),
+        _copy(("attn", "kv_norm", "weight"), a + "kv_a_layernorm.weight"),
+        _kv_b(("attn", "wk_b"), a + "kv_b_proj.weight", config, "key"),
+        _kv_b(("attn", "wv_b"), a + "kv_b_proj.weight", config, "value"),
+        _linear(("attn", "wo"), a + "o_proj.weight", h, c, d),
     ]
     if config.q_lora_rank is None:
-        out.append((("attn", "wq"), a + "q_proj.weight", _linear(a + "q_proj.weight", d, h, qk)))
+        out.append(_linear(("attn", "wq"), a + "q_proj.weight", d, h, qk))
     else:
-        q = config.q_lora_rank
         out += [
-            (("attn", "wq_a"), a + "q_a_proj.weight", _linear(a + "q_a_proj.weight")),
-            (("attn", "q_norm", "weight"), a + "q_a_layernorm.weight", _copy(a + "q_a_layernorm.weight")),
-            (("attn", "wq_b"), a + "q_b_proj.weight", _linear(a + "q_b_proj.weight", q, h, qk)),
+            _linear(("attn", "wq_a"), a + "q_a_proj.weight"),
+            _copy(("attn", "q_norm", "weight"), a + "q_a_layernorm.weight"),
+            _linear(("attn", "wq_b"), a + "q_b_proj.weight", config.q_lora_rank, h, qk),
         ]
-    m = prefix + "mlp."
+    projections = ("gate_proj", "up_proj", "down_proj")
     if not moe:
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            out.append((("ffn", proj), m + proj + ".weight", _linear(m + proj + ".weight")))
-        return out
+        return out + [_linear(("ffn", proj), f"{m}{proj}.weight") for proj in projections]
     out += [
-        (("ffn", "router"), m + "gate.weight", _linear(m + "gate.weight")),
-        (("ffn", "router_bias"), m + "gate.e_score_correction_bias", _copy(m + "gate.e_score_correction_bias")),
+        _linear(("ffn", "router"), m + "gate.weight"),
+        _copy(("ffn", "router_bias"), m + "gate.e_score_correction_bias"),
     ]
     if config.n_shared_experts:
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            name = m + f"shared_experts.{proj}.weight"
-            out.append((("ffn", "shared", proj), name, _linear(name)))
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        names = tuple(m + f"experts.{e}.{proj}.weight" for e in range(config.n_routed_experts))
-        out.append((("ffn", proj), names, _stack_linear(names)))
+        out += [_linear(("ffn", "shared", proj), f"{m}shared_experts.{proj}.weight") for proj in projections]
+    for proj in projections:
+        names = tuple(f"{m}experts.{e}.{proj}.weight" for e in range(config.n_routed_experts))
+        out.append(_experts(("ffn", proj), names))
     return out
-
-
-def _stack_linear(names: tuple[str, ...]) -> Callable[[Getter], np.ndarray]:
-    return lambda get: np.stack([get(n).T for n in names])
 
 
 def recipes(config: ModelConfig) -> list[Recipe]:
     """Every parameter of `DeepseekV3(config)` as a Recipe over HF tensor names."""
-    result = [
-        Recipe(("embed", "embedding"), ("model.embed_tokens.weight",), _copy("model.embed_tokens.weight")),
-        Recipe(("final_norm", "weight"), ("model.norm.weight",), _copy("model.norm.weight")),
+    top = [
+        _copy(("embed", "embedding"), "model.embed_tokens.weight"),
+        _copy(("final_norm", "weight"), "model.norm.weight"),
     ]
     if not config.tie_word_embeddings:
-        result.append(Recipe(("lm_head",), ("lm_head.weight",), _linear("lm_head.weight")))
+        top.append(_linear(("lm_head",), "lm_head.weight"))
+    result = [Recipe(*entry) for entry in top]
     stacks = (
         ("dense_layers", range(0, config.first_k_dense_replace), False),
         ("moe_layers", range(config.first_k_dense_replace, config.num_hidden_layers), True),
@@ -119,20 +118,13 @@ def recipes(config: ModelConfig) -> list[Recipe]:
         per_layer = [layer_recipes(config, f"model.layers.{i}.", moe) for i in layer_ids]
         for j, (path, _, _) in enumerate(per_layer[0]):
             builds = [layer[j][2] for layer in per_layer]
-            sources = tuple(_flatten(layer[j][1] for layer in per_layer))
+            sources = tuple(name for layer in per_layer for name in layer[j][1])
             result.append(Recipe((stack, *path), sources, _stack_layers(builds)))
     return result
 
 
 def _stack_layers(builds: list[Callable[[Getter], np.ndarray]]) -> Callable[[Getter], np.ndarray]:
     return lambda get: np.stack([build(get) for build in builds])
-
-
-def _flatten(items) -> list[str]:
-    out = []
-    for item in items:
-        out.extend([item] if isinstance(item, str) else item)
-    return out
 
 
 _MTP_OR_BUFFER = re.compile(r"(^model\.layers\.(\d+)\.)|(rotary_emb\.inv_freq$)")

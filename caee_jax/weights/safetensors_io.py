@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -126,7 +126,9 @@ class CheckpointReader:
             for shard in shards:
                 for name in self._open(shard).keys():
                     if name in self._where:
-                        raise CheckpointError(f"{directory}: tensor {name!r} is in both {self._where[name]} and {shard}")
+                        raise CheckpointError(
+                            f"{directory}: tensor {name!r} is in both {self._where[name]} and {shard}"
+                        )
                     self._where[name] = shard
 
     def _open(self, shard: str) -> SafetensorsFile:
