@@ -27,8 +27,8 @@ class YarnScaling:
     original_max_position_embeddings: int
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 0.0
+    mscale: float | None = None  # unset (as in transformers): cos/sin scaled by yarn_mscale(factor)
+    mscale_all_dim: float | None = None
     attention_factor: float | None = None
     truncate: bool = True
 
@@ -233,9 +233,8 @@ class ModelConfig:
         out = dataclasses.asdict(self)
         out["eos_token_id"] = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         if self.rope_scaling is not None:
-            out["rope_scaling"] = {"type": "yarn", **dataclasses.asdict(self.rope_scaling)}
-            if self.rope_scaling.attention_factor is None:
-                del out["rope_scaling"]["attention_factor"]
+            yarn = {k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if v is not None}
+            out["rope_scaling"] = {"type": "yarn", **yarn}
         out.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"])
         return out
 

@@ -12,7 +12,14 @@ from caee_jax.experts.loop import default_tile_rows, run_loop
 
 # (tokens N, hidden D, expert width F, experts E, top-k K): odd sizes, a single token, K=1, E not a power of
 # two, and N*K >> E so an expert spans several default-size row tiles.
-SHAPES = [(1, 8, 4, 3, 1), (1, 16, 8, 6, 2), (7, 13, 5, 5, 3), (33, 24, 10, 12, 4), (64, 16, 6, 7, 2), (200, 8, 3, 3, 2)]
+SHAPES = [
+    (1, 8, 4, 3, 1),
+    (1, 16, 8, 6, 2),
+    (7, 13, 5, 5, 3),
+    (33, 24, 10, 12, 4),
+    (64, 16, 6, 7, 2),
+    (200, 8, 3, 3, 2),
+]
 SHAPE_IDS = [f"N{n}-D{d}-F{f}-E{e}-K{k}" for n, d, f, e, k in SHAPES]
 
 
@@ -82,11 +89,9 @@ def test_loop_matches_dense(shape):
     x, (ids, weights, keep), w = make_x(n, d, 1), make_routing(n, e, k, 1), make_weights(d, f, e, 1)
     dense = run(ExpertBackend.DENSE, x, ids, weights, keep, w)
     assert_close(run(ExpertBackend.LOOP, x, ids, weights, keep, w), dense)
-    if not keep.all():  # pruned pairs must contribute nothing: dropping them from the reference changes it
-        assert_close(dense, numpy_experts(x, ids, weights, keep, w))
 
 
-@pytest.mark.parametrize("backend", list(ExpertBackend))
+@pytest.mark.parametrize("backend", [ExpertBackend.LOOP, ExpertBackend.DENSE], ids=["loop", "dense"])
 def test_all_pairs_pruned_gives_exact_zero(backend):
     n, d, f, e, k = 9, 12, 5, 6, 2
     ids, weights, _ = make_routing(n, e, k)
@@ -95,13 +100,14 @@ def test_all_pairs_pruned_gives_exact_zero(backend):
 
 
 def test_loop_never_reads_unused_or_fully_pruned_experts():
-    """Expert 0 is routed but every pair to it pruned, the last expert never routed: both get NaN weights,
-    which `loop` must never touch (dense multiplies them by a zero weight, so it gets NaN: compare to clean)."""
+    """Expert 2 is routed but every pair to it pruned, the last expert never routed: both get NaN weights,
+    which `loop` must never touch (dense multiplies them by a zero weight, so it gets NaN: compare to clean).
+    Inactive experts sit between active ones, so the active-expert list really has gaps to skip."""
     n, d, f, e, k = 20, 10, 4, 7, 3
     x, (ids, weights, keep), w = make_x(n, d), make_routing(n, e - 1, k), make_weights(d, f, e)
-    keep[ids == 0] = False
-    assert (ids == 0).any() and keep.any()
-    poisoned = ExpertWeights(*(a.at[jnp.array([0, e - 1])].set(jnp.nan) for a in w))
+    keep[ids == 2] = False
+    assert (ids == 2).any() and (keep & (ids == 0)).any() and (keep & (ids == 3)).any()
+    poisoned = ExpertWeights(*(a.at[jnp.array([2, e - 1])].set(jnp.nan) for a in w))
     loop = run(ExpertBackend.LOOP, x, ids, weights, keep, poisoned)
     assert np.isfinite(loop).all()
     assert_close(loop, run(ExpertBackend.DENSE, x, ids, weights, keep, w))
@@ -160,7 +166,7 @@ def test_loop_does_not_recompile_for_new_routing():
     n, d, f, e, k = 24, 8, 4, 6, 2
     x, w = make_x(n, d), make_weights(d, f, e)
     routings = [make_routing(n, e, k, seed) for seed in range(3)]
-    routings.append((np.full((n, k), 3, np.int32), routings[0][1], np.ones((n, k), bool)))  # one active expert
+    routings.append((np.tile(np.int32([3, 4]), (n, 1)), routings[0][1], np.ones((n, k), bool)))  # 2 active experts
     routings.append((routings[0][0], routings[0][1], np.zeros((n, k), bool)))
     compiles = []
 

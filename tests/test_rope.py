@@ -63,7 +63,8 @@ def configs(name: str, interleave: bool = True) -> tuple[ModelConfig, DeepseekV3
     """Ours and transformers' config for a CASES entry, identical in every rope-relevant field."""
     dim, theta, yarn = CASES[name]
     if yarn is None:
-        params, scaling, max_pos = {"rope_type": "default", "rope_theta": theta}, None, TINY_HF["max_position_embeddings"]
+        params, scaling = {"rope_type": "default", "rope_theta": theta}, None
+        max_pos = TINY_HF["max_position_embeddings"]
     else:
         params, scaling = {"rope_type": "yarn", "rope_theta": theta, **yarn}, YarnScaling(**yarn)
         max_pos = int(yarn["factor"] * yarn["original_max_position_embeddings"])
@@ -109,9 +110,9 @@ def test_apply_rope_matches_transformers(name, positions, interleave):
     rotate = hf_ds.apply_rotary_pos_emb_interleave if interleave else hf_ds.apply_rotary_pos_emb
     q_ref, k_ref = rotate(torch.from_numpy(q), torch.from_numpy(k[:, :, None]), cos, sin, unsqueeze_dim=2)
 
-    pos = jnp.asarray(positions)
-    np.testing.assert_allclose(np.asarray(apply_rope(jnp.asarray(q), pos, ours)), q_ref.numpy(), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(apply_rope(jnp.asarray(k), pos, ours)), k_ref[:, :, 0].numpy(), rtol=0, atol=1e-5)
+    for x, expected in ((q, q_ref), (k, k_ref[:, :, 0])):
+        actual = apply_rope(jnp.asarray(x), jnp.asarray(positions), ours)
+        np.testing.assert_allclose(np.asarray(actual), expected.numpy(), rtol=0, atol=1e-5)
 
 
 def test_missing_mscale_follows_transformers():

@@ -10,7 +10,9 @@ import enum
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
+from caee_jax.experts.capacity import capacity_for, run_capacity
 from caee_jax.experts.dense import run_dense
 from caee_jax.experts.loop import run_loop
 
@@ -21,10 +23,13 @@ class ExpertBackend(enum.Enum):
     DENSE: every expert on every token, masked combine (reference; cost E x N).
     LOOP: XLA while-loop over active experts and row tiles of their kept tokens (CPU default; cost
     follows kept token-expert pairs and active experts).
+    CAPACITY: static-shape [E, C, D] dispatch, C = ceil(capacity_factor * N*K/E); an expert's
+    lowest-weight pairs beyond C are dropped (training path; differentiable).
     """
 
     DENSE = "dense"
     LOOP = "loop"
+    CAPACITY = "capacity"
 
 
 class ExpertWeights(NamedTuple):
@@ -42,14 +47,22 @@ def run_experts(
     keep_mask: jax.Array,
     weights: ExpertWeights,
     backend: ExpertBackend = ExpertBackend.LOOP,
+    *,
+    capacity_factor: float = 2.0,
 ) -> jax.Array:
     """Combined routed-expert output [N, D] (dtype of x).
 
     x [N, D]; topk_ids [N, K] int (ids in [0, E)); topk_weights [N, K] float (combine weights);
     keep_mask [N, K] bool (False: the pair is not executed and contributes nothing).
+    capacity_factor: only for CAPACITY.
     """
     backend = ExpertBackend(backend)
+    weights = ExpertWeights(*(jnp.asarray(w) for w in weights))
     with jax.named_scope(f"experts_{backend.value}"):
         if backend is ExpertBackend.DENSE:
             return run_dense(x, topk_ids, topk_weights, keep_mask, weights)
+        if backend is ExpertBackend.CAPACITY:
+            num_tokens, top_k = topk_ids.shape
+            capacity = capacity_for(num_tokens, top_k, weights.gate.shape[0], capacity_factor)
+            return run_capacity(x, topk_ids, topk_weights, keep_mask, weights, capacity)
         return run_loop(x, topk_ids, topk_weights, keep_mask, weights)
