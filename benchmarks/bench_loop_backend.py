@@ -8,7 +8,7 @@ Routing is balanced (each expert receives N*K/E pairs), so the expected time rat
 the fraction of active experts. Cases alternate in rounds (each round times every case once, in a
 shuffled order); medians over rounds are reported, and the ratio is the median of per-round ratios.
 
-    .venv/bin/python benchmarks/bench_loop_backend.py            # defaults, about a minute
+    .venv/bin/python benchmarks/bench_loop_backend.py            # defaults, about 20 seconds
     .venv/bin/python benchmarks/bench_loop_backend.py --json     # one JSON object instead of a table
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -56,8 +57,10 @@ def main() -> None:
     keys = jax.random.split(jax.random.key(args.seed), 4)
     x = jax.random.normal(keys[0], (n, d), jnp.float32).astype(dtype)
     weights = ExpertWeights(
-        *(0.02 * jax.random.normal(key, shape, jnp.float32).astype(dtype) for key, shape in
-          zip(keys[1:], [(e, d, f), (e, d, f), (e, f, d)], strict=True))
+        *(
+            0.02 * jax.random.normal(key, shape, jnp.float32).astype(dtype)
+            for key, shape in zip(keys[1:], [(e, d, f), (e, d, f), (e, f, d)], strict=True)
+        )
     )
     topk_ids = balanced_routing(rng, n, e, k)
     topk_weights = jnp.asarray(rng.uniform(0.1, 1.0, (n, k)), jnp.float32)
@@ -113,15 +116,24 @@ def main() -> None:
         )
     weight_mb = 3 * e * d * f * dtype.itemsize / 2**20
     setup = dict(
-        hidden=d, moe_intermediate=f, experts=e, top_k=k, tokens=n, dtype=args.dtype, rounds=args.rounds,
-        expert_weights_mb=weight_mb, jax=jax.__version__, device=str(jax.devices()[0]),
+        hidden=d,
+        moe_intermediate=f,
+        experts=e,
+        top_k=k,
+        tokens=n,
+        dtype=args.dtype,
+        rounds=args.rounds,
+        expert_weights_mib=weight_mb,
+        load_average=os.getloadavg()[0],
+        jax=jax.__version__,
+        device=str(jax.devices()[0]),
     )
     if args.json:
         print(json.dumps(dict(setup=setup, results=rows), indent=2))
         return
     print(
         f"run_experts: N={n} tokens, E={e}, K={k}, D={d}, F={f}, {args.dtype}, expert weights {weight_mb:.0f} MiB, "
-        f"{args.rounds} rounds, jax {jax.__version__} on {setup['device']}"
+        f"{args.rounds} rounds, jax {jax.__version__} on {setup['device']}, load average {setup['load_average']:.2f}"
     )
     print(f"{'case':<24}{'pairs':>6}{'median ms':>11}{'p10':>8}{'p90':>8}{'ratio':>8}{'expected':>10}")
     for r in rows:

@@ -18,6 +18,7 @@ from caee_jax.runtime.tokenizer import Tokenizer
 from caee_jax.weights.hf_loader import load_hf_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "caee-small")
 
 
 def _dtype(dtype) -> jnp.dtype:
@@ -69,13 +70,18 @@ class Model:
 
 
 def load(path: str | os.PathLike | None = None, *, dtype="float32", backend="loop") -> Model:
-    """Loads an HF-format DeepseekV3 directory (config.json + *.safetensors, sharded index included).
+    """Loads an HF-format DeepseekV3 directory (config.json + *.safetensors, sharded index included);
+    without a path, the bundled small model (`docs/MODEL_CARD.md`).
 
     dtype: parameter dtype, "float32" (parity) or "bfloat16" (speed). backend: expert execution
     ("loop", the CPU default, or "dense").
     """
     if path is None:
-        raise ValueError("no bundled default model in this build yet: pass a checkpoint directory")
+        if not os.path.isdir(BUNDLED_MODEL):
+            raise FileNotFoundError(
+                f"{BUNDLED_MODEL}: the bundled model is missing; build it with python -m checkpoints_tools.train_small"
+            )
+        path = BUNDLED_MODEL
     dtype = _dtype(dtype)
     path = os.fspath(path)
     if not os.path.isdir(path):

@@ -3,8 +3,8 @@
     python launch/run.py --checkpoint DIR --prompt "def fib(n):" --max-new-tokens 64
     python launch/run.py --preset tiny --prompt-ids 1,2,3 --json
 
-Without --checkpoint it runs a random-weight preset (default "demo"): a smoke test of the whole
-stack, not meaningful text, until a trained model is bundled.
+Without --checkpoint or --preset it runs the bundled small model (docs/MODEL_CARD.md) on a Python
+prompt; --preset NAME runs a random-weight preset instead (a smoke test, not meaningful text).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import caee_jax
 from caee_jax.config import PRESETS
 
-DEFAULT_PROMPT = "def fibonacci(n):\n"
+DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 DEFAULT_PROMPT_IDS = "0,11,23,5,42,7"
 
 
@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="HF-format checkpoint directory (config.json + *.safetensors)")
-    source.add_argument("--preset", choices=sorted(PRESETS), help="random-weight model of a preset (default: demo)")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="random-weight model of a preset")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (needs a checkpoint with tokenizer.json)")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
@@ -42,13 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    if args.checkpoint:
-        model = caee_jax.load(args.checkpoint, dtype=args.dtype, backend=args.backend)
-        source = args.checkpoint
+    if args.preset:
+        model = caee_jax.init_random(args.preset, seed=args.seed, dtype=args.dtype, backend=args.backend)
+        source = f"preset {args.preset} (random weights)"
     else:
-        name = args.preset or "demo"
-        model = caee_jax.init_random(name, seed=args.seed, dtype=args.dtype, backend=args.backend)
-        source = f"preset {name} (random weights)"
+        model = caee_jax.load(args.checkpoint, dtype=args.dtype, backend=args.backend)
+        source = args.checkpoint or "bundled caee-small"
     load_s = time.perf_counter() - start
 
     if args.prompt_ids is not None:

@@ -1,0 +1,82 @@
+"""Scoring text with a model: per-token log-likelihood, top-1 correctness and routing.
+
+The token stream is cut into non-overlapping windows; every token after a window's first is
+predicted from the window's earlier tokens (full-sequence pass, no cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from caee_jax.experts import ExpertBackend
+
+
+@dataclasses.dataclass
+class Scores:
+    """nll [M] (nats), correct [M] bool, topk_ids [L_moe, M, K], topk_weights [L_moe, M, K] for the M
+    scored positions (routing of the token at the position being predicted from)."""
+
+    nll: np.ndarray
+    correct: np.ndarray
+    topk_ids: np.ndarray
+    topk_weights: np.ndarray
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.nll.mean()))
+
+    @property
+    def top1_accuracy(self) -> float:
+        return float(self.correct.mean())
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend"))
+def _score_windows(graphdef, state, windows, backend: ExpertBackend):
+    out = nnx.merge(graphdef, state)(windows[:, :-1], backend=backend)
+    logprobs = jax.nn.log_softmax(out.logits, axis=-1)
+    targets = windows[:, 1:]
+    nll = -jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    correct = jnp.argmax(out.logits, axis=-1) == targets
+    return nll, correct, out.routing.topk_ids, out.routing.topk_weights
+
+
+def score_tokens(model, ids: np.ndarray, window: int = 512, batch: int = 8, progress: bool = True) -> Scores:
+    """Scores the stream ids [N] in windows of `window` + 1 tokens, `batch` windows per call."""
+    count = (len(ids) - 1) // window
+    if count == 0:
+        raise ValueError(f"need more than {window} tokens to score, got {len(ids)}")
+    windows = np.stack([ids[i * window : i * window + window + 1] for i in range(count)]).astype(np.int32)
+    parts = []
+    for start in tqdm(range(0, count, batch), desc="score", disable=not progress):
+        chunk = windows[start : start + batch]
+        pad = batch - len(chunk)
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
+        result = _score_windows(model.graphdef, model.state, jnp.asarray(padded), model.backend)
+        parts.append(
+            [np.asarray(r)[: len(chunk)] if i < 2 else np.asarray(r)[:, : len(chunk)] for i, r in enumerate(result)]
+        )
+    nll = np.concatenate([p[0] for p in parts]).reshape(-1)
+    correct = np.concatenate([p[1] for p in parts]).reshape(-1)
+    k = parts[0][2].shape[-1]
+    layers = parts[0][2].shape[0]
+    topk_ids = np.concatenate([p[2] for p in parts], axis=1).reshape(layers, -1, k)
+    topk_weights = np.concatenate([p[3] for p in parts], axis=1).reshape(layers, -1, k)
+    return Scores(nll, correct, topk_ids, topk_weights)
+
+
+def expert_load(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """Tokens per expert per MoE layer: topk_ids [L, M, K] -> [L, E]."""
+    return np.stack([np.bincount(layer.reshape(-1), minlength=num_experts) for layer in topk_ids])
+
+
+def gate_rank_profile(topk_weights: np.ndarray) -> np.ndarray:
+    """Mean share of a token's routed gate mass held by its 1st, 2nd, ... largest weight: [L, K]."""
+    ordered = -np.sort(-topk_weights, axis=-1)
+    return (ordered / ordered.sum(-1, keepdims=True)).mean(axis=1)

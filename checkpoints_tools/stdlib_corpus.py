@@ -1,0 +1,45 @@
+"""The training corpus: the Python standard library source of the running interpreter.
+
+Available offline on every machine. Files are split deterministically by a hash of their path
+relative to the stdlib root, so held-out files are never trained on, whatever the order of listing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+
+HELDOUT_PERCENT = 3
+
+
+def stdlib_root() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def is_heldout(relative_path: str) -> bool:
+    """True for about HELDOUT_PERCENT% of files, decided by the SHA-1 of the relative path."""
+    digest = hashlib.sha1(relative_path.encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT
+
+
+def stdlib_files(root: str | None = None) -> list[str]:
+    """Relative paths of every *.py under the stdlib root (site-packages excluded), sorted."""
+    root = root or stdlib_root()
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in ("site-packages", "__pycache__"))
+        found += [os.path.relpath(os.path.join(directory, f), root) for f in files if f.endswith(".py")]
+    return sorted(found)
+
+
+def split_files(root: str | None = None) -> tuple[list[str], list[str]]:
+    """(training files, held-out files), relative to the stdlib root."""
+    files = stdlib_files(root)
+    return [f for f in files if not is_heldout(f)], [f for f in files if is_heldout(f)]
+
+
+def read_text(relative_path: str, root: str | None = None) -> str:
+    """The file's text (UTF-8; undecodable bytes replaced, a handful of stdlib test files have them)."""
+    with open(os.path.join(root or stdlib_root(), relative_path), encoding="utf-8", errors="replace") as f:
+        return f.read()
