@@ -48,21 +48,29 @@ def run_experts(
     weights: ExpertWeights,
     backend: ExpertBackend = ExpertBackend.LOOP,
     *,
+    layer: jax.Array | None = None,
     capacity_factor: float = 2.0,
 ) -> jax.Array:
     """Combined routed-expert output [N, D] (dtype of x).
 
     x [N, D]; topk_ids [N, K] int (ids in [0, E)); topk_weights [N, K] float (combine weights);
     keep_mask [N, K] bool (False: the pair is not executed and contributes nothing).
+    layer: when given, `weights` hold every layer's experts ([L, E, ...]) and this int scalar picks one.
+      The loop backend then reads only the active experts of that layer: slicing the layer out first
+      (as a scan input would) makes XLA copy all of its experts on every call.
     capacity_factor: only for CAPACITY.
     """
     backend = ExpertBackend(backend)
     weights = ExpertWeights(*(jnp.asarray(w) for w in weights))
     with jax.named_scope(f"experts_{backend.value}"):
+        if backend is ExpertBackend.LOOP:
+            return run_loop(x, topk_ids, topk_weights, keep_mask, weights, layer=layer)
+        if layer is not None:
+            weights = ExpertWeights(*(w[layer] for w in weights))
         if backend is ExpertBackend.DENSE:
             return run_dense(x, topk_ids, topk_weights, keep_mask, weights)
         if backend is ExpertBackend.CAPACITY:
             num_tokens, top_k = topk_ids.shape
             capacity = capacity_for(num_tokens, top_k, weights.gate.shape[0], capacity_factor)
             return run_capacity(x, topk_ids, topk_weights, keep_mask, weights, capacity)
-        return run_loop(x, topk_ids, topk_weights, keep_mask, weights)
+        raise ValueError(f"unknown expert backend {backend}")

@@ -31,10 +31,14 @@ def expert_groups(topk_ids: jax.Array, keep_mask: jax.Array, num_experts: int):
     return order, counts, starts
 
 
-def run_loop(x, topk_ids, topk_weights, keep_mask, weights, tile_rows: int | None = None) -> jax.Array:
-    """x [N, D], topk_ids/topk_weights/keep_mask [N, K], weights (gate, up [E, D, F]; down [E, F, D]) -> [N, D]."""
+def run_loop(x, topk_ids, topk_weights, keep_mask, weights, tile_rows: int | None = None, layer=None) -> jax.Array:
+    """x [N, D], topk_ids/topk_weights/keep_mask [N, K], weights (gate, up [E, D, F]; down [E, F, D]) -> [N, D].
+
+    With `layer` (int scalar), weights carry a leading layer axis and experts are read as [layer, expert].
+    """
     num_tokens, k = topk_ids.shape
-    num_experts = weights.gate.shape[0]
+    num_experts = weights.gate.shape[0 if layer is None else 1]
+
     num_pairs = num_tokens * k
     tile = tile_rows or default_tile_rows(num_pairs, num_experts)
     order, counts, starts = expert_groups(topk_ids, keep_mask, num_experts)
@@ -47,7 +51,8 @@ def run_loop(x, topk_ids, topk_weights, keep_mask, weights, tile_rows: int | Non
     def one_expert(i, out):
         expert = active[i]
         start, count = starts[expert], counts[expert]
-        gate, up, down = weights.gate[expert], weights.up[expert], weights.down[expert]
+        where = expert if layer is None else (layer, expert)
+        gate, up, down = (w[where] for w in weights)
 
         def one_tile(j, out):
             rows = start + j * tile + tile_offsets

@@ -48,13 +48,20 @@ class MoE(nnx.Module):
     def expert_weights(self) -> ExpertWeights:
         return ExpertWeights(self.gate_proj[...], self.up_proj[...], self.down_proj[...])
 
-    def __call__(self, x: jax.Array, backend: ExpertBackend) -> tuple[jax.Array, Routing]:
-        """x [B, T, D] -> (output [B, T, D], routing)."""
+    def __call__(
+        self, x: jax.Array, backend: ExpertBackend, layer: jax.Array | None = None
+    ) -> tuple[jax.Array, Routing]:
+        """x [B, T, D] -> (output [B, T, D], routing).
+
+        layer: set when the expert parameters hold the whole stack [L, E, ...] (see `run_experts`).
+        """
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         topk_ids, topk_weights = route(flat, self.router[...], self.router_bias[...], self.config)
         keep_mask = jnp.ones(topk_ids.shape, bool)
-        y = run_experts(flat, topk_ids, topk_weights, keep_mask, self.expert_weights, backend).reshape(x.shape)
+        y = run_experts(flat, topk_ids, topk_weights, keep_mask, self.expert_weights, backend, layer=layer).reshape(
+            x.shape
+        )
         if self.shared is not None:
             with jax.named_scope("shared_experts"):
                 y = y + self.shared(x)

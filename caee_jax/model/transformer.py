@@ -33,14 +33,14 @@ class DecoderLayer(nnx.Module):
         else:
             self.ffn = MLP(d, config.intermediate_size, dtype, rngs=rngs)
 
-    def __call__(self, h, positions, cache, backend: ExpertBackend):
-        """h [B, T, D] -> (h, cache or new latents [B, T, R+P], routing or None)."""
+    def __call__(self, h, positions, cache, backend: ExpertBackend, layer=None):
+        """h [B, T, D] -> (h, cache or new latents [B, T, R+P], routing or None); `layer` as in `MoE`."""
         attn_out, cache = self.attn(self.attn_norm(h), positions, cache)
         h = h + attn_out
         normed = self.ffn_norm(h)
         routing = None
         if isinstance(self.ffn, MoE):
-            ffn_out, routing = self.ffn(normed, backend)
+            ffn_out, routing = self.ffn(normed, backend, layer)
         else:
             ffn_out = self.ffn(normed)
         return h + ffn_out, cache, routing
@@ -111,13 +111,23 @@ def _scan(layers: DecoderLayer | None, h, positions, cache, backend, latent_dim:
     if layers is None:
         empty = jnp.zeros((0, *h.shape[:2], latent_dim), h.dtype) if cache is None else cache
         return h, empty, None
-    graphdef, state = nnx.split(layers)
+    # Routed-expert stacks stay whole (closed over, indexed [layer, expert] by the backend): as scan
+    # inputs, XLA would copy every expert of the layer each step, whichever experts are active.
+    graphdef, experts, state = nnx.split(layers, _is_routed_expert, ...)
 
     def body(h, xs):
-        layer_state, layer_cache = xs
-        layer = nnx.merge(graphdef, layer_state)
-        h, layer_cache, routing = layer(h, positions, layer_cache, backend)
+        layer_state, layer_cache, index = xs
+        layer = nnx.merge(graphdef, experts, layer_state)
+        h, layer_cache, routing = layer(h, positions, layer_cache, backend, index if experts else None)
         return h, (layer_cache, routing)
 
-    h, (cache, routing) = jax.lax.scan(body, h, (state, cache))
+    count = jax.tree.leaves(state)[0].shape[0]
+    h, (cache, routing) = jax.lax.scan(body, h, (state, cache, jnp.arange(count)))
     return h, cache, routing
+
+
+def _is_routed_expert(path, value) -> bool:
+    """The MoE's stacked routed-expert weights: ffn.{gate,up,down}_proj of a layer whose ffn routes."""
+    return (
+        len(path) == 2 and path[0] == "ffn" and path[1] in ("gate_proj", "up_proj", "down_proj") and (value.ndim == 4)
+    )
