@@ -88,9 +88,7 @@ def load(path: str | os.PathLike | None = None, *, dtype="float32", backend="loo
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
     config = ModelConfig.from_hf(path)
     module = load_hf_model(path, config, dtype)
-    eos = config.eos_token_id
-    eos_ids = () if eos is None else (tuple(eos) if isinstance(eos, tuple) else (eos,))
-    return Model(module, Tokenizer.from_dir(path, eos_ids), backend)
+    return Model(module, Tokenizer.from_dir(path, config.eos_ids), backend)
 
 
 def init_random(config: ModelConfig | str, *, seed: int = 0, dtype="float32", backend="loop") -> Model:

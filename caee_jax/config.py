@@ -162,6 +162,13 @@ class ModelConfig:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """`eos_token_id` as a tuple (empty when unset)."""
+        if self.eos_token_id is None:
+            return ()
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+    @property
     def num_dense_layers(self) -> int:
         return self.first_k_dense_replace
 

@@ -139,8 +139,7 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, num_experts: int):
     def loss_fn(params, bias, batch):
         model = nnx.merge(graphdef, params, bias)
         out = model(batch[:, :-1], backend=ExpertBackend.CAPACITY)
-        logits = out.logits
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+        loss = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch[:, 1:]).mean()
         return loss, out.routing.topk_ids
 
     @jax.jit

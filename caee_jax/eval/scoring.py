@@ -53,22 +53,20 @@ def score_tokens(model, ids: np.ndarray, window: int = 512, batch: int = 8, prog
     if count == 0:
         raise ValueError(f"need more than {window} tokens to score, got {len(ids)}")
     windows = np.stack([ids[i * window : i * window + window + 1] for i in range(count)]).astype(np.int32)
-    parts = []
+    nll, correct, topk_ids, topk_weights = [], [], [], []
     for start in tqdm(range(0, count, batch), desc="score", disable=not progress):
         chunk = windows[start : start + batch]
-        pad = batch - len(chunk)
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
+        n = len(chunk)
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])  # one compiled shape
         result = _score_windows(model.graphdef, model.state, jnp.asarray(padded), model.backend)
-        parts.append(
-            [np.asarray(r)[: len(chunk)] if i < 2 else np.asarray(r)[:, : len(chunk)] for i, r in enumerate(result)]
-        )
-    nll = np.concatenate([p[0] for p in parts]).reshape(-1)
-    correct = np.concatenate([p[1] for p in parts]).reshape(-1)
-    k = parts[0][2].shape[-1]
-    layers = parts[0][2].shape[0]
-    topk_ids = np.concatenate([p[2] for p in parts], axis=1).reshape(layers, -1, k)
-    topk_weights = np.concatenate([p[3] for p in parts], axis=1).reshape(layers, -1, k)
-    return Scores(nll, correct, topk_ids, topk_weights)
+        nll.append(np.asarray(result[0])[:n].reshape(-1))
+        correct.append(np.asarray(result[1])[:n].reshape(-1))
+        layers, _, _, k = result[2].shape  # [L, B, T, K]
+        topk_ids.append(np.asarray(result[2])[:, :n].reshape(layers, -1, k))
+        topk_weights.append(np.asarray(result[3])[:, :n].reshape(layers, -1, k))
+    return Scores(
+        np.concatenate(nll), np.concatenate(correct), np.concatenate(topk_ids, 1), np.concatenate(topk_weights, 1)
+    )
 
 
 def expert_load(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:

@@ -13,17 +13,12 @@ import math
 import jax
 import jax.numpy as jnp
 
+from caee_jax.experts.dense import combine_matrix
+
 
 def capacity_for(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
     """ceil(factor * mean pairs per expert), at least 1 and at most the token count."""
     return max(1, min(num_tokens, math.ceil(factor * num_tokens * top_k / num_experts)))
-
-
-def combine_matrix(topk_ids, topk_weights, keep_mask, num_experts: int) -> jax.Array:
-    """[N, K] routing -> [N, E] combine weights (0 where a token does not use an expert)."""
-    kept = jnp.where(keep_mask, topk_weights, 0).astype(jnp.float32)
-    rows = jnp.arange(topk_ids.shape[0])[:, None]
-    return jnp.zeros((topk_ids.shape[0], num_experts), jnp.float32).at[rows, topk_ids].add(kept)
 
 
 def run_capacity(x, topk_ids, topk_weights, keep_mask, weights, capacity: int) -> jax.Array:

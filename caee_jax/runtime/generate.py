@@ -113,7 +113,7 @@ def generate_with_stats(
             f"longest prompt ({lengths.max()} tokens) + max_new_tokens ({max_new_tokens}) = {needed} exceeds "
             f"the cache ({cache_len} slots, max_position_embeddings {limit})"
         )
-    stop_ids = set(_default_stop(model) if stop is None else stop)
+    stop_ids = set(model.config.eos_ids if stop is None else stop)
     prompt_len = min(_round_up(int(lengths.max()), PROMPT_BUCKET), cache_len)
     tokens = np.zeros((len(ids), prompt_len), np.int32)
     for b, p in enumerate(ids):
@@ -180,10 +180,3 @@ def generate(
     max_cache_len: cache slots per sequence (default: prompt + new tokens, rounded up).
     """
     return generate_with_stats(model, prompts, max_new_tokens, temperature, top_p, seed, stop, max_cache_len).tokens
-
-
-def _default_stop(model) -> tuple[int, ...]:
-    eos = model.config.eos_token_id
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, tuple) else (eos,)

@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from caee_jax.config import ModelConfig
 
 
-def _layer_tensors(config: ModelConfig, prefix: str, get) -> dict[str, np.ndarray]:
+def _layer_tensors(config: ModelConfig, prefix: str, moe: bool, get) -> dict[str, np.ndarray]:
     """HF tensors of one decoder layer; get(path) returns that layer's parameter as numpy."""
     h, c = config.num_attention_heads, config.v_head_dim
     a, m = prefix + "self_attn.", prefix + "mlp."
@@ -35,7 +35,7 @@ def _layer_tensors(config: ModelConfig, prefix: str, get) -> dict[str, np.ndarra
         out[a + "q_a_layernorm.weight"] = get("attn", "q_norm", "weight")
         out[a + "q_b_proj.weight"] = get("attn", "wq_b").reshape(config.q_lora_rank, -1).T
     projections = ("gate_proj", "up_proj", "down_proj")
-    if "router" not in get.available:
+    if not moe:
         out.update({f"{m}{p}.weight": get("ffn", p).T for p in projections})
         return out
     out[m + "gate.weight"] = get("ffn", "router").T
@@ -53,7 +53,6 @@ class _LayerGetter:
 
     def __init__(self, flat: dict, stack: str, index: int):
         self.flat, self.stack, self.index = flat, stack, index
-        self.available = {path[2] for path in flat if path[0] == stack and len(path) > 2}
 
     def __call__(self, *path: str) -> np.ndarray:
         return np.ascontiguousarray(self.flat[(self.stack, *path)][self.index])
@@ -70,12 +69,13 @@ def hf_tensors(module, dtype=np.float32) -> dict[str, np.ndarray]:
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = flat[("lm_head",)].T
     stacks = (
-        ("dense_layers", range(0, config.first_k_dense_replace)),
-        ("moe_layers", range(config.first_k_dense_replace, config.num_hidden_layers)),
+        ("dense_layers", range(0, config.first_k_dense_replace), False),
+        ("moe_layers", range(config.first_k_dense_replace, config.num_hidden_layers), True),
     )
-    for stack, layer_ids in stacks:
+    for stack, layer_ids, moe in stacks:
         for index, layer in enumerate(layer_ids):
-            out.update(_layer_tensors(config, f"model.layers.{layer}.", _LayerGetter(flat, stack, index)))
+            get = _LayerGetter(flat, stack, index)
+            out.update(_layer_tensors(config, f"model.layers.{layer}.", moe, get))
     return {
         name: np.ascontiguousarray(t.astype(np.float32 if name.endswith("correction_bias") else dtype))
         for name, t in out.items()
