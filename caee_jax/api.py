@@ -9,11 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from caee_jax.config import ModelConfig, preset
-from caee_jax.experts import ExpertBackend
+from caee_jax.model.execution import Execution
 from caee_jax.model.layers import random_state
 from caee_jax.model.transformer import DeepseekV3
+from caee_jax.parallel.mesh import make_mesh
+from caee_jax.parallel.placement import batch_sharding, check_batch, mesh_context, place_state, to_mesh
 from caee_jax.runtime.tokenizer import Tokenizer
 from caee_jax.weights.hf_loader import load_hf_model
 
@@ -29,9 +32,17 @@ def _dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "backend"))
-def _logits(graphdef, state, tokens, backend: ExpertBackend) -> jax.Array:
-    return nnx.merge(graphdef, state)(tokens, backend=backend).logits
+@functools.partial(jax.jit, static_argnames=("graphdef", "execution"))
+def _logits(graphdef, state, tokens, execution: Execution) -> jax.Array:
+    return nnx.merge(graphdef, state)(tokens, execution=execution).logits
+
+
+def _execution(backend) -> Execution:
+    return backend if isinstance(backend, Execution) else Execution(backend)
+
+
+def _mesh(mesh) -> Mesh | None:
+    return mesh if mesh is None or isinstance(mesh, Mesh) else make_mesh(mesh)
 
 
 class Model:
@@ -39,14 +50,21 @@ class Model:
 
     The module is split once into a static graph definition and a state of arrays; jitted functions
     take both, so parameters are arguments, never constants baked into compiled code.
+    execution: an `Execution` or an expert backend name. mesh: a `Mesh` (or spec such as
+    "data=2,expert=4", see `parallel/mesh.py`) to shard the parameters over; calls then run on it.
     """
 
-    def __init__(self, module: DeepseekV3, tokenizer: Tokenizer | None = None, backend=ExpertBackend.LOOP):
+    def __init__(
+        self, module: DeepseekV3, tokenizer: Tokenizer | None = None, execution="loop", mesh: Mesh | str | None = None
+    ):
         self.module = module
         self.config: ModelConfig = module.config
         self.tokenizer = tokenizer
-        self.backend = ExpertBackend(backend)
+        self.execution = _execution(execution)
+        self.mesh = _mesh(mesh)
         self.graphdef, self.state = nnx.split(module)
+        if self.mesh is not None:
+            self.state = place_state(self.state, self.mesh)
 
     @property
     def dtype(self):
@@ -66,15 +84,20 @@ class Model:
         limit = self.config.max_position_embeddings
         if tokens.shape[1] > limit:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_position_embeddings {limit}")
-        return _logits(self.graphdef, self.state, jnp.asarray(tokens, jnp.int32), self.backend)
+        check_batch(self.mesh, tokens.shape[0])
+        tokens = tokens.astype(np.int32)
+        with mesh_context(self.mesh):
+            if self.mesh is not None:
+                tokens = to_mesh(tokens, batch_sharding(self.mesh, 2))
+            return _logits(self.graphdef, self.state, jnp.asarray(tokens), self.execution)
 
 
-def load(path: str | os.PathLike | None = None, *, dtype="float32", backend="loop") -> Model:
+def load(path: str | os.PathLike | None = None, *, dtype="float32", backend="loop", mesh=None) -> Model:
     """Loads an HF-format DeepseekV3 directory (config.json + *.safetensors, sharded index included);
     without a path, the bundled small model (`docs/MODEL_CARD.md`).
 
     dtype: parameter dtype, "float32" (parity) or "bfloat16" (speed). backend: expert execution
-    ("loop", the CPU default, or "dense").
+    ("loop", the CPU default, or "dense"; or a full `Execution`). mesh: as in `Model`.
     """
     if path is None:
         if not os.path.isdir(BUNDLED_MODEL):
@@ -88,14 +111,14 @@ def load(path: str | os.PathLike | None = None, *, dtype="float32", backend="loo
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
     config = ModelConfig.from_hf(path)
     module = load_hf_model(path, config, dtype)
-    return Model(module, Tokenizer.from_dir(path, config.eos_ids), backend)
+    return Model(module, Tokenizer.from_dir(path, config.eos_ids), backend, mesh)
 
 
-def init_random(config: ModelConfig | str, *, seed: int = 0, dtype="float32", backend="loop") -> Model:
+def init_random(config: ModelConfig | str, *, seed: int = 0, dtype="float32", backend="loop", mesh=None) -> Model:
     """A model with random weights (normal(0, 0.02)) for a config or preset name: tests, demos, benchmarks."""
     if isinstance(config, str):
         config = preset(config)
     dtype = _dtype(dtype)
     abstract = nnx.eval_shape(lambda: DeepseekV3(config, dtype=dtype, rngs=nnx.Rngs(seed)))
     graphdef = nnx.graphdef(abstract)
-    return Model(nnx.merge(graphdef, random_state(abstract, seed)), None, backend)
+    return Model(nnx.merge(graphdef, random_state(abstract, seed)), None, backend, mesh)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from caee_jax.config import ModelConfig
 from caee_jax.experts import ExpertBackend
+from caee_jax.model.execution import Execution
 from caee_jax.model.layers import random_state
 from caee_jax.model.transformer import DeepseekV3
 from caee_jax.weights.hf_export import save_hf
@@ -138,7 +139,7 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, num_experts: int):
 
     def loss_fn(params, bias, batch):
         model = nnx.merge(graphdef, params, bias)
-        out = model(batch[:, :-1], backend=ExpertBackend.CAPACITY)
+        out = model(batch[:, :-1], execution=Execution(ExpertBackend.CAPACITY))
         loss = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch[:, 1:]).mean()
         return loss, out.routing.topk_ids
 

@@ -11,6 +11,7 @@ from flax import nnx
 
 from caee_jax.config import ModelConfig
 from caee_jax.experts import ExpertBackend
+from caee_jax.model.execution import Execution
 from caee_jax.model.moe import MoE
 
 VARIANTS = {
@@ -52,7 +53,7 @@ def layer(request):
 @pytest.mark.parametrize("backend", [ExpertBackend.LOOP, ExpertBackend.DENSE], ids=["loop", "dense"])
 def test_moe_matches_transformers(layer, backend):
     hf_moe, moe, x = layer
-    y, routing = moe(jnp.asarray(x), backend)
+    y, routing = moe(jnp.asarray(x), Execution(backend))
     with torch.no_grad():
         expected = numpy_of(hf_moe(torch.from_numpy(x)))
         _, ref_weights, ref_ids = hf_moe.gate(torch.from_numpy(x))

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from caee_jax.experts import ExpertBackend
+from caee_jax.model.execution import Execution
 
 
 @dataclasses.dataclass
@@ -37,9 +37,9 @@ class Scores:
         return float(self.correct.mean())
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "backend"))
-def _score_windows(graphdef, state, windows, backend: ExpertBackend):
-    out = nnx.merge(graphdef, state)(windows[:, :-1], backend=backend)
+@functools.partial(jax.jit, static_argnames=("graphdef", "execution"))
+def _score_windows(graphdef, state, windows, execution: Execution):
+    out = nnx.merge(graphdef, state)(windows[:, :-1], execution=execution)
     logprobs = jax.nn.log_softmax(out.logits, axis=-1)
     targets = windows[:, 1:]
     nll = -jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
@@ -58,7 +58,7 @@ def score_tokens(model, ids: np.ndarray, window: int = 512, batch: int = 8, prog
         chunk = windows[start : start + batch]
         n = len(chunk)
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])  # one compiled shape
-        result = _score_windows(model.graphdef, model.state, jnp.asarray(padded), model.backend)
+        result = _score_windows(model.graphdef, model.state, jnp.asarray(padded), model.execution)
         nll.append(np.asarray(result[0])[:n].reshape(-1))
         correct.append(np.asarray(result[1])[:n].reshape(-1))
         layers, _, _, k = result[2].shape  # [L, B, T, K]

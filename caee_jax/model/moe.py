@@ -12,9 +12,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from caee_jax.config import ModelConfig
-from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
+from caee_jax.experts import ExpertWeights, run_experts
+from caee_jax.model.execution import Execution
 from caee_jax.model.layers import MLP, param
 from caee_jax.model.router import route
+from caee_jax.parallel.expert_parallel import expert_parallel_mesh, run_experts_parallel
 
 
 class RouterBias(nnx.Variable):
@@ -22,10 +24,12 @@ class RouterBias(nnx.Variable):
 
 
 class Routing(NamedTuple):
-    """What the router chose for each token: ids [B, T, K] int32, gate weights [B, T, K] f32."""
+    """What the router chose for each token: ids [B, T, K] int32, gate weights [B, T, K] f32;
+    dropped_pairs: int32 scalar, routed pairs that expert-parallel dispatch had no slot for."""
 
     topk_ids: jax.Array
     topk_weights: jax.Array
+    dropped_pairs: jax.Array
 
 
 class MoE(nnx.Module):
@@ -48,22 +52,30 @@ class MoE(nnx.Module):
     def expert_weights(self) -> ExpertWeights:
         return ExpertWeights(self.gate_proj[...], self.up_proj[...], self.down_proj[...])
 
-    def __call__(
-        self, x: jax.Array, backend: ExpertBackend, layer: jax.Array | None = None
-    ) -> tuple[jax.Array, Routing]:
+    def __call__(self, x: jax.Array, execution: Execution, layer: jax.Array | None = None) -> tuple[jax.Array, Routing]:
         """x [B, T, D] -> (output [B, T, D], routing).
 
         layer: set when the expert parameters hold the whole stack [L, E, ...] (see `run_experts`).
+        Under a context mesh (`jax.set_mesh`) the routed experts run expert-parallel.
         """
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         topk_ids, topk_weights = route(flat, self.router[...], self.router_bias[...], self.config)
         keep_mask = jnp.ones(topk_ids.shape, bool)
-        y = run_experts(flat, topk_ids, topk_weights, keep_mask, self.expert_weights, backend, layer=layer).reshape(
-            x.shape
-        )
+        dropped = jnp.zeros((), jnp.int32)
+        args = (flat, topk_ids, topk_weights, keep_mask, self.expert_weights, execution.backend)
+        if expert_parallel_mesh() is None:
+            y = run_experts(*args, layer=layer)
+        else:
+            dispatch = execution.dispatch
+            if dispatch == "auto":
+                dispatch = "gather" if t == 1 else "all_to_all"
+            y, dropped = run_experts_parallel(
+                *args, dispatch=dispatch, capacity_factor=execution.ep_capacity_factor, layer=layer
+            )
+        y = y.reshape(x.shape)
         if self.shared is not None:
             with jax.named_scope("shared_experts"):
                 y = y + self.shared(x)
         k = topk_ids.shape[-1]
-        return y, Routing(topk_ids.reshape(b, t, k), topk_weights.reshape(b, t, k))
+        return y, Routing(topk_ids.reshape(b, t, k), topk_weights.reshape(b, t, k), dropped)

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from caee_jax.config import ModelConfig
-from caee_jax.experts import ExpertBackend
 from caee_jax.model.attention import MLAttention
 from caee_jax.model.cache import LatentCache
+from caee_jax.model.execution import DEFAULT_EXECUTION, Execution
 from caee_jax.model.layers import MLP, Embed, RMSNorm, param
 from caee_jax.model.moe import MoE, Routing
 
@@ -33,21 +33,21 @@ class DecoderLayer(nnx.Module):
         else:
             self.ffn = MLP(d, config.intermediate_size, dtype, rngs=rngs)
 
-    def __call__(self, h, positions, cache, backend: ExpertBackend, layer=None):
+    def __call__(self, h, positions, cache, execution: Execution, layer=None):
         """h [B, T, D] -> (h, cache or new latents [B, T, R+P], routing or None); `layer` as in `MoE`."""
         attn_out, cache = self.attn(self.attn_norm(h), positions, cache)
         h = h + attn_out
         normed = self.ffn_norm(h)
         routing = None
         if isinstance(self.ffn, MoE):
-            ffn_out, routing = self.ffn(normed, backend, layer)
+            ffn_out, routing = self.ffn(normed, execution, layer)
         else:
             ffn_out = self.ffn(normed)
         return h + ffn_out, cache, routing
 
 
 def stacked_layers(config: ModelConfig, dtype, *, moe: bool, count: int, rngs: nnx.Rngs) -> DecoderLayer | None:
-    """`count` DecoderLayers as one module whose parameters carry a leading layer axis (None if 0)."""
+    """`count` DecoderLayers as one module whose parameters carry a leading "layers" axis (None if 0)."""
     if count == 0:
         return None
 
@@ -56,7 +56,11 @@ def stacked_layers(config: ModelConfig, dtype, *, moe: bool, count: int, rngs: n
     def make(layer_rngs):
         return DecoderLayer(config, dtype, moe=moe, rngs=layer_rngs)
 
-    return make(rngs)
+    layers = make(rngs)
+    for _, variable in nnx.iter_graph(layers):
+        if isinstance(variable, nnx.Variable) and variable.has_metadata("logical_axes"):
+            variable.set_metadata(logical_axes=("layers", *variable.get_metadata()["logical_axes"]))
+    return layers
 
 
 class ModelOutput(NamedTuple):
@@ -86,27 +90,28 @@ class DeepseekV3(nnx.Module):
         tokens: jax.Array,
         positions: jax.Array | None = None,
         cache: LatentCache | None = None,
-        backend: ExpertBackend = ExpertBackend.LOOP,
+        execution: Execution = DEFAULT_EXECUTION,
     ) -> ModelOutput:
         """tokens int [B, T] at positions [B, T] (default 0..T-1).
 
         Without `cache`: causal pass over the T tokens. With `cache`: the tokens' latents are written at
         their positions and each attends to the cache up to its own position (decode / chunked prefill).
+        execution: how the MoE layers run (static).
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         h = self.embed(tokens)
         dense_cache = None if cache is None else cache.dense
         moe_cache = None if cache is None else cache.moe
-        h, dense_cache, _ = _scan(self.dense_layers, h, positions, dense_cache, backend, self.config.latent_dim)
-        h, moe_cache, routing = _scan(self.moe_layers, h, positions, moe_cache, backend, self.config.latent_dim)
+        h, dense_cache, _ = _scan(self.dense_layers, h, positions, dense_cache, execution, self.config.latent_dim)
+        h, moe_cache, routing = _scan(self.moe_layers, h, positions, moe_cache, execution, self.config.latent_dim)
         h = self.final_norm(h)
         head = self.embed.embedding[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
         return ModelOutput(logits, LatentCache(dense_cache, moe_cache), routing)
 
 
-def _scan(layers: DecoderLayer | None, h, positions, cache, backend, latent_dim: int):
+def _scan(layers: DecoderLayer | None, h, positions, cache, execution: Execution, latent_dim: int):
     """Runs a layer stack over h; cache [L, B, S, C] or None. Returns (h, cache or latents, routing)."""
     if layers is None:
         empty = jnp.zeros((0, *h.shape[:2], latent_dim), h.dtype) if cache is None else cache
@@ -118,7 +123,7 @@ def _scan(layers: DecoderLayer | None, h, positions, cache, backend, latent_dim:
     def body(h, xs):
         layer_state, layer_cache, index = xs
         layer = nnx.merge(graphdef, experts, layer_state)
-        h, layer_cache, routing = layer(h, positions, layer_cache, backend, index if experts else None)
+        h, layer_cache, routing = layer(h, positions, layer_cache, execution, index if experts else None)
         return h, (layer_cache, routing)
 
     count = jax.tree.leaves(state)[0].shape[0]

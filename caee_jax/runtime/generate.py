@@ -2,7 +2,9 @@
 
 Prompts of different lengths are right-padded to a bucket; each sequence keeps its own position, so
 padding never reaches attention (slots after a sequence's position are masked, then overwritten).
-Shapes depend only on (batch, prompt bucket, cache length): steps never recompile.
+Shapes depend only on (batch, prompt bucket, cache length): steps never recompile. On a mesh the batch
+is sharded over the data axis and every process runs the same calls (multi-host SPMD); sampled ids come
+back replicated, so every process sees all of them.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from caee_jax.experts import ExpertBackend
 from caee_jax.model.cache import LatentCache
+from caee_jax.model.execution import Execution
+from caee_jax.parallel.placement import batch_sharding, check_batch, gather_replicated, mesh_context, to_mesh
 from caee_jax.runtime.sampling import sample
 
 PROMPT_BUCKET = 16
@@ -29,34 +32,44 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "backend"))
-def prefill(graphdef, state, tokens, lengths, key, temperature, top_p, *, cache_len: int, backend: ExpertBackend):
-    """tokens [B, T] (right-padded), lengths [B] -> (first sampled ids [B], LatentCache with S = cache_len)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "execution"))
+def prefill(graphdef, state, tokens, lengths, seed, temperature, top_p, *, cache_len: int, execution: Execution):
+    """tokens [B, T] (right-padded), lengths [B] -> (first sampled ids [B], LatentCache with S = cache_len,
+    expert-parallel dropped pairs summed over MoE layers)."""
     model = nnx.merge(graphdef, state)
-    out = model(tokens, backend=backend)
+    out = model(tokens, execution=execution)
     batch, length = tokens.shape
     cache = LatentCache.zeros(model.config, batch, cache_len, out.cache.moe.dtype)
     cache = jax.tree.map(lambda c, new: c.at[:, :, :length].set(new), cache, out.cache)
     last = out.logits[jnp.arange(batch), lengths - 1]  # [B, V]
-    return sample(last, key, temperature, top_p), cache
+    ids = sample(last, _key(seed, 0), temperature, top_p)
+    dropped = jnp.sum(out.routing.dropped_pairs) if out.routing is not None else jnp.zeros((), jnp.int32)
+    return gather_replicated(ids), cache, dropped
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "backend"), donate_argnames=("cache",))
-def decode_step(graphdef, state, cache, tokens, positions, key, temperature, top_p, *, backend: ExpertBackend):
-    """tokens [B] at positions [B] -> (next ids [B], updated cache)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "execution"), donate_argnames=("cache",))
+def decode_step(graphdef, state, cache, tokens, positions, seed, step, temperature, top_p, *, execution: Execution):
+    """tokens [B] at positions [B] -> (next ids [B], updated cache); step numbers the sampling key."""
     model = nnx.merge(graphdef, state)
-    out = model(tokens[:, None], positions[:, None], cache, backend=backend)
-    return sample(out.logits[:, 0], key, temperature, top_p), out.cache
+    out = model(tokens[:, None], positions[:, None], cache, execution=execution)
+    return gather_replicated(sample(out.logits[:, 0], _key(seed, step), temperature, top_p)), out.cache
+
+
+def _key(seed, step):
+    """The sampling key of a step, derived inside jit (no host key array to place on a mesh)."""
+    return jax.random.fold_in(jax.random.key(seed), step)
 
 
 @dataclasses.dataclass
 class Generation:
     """tokens: generated ids per prompt (stop token excluded); prefill_s: wall time of the prefill call
-    (compilation included on first use); decode_step_s: wall time of each decode step (seconds)."""
+    (compilation included on first use); decode_step_s: wall time of each decode step (seconds);
+    dropped_pairs: routed pairs expert-parallel prefill had no capacity for (0 unless a capacity is set)."""
 
     tokens: list[list[int]]
     prefill_s: float
     decode_step_s: list[float]
+    dropped_pairs: int = 0
 
     @property
     def decode_s_per_token(self) -> float:
@@ -119,27 +132,34 @@ def generate_with_stats(
     for b, p in enumerate(ids):
         tokens[b, : len(p)] = p
 
-    key = jax.random.key(seed)
-    key, first_key = jax.random.split(key)
-    temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
+    mesh = getattr(model, "mesh", None)
+    check_batch(mesh, len(ids))
+    with mesh_context(mesh):
+        return _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len)
+
+
+def _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len):
+    if mesh is not None:
+        tokens, lengths = (to_mesh(a, batch_sharding(mesh, a.ndim)) for a in (tokens, lengths))
+    temp, nucleus, seed = np.float32(temperature), np.float32(top_p), np.uint32(seed)
     start = time.perf_counter()
-    next_ids, cache = prefill(
+    next_ids, cache, dropped = prefill(
         model.graphdef,
         model.state,
         jnp.asarray(tokens),
         jnp.asarray(lengths),
-        first_key,
+        seed,
         temp,
         nucleus,
         cache_len=cache_len,
-        backend=model.backend,
+        execution=model.execution,
     )
     next_host = np.asarray(next_ids)
     prefill_s = time.perf_counter() - start
 
     positions = jnp.asarray(lengths)
-    generated: list[list[int]] = [[] for _ in ids]
-    done = np.zeros(len(ids), bool)
+    generated: list[list[int]] = [[] for _ in next_host]
+    done = np.zeros(len(next_host), bool)
     step_times = []
     for step in range(max_new_tokens):
         for b, token in enumerate(next_host):
@@ -151,15 +171,23 @@ def generate_with_stats(
                 generated[b].append(int(token))
         if done.all() or step == max_new_tokens - 1:
             break
-        key, step_key = jax.random.split(key)
         start = time.perf_counter()
         next_ids, cache = decode_step(
-            model.graphdef, model.state, cache, next_ids, positions, step_key, temp, nucleus, backend=model.backend
+            model.graphdef,
+            model.state,
+            cache,
+            next_ids,
+            positions,
+            seed,
+            np.int32(step + 1),
+            temp,
+            nucleus,
+            execution=model.execution,
         )
         next_host = np.asarray(next_ids)
         step_times.append(time.perf_counter() - start)
         positions = positions + 1
-    return Generation(generated, prefill_s, step_times)
+    return Generation(generated, prefill_s, step_times, int(dropped))
 
 
 def generate(

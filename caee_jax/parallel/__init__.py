@@ -1,0 +1,1 @@
+"""Meshes, logical-axis sharding rules and expert parallelism (`jax.shard_map`)."""

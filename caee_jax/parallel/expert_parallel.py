@@ -1,0 +1,152 @@
+"""Expert parallelism: routed experts sharded over the mesh's `expert` axis, run with `jax.shard_map`.
+
+Inside the map, tokens are sharded over `data` and replicated over `expert` and `tensor`; each device
+holds E / |expert| experts, each cut to F / |tensor| columns. Two dispatch patterns:
+
+gather (decode): every expert shard already sees all of its data shard's tokens. It runs only the pairs
+  routed to its local experts (through `run_experts`, so its work follows its own kept pairs) and the
+  partial outputs are summed with one `psum` over (expert, tensor).
+all_to_all (prefill): each expert shard takes 1/|expert| of the tokens, packs every kept pair into a
+  fixed-capacity slot of the destination shard that holds its expert, exchanges slots with
+  `all_to_all`, runs them, sends the outputs back the same way, combines them per token and
+  all-gathers the tokens. A pair beyond its slot capacity is dropped and counted, never silently.
+
+Letters: N tokens, D hidden, K top-k, E experts (E_l local), S expert shards, C slots per shard pair.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
+
+
+def expert_parallel_mesh():
+    """The context mesh (`jax.set_mesh`) when it spreads experts or their width over devices, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get("expert", 1) * mesh.shape.get("tensor", 1) * mesh.shape.get("data", 1) == 1:
+        return None
+    return mesh
+
+
+def run_experts_parallel(
+    x: jax.Array,
+    topk_ids: jax.Array,
+    topk_weights: jax.Array,
+    keep_mask: jax.Array,
+    weights: ExpertWeights,
+    backend: ExpertBackend,
+    *,
+    dispatch: str,
+    capacity_factor: float | None = None,
+    layer: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Like `run_experts` over the context mesh. Returns (y [N, D], dropped pairs: int32 scalar).
+
+    x [N, D] and the routing [N, K] are sharded over `data` (N divisible by its size); weights as the
+    logical-axis rules shard them (experts over `expert`, width over `tensor`); dispatch "gather" or
+    "all_to_all"; layer: int scalar when weights hold every layer ([L, E, ...]).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    num_experts = weights.gate.shape[-3]
+    shards = mesh.shape["expert"]
+    if num_experts % shards:
+        raise ValueError(f"n_routed_experts={num_experts} does not divide the mesh's expert axis ({shards} devices)")
+    if x.shape[0] % mesh.shape["data"]:
+        raise ValueError(f"{x.shape[0]} tokens do not divide the mesh's data axis ({mesh.shape['data']} devices)")
+    lead = () if layer is None else (None,)
+    weight_specs = ExpertWeights(
+        P(*lead, "expert", None, "tensor"), P(*lead, "expert", None, "tensor"), P(*lead, "expert", "tensor", None)
+    )
+    rows = P("data", None)
+
+    def local(x, topk_ids, topk_weights, keep_mask, weights, layer):
+        layer = layer if lead else None
+        if dispatch == "gather":
+            y = _gather_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer)
+            return y, jnp.zeros((), jnp.int32)
+        if dispatch == "all_to_all":
+            return _all_to_all_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer, capacity_factor)
+        raise ValueError(f"unknown dispatch {dispatch!r}")
+
+    mapped = jax.shard_map(
+        local,
+        in_specs=(rows, rows, rows, rows, weight_specs, P()),
+        out_specs=(rows, P()),
+        # The backends' loop carries start as unsharded zeros; varying-axis typing would reject them.
+        check_vma=False,
+    )
+    layer = jnp.zeros((), jnp.int32) if layer is None else layer
+    return mapped(x, topk_ids, topk_weights, keep_mask, weights, layer)
+
+
+def _local_ids(topk_ids, num_local: int):
+    """Global expert ids -> (ids on this expert shard, mask of the pairs this shard holds)."""
+    local = topk_ids - jax.lax.axis_index("expert") * num_local
+    mine = (local >= 0) & (local < num_local)
+    return jnp.where(mine, local, 0), mine
+
+
+def _gather_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer):
+    num_local = weights.gate.shape[-3]
+    local_ids, mine = _local_ids(topk_ids, num_local)
+    y = run_experts(x, local_ids, topk_weights, keep_mask & mine, weights, backend, layer=layer)
+    return jax.lax.psum(y, ("expert", "tensor"))
+
+
+def slots_per_shard(pairs: int, shards: int, capacity_factor: float | None) -> int:
+    """all_to_all capacity C per (source, destination) shard pair for `pairs` = tokens x K at the source."""
+    if capacity_factor is None:
+        return pairs  # every pair of a source could go to one destination
+    return max(1, min(pairs, math.ceil(capacity_factor * pairs / shards)))
+
+
+def _all_to_all_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer, capacity_factor):
+    shards = jax.lax.axis_size("expert")
+    num_local = weights.gate.shape[-3]
+    num_tokens, k = topk_ids.shape
+    dim = x.shape[-1]
+    # This shard's share of the tokens (rows padded to a multiple of the shard count are never kept).
+    per_shard = -(-num_tokens // shards)
+    pad = per_shard * shards - num_tokens
+    start = jax.lax.axis_index("expert") * per_shard
+
+    def mine(a, fill):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+        return jax.lax.dynamic_slice_in_dim(a, start, per_shard)
+
+    xs, ids, gate_w, keep = mine(x, 0), mine(topk_ids, 0), mine(topk_weights, 0), mine(keep_mask, False)
+
+    # Slot of every kept pair at its destination shard: highest gate weight first, C slots per source.
+    num_pairs = per_shard * k
+    capacity = slots_per_shard(num_pairs, shards, capacity_factor)
+    dest = jnp.where(keep, ids // num_local, shards).reshape(-1)  # [P]; shards = not sent
+    pair_w = gate_w.reshape(-1)
+    order = jnp.lexsort((-pair_w, dest))
+    counts = jnp.bincount(dest, length=shards + 1)
+    first = jnp.cumsum(counts) - counts  # first sorted position of each destination
+    rank = jnp.zeros(num_pairs, jnp.int32).at[order].set(jnp.arange(num_pairs) - first[dest[order]])
+    routed = dest < shards
+    sent = routed & (rank < capacity)
+    dropped = jnp.sum(routed & ~sent).astype(jnp.int32)
+    slot = jnp.where(sent, dest * capacity + rank, shards * capacity)  # out of range: not written
+    token = jnp.arange(num_pairs) // k
+
+    send_x = jnp.zeros((shards * capacity, dim), x.dtype).at[slot].set(xs[token], mode="drop")
+    send_id = jnp.zeros((shards * capacity,), jnp.int32).at[slot].set(ids.reshape(-1) % num_local, mode="drop")
+    send_ok = jnp.zeros((shards * capacity,), bool).at[slot].set(True, mode="drop")
+    exchange = lambda a: jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)  # noqa: E731
+    recv_x, recv_id, recv_ok = exchange(send_x), exchange(send_id), exchange(send_ok)
+
+    ones = jnp.ones((shards * capacity, 1), jnp.float32)
+    out = run_experts(recv_x, recv_id[:, None], ones, recv_ok[:, None], weights, backend, layer=layer)
+    back = exchange(out)  # [S*C, D]: row dest*C + rank holds this shard's pair output
+    contrib = back[jnp.minimum(slot, shards * capacity - 1)].astype(jnp.float32) * jnp.where(sent, pair_w, 0)[:, None]
+    y = jnp.zeros((per_shard, dim), jnp.float32).at[token].add(contrib)
+    y = jax.lax.psum(y, "tensor")
+    y = jax.lax.all_gather(y, "expert", tiled=True)[:num_tokens]
+    return y.astype(x.dtype), jax.lax.psum(dropped, ("data", "expert"))

@@ -1,0 +1,57 @@
+"""Putting host values onto a mesh, one process or many.
+
+Every process holds the same host value (it read the same checkpoint, or the same prompts); each
+builds only the shards its own devices hold (`jax.make_array_from_callback`), so this works unchanged
+when the mesh spans processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from caee_jax.parallel.rules import LOGICAL_RULES, state_shardings
+
+
+def to_mesh(value, sharding: NamedSharding) -> jax.Array:
+    """A global array with `sharding` from a host value (numpy, scalar or single-device jax array)."""
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def place_state(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """The module state with every variable sharded by its logical axes (see `rules.py`)."""
+    shardings = state_shardings(state, mesh)
+    return jax.tree.map(lambda value, sharding: to_mesh(value, sharding), state, shardings)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) dimension over the data axis, the rest replicated."""
+    return NamedSharding(mesh, P(LOGICAL_RULES["batch"], *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch(mesh: Mesh | None, batch: int) -> None:
+    """A clear error when the batch cannot be split over the data axis."""
+    if mesh is not None and batch % mesh.shape["data"]:
+        raise ValueError(f"batch size {batch} does not divide the mesh's data axis ({mesh.shape['data']} devices)")
+
+
+def mesh_context(mesh: Mesh | None):
+    """`jax.set_mesh(mesh)`, or nothing for single-device models."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def gather_replicated(x: jax.Array) -> jax.Array:
+    """Inside jit: x replicated on every device of the context mesh (readable by every process)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, P())
