@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 import pytest
+
+# Eight simulated CPU devices for the mesh tests; set before any test touches a device.
+NUM_DEVICES = 8
+jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
 
 REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "deepseek-r1")
 
