@@ -2,9 +2,13 @@
 
     python launch/run.py --checkpoint DIR --prompt "def fib(n):" --max-new-tokens 64
     python launch/run.py --preset tiny --prompt-ids 1,2,3 --json
+    python launch/run.py --mesh data=2,expert=4 --coordinator 127.0.0.1:9000 --num-processes 2 --process-id 0
 
 Without --checkpoint or --preset it runs the bundled small model (docs/MODEL_CARD.md) on a Python
 prompt; --preset NAME runs a random-weight preset instead (a smoke test, not meaningful text).
+Multi-host: every process runs this same command with its own --process-id (or none of the three
+flags, under a cluster JAX detects itself); the mesh spans every process's devices, and each process
+prints the same completion.
 """
 
 from __future__ import annotations
@@ -14,8 +18,12 @@ import json
 import sys
 import time
 
+import jax
+
 import caee_jax
 from caee_jax.config import PRESETS
+from caee_jax.parallel import distributed
+from caee_jax.parallel.mesh import describe, make_mesh
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 DEFAULT_PROMPT_IDS = "0,11,23,5,42,7"
@@ -36,17 +44,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--backend", choices=["loop", "dense"], default="loop", help="expert execution backend")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parallel = parser.add_argument_group("devices and processes")
+    parallel.add_argument(
+        "--mesh", help="mesh axes, e.g. data=2,expert=4 (default: every device on the expert axis; none for 1 device)"
+    )
+    parallel.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator (multi-process)")
+    parallel.add_argument("--num-processes", type=int)
+    parallel.add_argument("--process-id", type=int)
+    parallel.add_argument("--cpu-devices", type=int, help="simulate this many CPU devices in this process")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    mesh = make_mesh(args.mesh) if args.mesh or jax.device_count() > 1 else None
     start = time.perf_counter()
+    options = dict(dtype=args.dtype, backend=args.backend, mesh=mesh)
     if args.preset:
-        model = caee_jax.init_random(args.preset, seed=args.seed, dtype=args.dtype, backend=args.backend)
+        model = caee_jax.init_random(args.preset, seed=args.seed, **options)
         source = f"preset {args.preset} (random weights)"
     else:
-        model = caee_jax.load(args.checkpoint, dtype=args.dtype, backend=args.backend)
+        model = caee_jax.load(args.checkpoint, **options)
         source = args.checkpoint or "bundled caee-small"
     load_s = time.perf_counter() - start
 
@@ -74,6 +95,9 @@ def main(argv=None) -> int:
     prompt_text = prompt if isinstance(prompt, str) else None
     report = {
         "model": source,
+        "mesh": describe(mesh) if mesh else None,
+        "process": jax.process_index(),
+        "processes": jax.process_count(),
         "generated_ids": ids,
         "text": text,
         "load_s": load_s,
@@ -82,9 +106,11 @@ def main(argv=None) -> int:
         "decode_tokens_per_s": 1.0 / result.decode_s_per_token,
     }
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report), flush=True)
         return 0
-    print(f"model: {source}")
+    if jax.process_index() != 0:
+        return 0
+    print(f"model: {source}" + (f" | mesh {report['mesh']} over {jax.process_count()} process(es)" if mesh else ""))
     if prompt_text is not None:
         print(f"--- prompt ---\n{prompt_text}\n--- completion ---\n{text}")
     else:

@@ -1,0 +1,46 @@
+"""Joining a multi-process (multi-host) run on JAX's own distributed runtime.
+
+Every process runs the same program; `jax.distributed` connects them through a coordinator, and XLA's
+collectives (gloo on CPU) carry the data. After `initialize`, `jax.devices()` lists every process's
+devices and one mesh spans them all.
+"""
+
+from __future__ import annotations
+
+import jax
+
+# A process that stops answering is declared dead after this long; the others then exit with an
+# error naming it instead of waiting forever in a collective.
+HEARTBEAT_TIMEOUT_S = 10
+INIT_TIMEOUT_S = 60
+
+
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+    init_timeout_s: int = INIT_TIMEOUT_S,
+) -> bool:
+    """Connects this process to the others. Returns True when running multi-process.
+
+    With `coordinator` ("HOST:PORT"), `num_processes` and `process_id`: that cluster. Without them: JAX's
+    cluster auto-detection (SLURM, Open MPI, cloud TPU, ...), and a single process when none is found.
+    """
+    explicit = (coordinator, num_processes, process_id)
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise ValueError("--coordinator, --num-processes and --process-id go together")
+    kwargs = dict(heartbeat_timeout_seconds=heartbeat_timeout_s, initialization_timeout=init_timeout_s)
+    if coordinator is None:
+        try:
+            jax.distributed.initialize(**kwargs)
+        except ValueError as error:
+            if "coordinator_address" in str(error):  # no cluster detected: one process
+                return False
+            raise
+    else:
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process-id {process_id} is not in [0, {num_processes})")
+        jax.distributed.initialize(coordinator, num_processes, process_id, **kwargs)
+    return jax.process_count() > 1
