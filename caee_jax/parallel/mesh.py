@@ -20,9 +20,12 @@ class MeshError(ValueError):
     """A mesh spec that cannot be built on the available devices."""
 
 
-def parse_mesh_spec(spec: str | dict[str, int] | None, num_devices: int) -> dict[str, int]:
-    """ "data=2,expert=4" (or a dict) -> sizes for every axis in MESH_AXES, checked against num_devices."""
+def parse_mesh_spec(spec: str | dict[str, int] | None, num_devices: int | None = None) -> dict[str, int]:
+    """ "data=2,expert=4" (or a dict) -> sizes for every axis in MESH_AXES, checked against num_devices
+    when given."""
     if spec is None or spec == "":
+        if num_devices is None:
+            raise MeshError("an empty mesh spec needs a device count")
         return {"data": 1, "expert": num_devices, "tensor": 1}
     if isinstance(spec, str):
         sizes = {}
@@ -42,7 +45,7 @@ def parse_mesh_spec(spec: str | dict[str, int] | None, num_devices: int) -> dict
     sizes = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
     if any(size < 1 for size in sizes.values()):
         raise MeshError(f"mesh spec {spec!r}: axis sizes must be >= 1")
-    if math.prod(sizes.values()) != num_devices:
+    if num_devices is not None and math.prod(sizes.values()) != num_devices:
         shape = " x ".join(f"{axis}={size}" for axis, size in sizes.items())
         raise MeshError(f"mesh spec {spec!r}: {shape} needs {math.prod(sizes.values())} devices, have {num_devices}")
     return sizes
