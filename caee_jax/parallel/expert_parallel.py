@@ -26,11 +26,9 @@ from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
 
 
 def expert_parallel_mesh():
-    """The context mesh (`jax.set_mesh`) when it spreads experts or their width over devices, else None."""
+    """The context mesh (`jax.set_mesh`) when it has more than one device, else None."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.shape.get("expert", 1) * mesh.shape.get("tensor", 1) * mesh.shape.get("data", 1) == 1:
-        return None
-    return mesh
+    return None if mesh.empty or mesh.size == 1 else mesh
 
 
 def run_experts_parallel(
