@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 import pytest
+
+# Simulated CPU devices for the expert-parallel tests. Must run before anything initialises JAX's backends;
+# single-device code still runs on device 0.
+jax.config.update("jax_num_cpu_devices", 8)
 
 REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "deepseek-r1")
 
