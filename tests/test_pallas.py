@@ -202,12 +202,16 @@ def test_tpu_expert_spanning_tiles_copies_weights_once(tpu_block_copies):
     ids[:, 1] = np.where(ids[:, 0] == 2, ids[:, 1], 2)
     assert ((ids == 2).sum(1) == 1).all()
     keep = np.ones(ids.shape, bool)
+    layout = group_layout(jnp.asarray(ids), jnp.asarray(keep), 8, block_m=4)
+    assert int(jnp.sum(layout.item_expert[: int(layout.num_items[0])] == 2)) >= 4
     interpret = pltpu.InterpretParams()
     out = pallas(x, ids, weights, keep, w, platform="tpu", interpret=interpret, block_m=4, block_f=BLOCK_F)
     assert_close(out, numpy_experts(x, ids, weights, keep, w))
     expert_2 = [block for name, block in tpu_block_copies if name == "gate_ref" and block[1] == 2]
     assert sorted(expert_2) == [(0, 2, 0, j) for j in range(SKIP_F // BLOCK_F)]
-    assert sum(1 for name, _ in tpu_block_copies if name == "x_ref") > 4  # it did run several tiles
+    for name in ("gate_ref", "up_ref", "down_ref"):  # and no other expert's block twice either
+        blocks = [block for n, block in tpu_block_copies if n == name]
+        assert len(blocks) == len(set(blocks)) > 0
 
 
 @pytest.mark.parametrize("num_experts", [8, 32])
