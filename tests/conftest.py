@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-# Simulated CPU devices for the expert-parallel tests. Must run before anything initialises JAX's backends;
-# single-device code still runs on device 0.
-jax.config.update("jax_num_cpu_devices", 8)
+# Eight simulated CPU devices for the mesh tests; set before any test touches a device.
+NUM_DEVICES = 8
+jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
 
 REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "deepseek-r1")
 
