@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--backend", choices=["loop", "dense"], default="loop", help="expert execution backend")
+    parser.add_argument("--backend", choices=["loop", "dense", "pallas"], default="loop", help="expert backend")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parallel = parser.add_argument_group("devices and processes")
     parallel.add_argument(

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from caee_jax.experts.capacity import capacity_for, run_capacity
 from caee_jax.experts.dense import run_dense
 from caee_jax.experts.loop import run_loop
+from caee_jax.pallas import run_pallas
 
 
 class ExpertBackend(enum.Enum):
@@ -25,11 +26,14 @@ class ExpertBackend(enum.Enum):
     follows kept token-expert pairs and active experts).
     CAPACITY: static-shape [E, C, D] dispatch, C = ceil(capacity_factor * N*K/E); an expert's
     lowest-weight pairs beyond C are dropped (training path; differentiable).
+    PALLAS: grouped SwiGLU kernel over expert-sorted kept pairs (GPU/TPU; interpret mode on CPU); an
+    expert with no kept pair has its weights never loaded (docs/KERNELS.md).
     """
 
     DENSE = "dense"
     LOOP = "loop"
     CAPACITY = "capacity"
+    PALLAS = "pallas"
 
 
 class ExpertWeights(NamedTuple):
@@ -56,7 +60,7 @@ def run_experts(
     x [N, D]; topk_ids [N, K] int (ids in [0, E)); topk_weights [N, K] float (combine weights);
     keep_mask [N, K] bool (False: the pair is not executed and contributes nothing).
     layer: when given, `weights` hold every layer's experts ([L, E, ...]) and this int scalar picks one.
-      The loop backend then reads only the active experts of that layer: slicing the layer out first
+      The loop and pallas backends then read only the active experts of that layer: slicing the layer out first
       (as a scan input would) makes XLA copy all of its experts on every call.
     capacity_factor: only for CAPACITY.
     """
@@ -65,6 +69,8 @@ def run_experts(
     with jax.named_scope(f"experts_{backend.value}"):
         if backend is ExpertBackend.LOOP:
             return run_loop(x, topk_ids, topk_weights, keep_mask, weights, layer=layer)
+        if backend is ExpertBackend.PALLAS:
+            return run_pallas(x, topk_ids, topk_weights, keep_mask, weights, layer=layer)
         if layer is not None:
             weights = ExpertWeights(*(w[layer] for w in weights))
         if backend is ExpertBackend.DENSE:
