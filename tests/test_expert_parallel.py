@@ -69,11 +69,13 @@ def test_logits_equal_single_device(reference, spec):
     np.testing.assert_allclose(step, want_step, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("dispatch", ["gather", "all_to_all"])
-def test_either_dispatch_serves_prefill_and_decode(reference, dispatch):
+@pytest.mark.parametrize(
+    ("dispatch", "backend"), [("gather", "loop"), ("all_to_all", "loop"), ("auto", "pallas"), ("auto", "dense")]
+)
+def test_each_dispatch_and_backend_serves_prefill_and_decode(reference, dispatch, backend):
     tokens, next_tokens, (want_full, want_step) = reference
     model = caee_jax.init_random("tiny", seed=5, mesh=mesh_of("data=2,expert=4"))
-    full, step = run(model, tokens, next_tokens, Execution(dispatch=dispatch))
+    full, step = run(model, tokens, next_tokens, Execution(backend, dispatch=dispatch))
     np.testing.assert_allclose(full, want_full, atol=ATOL, rtol=0)
     np.testing.assert_allclose(step, want_step, atol=ATOL, rtol=0)
 
