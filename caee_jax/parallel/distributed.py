@@ -7,6 +7,11 @@ devices and one mesh spans them all.
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import jax
 
 # A process that stops answering is declared dead after this long; the others then exit with an
@@ -44,3 +49,36 @@ def initialize(
             raise ValueError(f"--process-id {process_id} is not in [0, {num_processes})")
         jax.distributed.initialize(coordinator, num_processes, process_id, **kwargs)
     return jax.process_count() > 1
+
+
+def spawn_local(argv: list[str], num_processes: int, *, pin_cores: bool = True) -> tuple[int, str]:
+    """Runs `python argv...` as a `num_processes`-process cluster on this machine (loopback coordinator),
+    each process with one CPU device, pinned to its own core with `taskset` when `pin_cores`.
+
+    Process 0's progress (stderr) shows; its stdout is returned without gloo's connection lines.
+    Returns (worst exit code, process 0's stdout); a failing process's stderr is printed.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cluster = ["--cpu-devices", "1", "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(num_processes)]
+    procs = []
+    for i in range(num_processes):
+        command = [sys.executable, *argv, *cluster, "--process-id", str(i)]
+        if pin_cores:
+            command = ["taskset", "-c", str(i % os.cpu_count()), *command]
+        procs.append(
+            subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
+                stderr=None if i == 0 else subprocess.PIPE,
+                text=True,
+            )
+        )
+    stdout = procs[0].communicate()[0]
+    for i, proc in enumerate(procs[1:], start=1):
+        err = proc.communicate()[1]
+        if proc.returncode:
+            print(f"process {i} failed:\n{err[-4000:]}", file=sys.stderr)
+    stdout = "\n".join(line for line in stdout.splitlines() if not line.startswith("[Gloo]"))
+    return max(abs(p.returncode) for p in procs), stdout

@@ -1,0 +1,310 @@
+"""Calibrating a cost table on the real devices: microbenchmarks of one MoE layer's experts, then a fit.
+
+1. Compute, per device: the device's own experts run through the real backend (`run_experts`, the
+   work it does under expert parallelism) on random routings: batch sizes 1-64, few or many active
+   experts, uniform or skewed popularity, some pairs pruned. Non-negative least squares of the median
+   time on [1, kept pairs, active experts] gives fixed_s, pair_s, activation_s.
+2. Fetch, per offload tier: one expert's weights copied host RAM -> device, and read from disk with
+   O_DIRECT (page cache bypassed) -> device.
+3. Communication, with several devices: the whole expert-parallel layer (`run_experts_parallel`,
+   gather dispatch) is timed on the same routings; what the slowest device's compute does not explain
+   is fitted as a fixed part plus a per-token part.
+
+Every process runs the same calls in the same order (collectives need it); process 0 gathers the
+per-device fits. Times are medians of repeated runs, in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import mmap
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from caee_jax.caee.cost_model import predict
+from caee_jax.caee.cost_table import CostTable, DeviceCosts, FitQuality, block_placement, signature_of
+from caee_jax.experts import ExpertWeights, run_experts
+from caee_jax.parallel.expert_parallel import run_experts_parallel
+from caee_jax.parallel.placement import mesh_context, replicated, to_mesh
+
+TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+EXPERT_PATHS = (
+    ("moe_layers", "ffn", "gate_proj"),
+    ("moe_layers", "ffn", "up_proj"),
+    ("moe_layers", "ffn", "down_proj"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One routing to time: topk_ids, keep_mask [N, K]."""
+
+    topk_ids: np.ndarray
+    keep_mask: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return self.topk_ids.shape[0]
+
+
+def random_cases(seed: int, per_size: int, num_experts: int, top_k: int, sizes=TOKEN_COUNTS) -> list[Case]:
+    """`per_size` routings per token count: a random pool of active experts (top_k..E), uniform or
+    Zipf-skewed popularity (exponent 0, 1 or 2), distinct experts per token, 0-50% of pairs pruned."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for num_tokens, _ in itertools.product(sizes, range(per_size)):
+        pool = rng.permutation(num_experts)[: rng.integers(top_k, num_experts + 1)]
+        popularity = 1.0 / np.arange(1, len(pool) + 1) ** rng.choice([0.0, 1.0, 2.0])
+        popularity /= popularity.sum()
+        ids = np.stack([rng.choice(pool, size=top_k, replace=False, p=popularity) for _ in range(num_tokens)])
+        keep = rng.random(ids.shape) >= rng.choice([0.0, 0.25, 0.5])
+        cases.append(Case(ids.astype(np.int32), keep))
+    return cases
+
+
+def median_time(fn, *args, repeats: int) -> float:
+    """Median wall time (s) of fn(*args) to completion, after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def nonnegative_lstsq(features: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """argmin ||features @ c - target|| with c >= 0, by trying every subset of columns (few columns)."""
+    best, best_err = np.zeros(features.shape[1]), np.inf
+    for size in range(1, features.shape[1] + 1):
+        for cols in itertools.combinations(range(features.shape[1]), size):
+            coef, *_ = np.linalg.lstsq(features[:, cols], target, rcond=None)
+            if (coef >= 0).all():
+                err = np.sum((features[:, cols] @ coef - target) ** 2)
+                if err < best_err:
+                    best, best_err = np.zeros(features.shape[1]), err
+                    best[list(cols)] = coef
+    return best
+
+
+def fit_quality(predicted: np.ndarray, measured: np.ndarray) -> FitQuality:
+    residual = predicted - measured
+    total = np.sum((measured - measured.mean()) ** 2)
+    return FitQuality(
+        samples=int(len(measured)),
+        r2=float(1 - np.sum(residual**2) / total) if total > 0 else 1.0,
+        mape=float(np.mean(np.abs(residual) / measured)),
+        median_abs_residual_s=float(np.median(np.abs(residual))),
+        max_abs_residual_s=float(np.max(np.abs(residual))),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("backend",))
+def _local_layer(x, topk_ids, topk_weights, keep_mask, gate, up, down, layer, *, backend):
+    return run_experts(x, topk_ids, topk_weights, keep_mask, ExpertWeights(gate, up, down), backend, layer=layer)
+
+
+@functools.partial(jax.jit, static_argnames=("backend",))
+def _parallel_layer(x, topk_ids, topk_weights, keep_mask, gate, up, down, layer, *, backend):
+    y, _ = run_experts_parallel(
+        x, topk_ids, topk_weights, keep_mask, ExpertWeights(gate, up, down), backend, dispatch="gather", layer=layer
+    )
+    return y
+
+
+class Bench:
+    """Times one MoE layer (index 0) of a loaded `caee_jax.Model` on its devices."""
+
+    def __init__(self, model, repeats: int = 15):
+        self.model = model
+        self.config = model.config
+        self.backend = model.execution.backend
+        self.repeats = repeats
+        flat = dict(nnx.to_flat_state(model.state))
+        self.weights = [flat[path].get_value() for path in EXPERT_PATHS]  # global [L, E, ...] arrays
+        self.num_shards = 1 if model.mesh is None else model.mesh.shape["expert"]
+        self.per_shard = self.config.n_routed_experts // self.num_shards
+        self.placement = block_placement(self.config.n_routed_experts, self.num_shards)
+        self.rng = np.random.default_rng(0)
+
+    def local_shards(self) -> dict[int, list]:
+        """Expert shard -> this process's (device, [gate, up, down] local arrays) for shards it holds."""
+        shards = {}
+        for pieces in zip(*(w.addressable_shards for w in self.weights), strict=True):
+            shard = (pieces[0].index[1].start or 0) // self.per_shard
+            shards.setdefault(shard, (pieces[0].device, [p.data for p in pieces]))
+        return shards
+
+    def _inputs(self, case: Case):
+        x = self.rng.normal(size=(case.num_tokens, self.config.hidden_size)).astype(np.float32)
+        weights = np.full(case.topk_ids.shape, 1.0 / case.topk_ids.shape[1], np.float32)
+        return x.astype(self.model.dtype), weights
+
+    def time_local(self, case: Case, shard: int, device, local_weights) -> float:
+        """The shard's own pairs on its device: the work it does in the gather dispatch."""
+        x, weights = self._inputs(case)
+        local = case.topk_ids - shard * self.per_shard
+        mine = case.keep_mask & (local >= 0) & (local < self.per_shard)
+        args = [jax.device_put(a, device) for a in (x, np.where(mine, local, 0).astype(np.int32), weights, mine)]
+        fn = functools.partial(_local_layer, backend=self.backend)
+        return median_time(fn, *args, *local_weights, jax.device_put(np.int32(0), device), repeats=self.repeats)
+
+    def time_layer(self, case: Case) -> float:
+        """The whole layer's routed experts: one device, or expert-parallel over the mesh."""
+        x, weights = self._inputs(case)
+        if self.model.mesh is None:
+            args = (x, case.topk_ids, weights, case.keep_mask, *self.weights, np.int32(0))
+            return median_time(functools.partial(_local_layer, backend=self.backend), *args, repeats=self.repeats)
+        with mesh_context(self.model.mesh):
+            put = functools.partial(to_mesh, sharding=replicated(self.model.mesh))
+            args = [put(a) for a in (x, case.topk_ids, weights, case.keep_mask)]
+            fn = functools.partial(_parallel_layer, backend=self.backend)
+            return median_time(fn, *args, *self.weights, put(np.int32(0)), repeats=self.repeats)
+
+    def shard_features(self, case: Case) -> np.ndarray:
+        """[S, 3]: (1, kept pairs, active experts) of each expert shard."""
+        kept = case.topk_ids[case.keep_mask]
+        pairs = np.bincount(kept, minlength=self.config.n_routed_experts)
+        placement = np.asarray(self.placement)
+        per_pairs = np.bincount(placement, weights=pairs, minlength=self.num_shards)
+        per_active = np.bincount(placement, weights=pairs > 0, minlength=self.num_shards)
+        return np.stack([np.ones(self.num_shards), per_pairs, per_active], axis=1)
+
+
+def measure_fetch(bench: Bench, scratch_dir: str) -> tuple[float, float]:
+    """Seconds to bring one expert's weights (gate, up, down) to the device from host RAM and from disk."""
+    config = bench.config
+    shapes = [(config.hidden_size, config.moe_intermediate_size)] * 2 + [
+        (config.moe_intermediate_size, config.hidden_size)
+    ]
+    host = [np.ones(s, bench.model.dtype) for s in shapes]
+    device = jax.devices()[0] if bench.model.mesh is None else jax.local_devices()[0]
+    from_host = median_time(lambda: [jax.device_put(a, device) for a in host], repeats=bench.repeats)
+    nbytes = sum(a.nbytes for a in host)
+    size = -(-nbytes // 4096) * 4096
+    fd_tmp, path = tempfile.mkstemp(dir=scratch_dir, suffix=".expert")
+    try:
+        with os.fdopen(fd_tmp, "wb") as f:
+            f.write(b"".join(a.tobytes() for a in host).ljust(size, b"\0"))
+            f.flush()
+            os.fsync(f.fileno())
+        buffer = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT requires
+
+        def read_from_disk():
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            try:
+                os.preadv(fd, [buffer], 0)
+            finally:
+                os.close(fd)
+            flat = np.frombuffer(buffer, np.uint8, nbytes).view(bench.model.dtype)
+            parts = np.split(flat, np.cumsum([np.prod(s) for s in shapes])[:-1])
+            return [jax.device_put(p.reshape(s), device) for p, s in zip(parts, shapes, strict=True)]
+
+        try:
+            from_disk = median_time(read_from_disk, repeats=bench.repeats)
+        except OSError as error:
+            raise OSError(
+                f"{scratch_dir}: cannot time direct disk reads there ({error}); pass another scratch dir"
+            ) from error
+    finally:
+        os.unlink(path)
+    return from_host, from_disk
+
+
+def calibrate(
+    model, *, cases_per_size: int = 15, repeats: int = 15, scratch_dir: str = ".", seed: int = 1
+) -> CostTable:
+    """A cost table for `model` on its mesh (every process calls this; all get the same table)."""
+    bench = Bench(model, repeats)
+    config = model.config
+    cases = random_cases(seed, cases_per_size, config.n_routed_experts, config.num_experts_per_tok)
+    shards = bench.local_shards()
+    show = jax.process_index() == 0
+    coefficients = np.zeros((bench.num_shards, 3))
+    held = np.zeros(bench.num_shards, bool)
+    quality = []
+    for shard, (device, local_weights) in shards.items():
+        times = np.array(
+            [
+                bench.time_local(case, shard, device, local_weights)
+                for case in tqdm(cases, desc=f"compute, shard {shard}", disable=not show)
+            ]
+        )
+        features = np.stack([bench.shard_features(case)[shard] for case in cases])
+        coefficients[shard] = nonnegative_lstsq(features, times)
+        held[shard] = True
+        quality.append((features @ coefficients[shard], times))
+    if jax.process_count() > 1:  # each shard's fit from the first process holding it
+        all_coefficients = multihost_utils.process_allgather(coefficients)  # [processes, S, 3]
+        first = multihost_utils.process_allgather(held).argmax(axis=0)  # [S]
+        coefficients = all_coefficients[first, np.arange(bench.num_shards)]
+    from_host, from_disk = measure_fetch(bench, scratch_dir)
+
+    comm_fixed, comm_token = 0.0, 0.0
+    if bench.num_shards > 1:
+        layer = np.array(
+            [bench.time_layer(case) for case in tqdm(cases, desc="expert-parallel layer", disable=not show)]
+        )
+        compute = np.array([(bench.shard_features(case) @ coefficients.T).diagonal().max() for case in cases])
+        tokens = np.array([case.num_tokens for case in cases], np.float64)
+        comm_fixed, comm_token = nonnegative_lstsq(np.stack([np.ones_like(tokens), tokens], 1), layer - compute)
+        predicted = compute + comm_fixed + comm_token * tokens
+        quality = [(predicted, layer)]
+    devices = tuple(
+        DeviceCosts(
+            fixed_s=float(c[0] + comm_fixed),
+            pair_s=float(c[1]),
+            activation_s=float(c[2]),
+            fetch_s=(0.0, from_host, from_disk),
+            comm_token_s=float(comm_token),
+        )
+        for c in coefficients
+    )
+    predicted, measured = (np.concatenate(parts) for parts in zip(*quality, strict=True))
+    signature = signature_of(config, model.mesh, model.dtype, bench.backend)
+    return CostTable(signature, devices, bench.placement, fit_quality(predicted, measured))
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """Predicted against measured layer times (s) on fresh routings."""
+
+    predicted_s: np.ndarray
+    measured_s: np.ndarray
+    num_tokens: np.ndarray
+
+    @property
+    def mape(self) -> float:
+        return float(np.mean(np.abs(self.predicted_s - self.measured_s) / self.measured_s))
+
+    def summary(self) -> dict:
+        errors = np.abs(self.predicted_s - self.measured_s) / self.measured_s
+        return dict(
+            cases=int(len(self.measured_s)),
+            mape=self.mape,
+            median_ape=float(np.median(errors)),
+            p90_ape=float(np.quantile(errors, 0.9)),
+            max_ape=float(errors.max()),
+            measured_ms_range=[float(1e3 * self.measured_s.min()), float(1e3 * self.measured_s.max())],
+        )
+
+
+def validate(model, table: CostTable, *, cases_per_size: int = 8, repeats: int = 15, seed: int = 2) -> Validation:
+    """Measures the layer on routings never used for calibration and compares with `predict`."""
+    bench = Bench(model, repeats)
+    config = model.config
+    cases = random_cases(seed, cases_per_size, config.n_routed_experts, config.num_experts_per_tok)
+    show = jax.process_index() == 0
+    measured = np.array([bench.time_layer(case) for case in tqdm(cases, desc="validation", disable=not show)])
+    predict_fn = jax.jit(functools.partial(predict, table))
+    predicted = np.array([float(predict_fn(case.topk_ids, case.keep_mask).layer_s) for case in cases])
+    return Validation(predicted, measured, np.array([case.num_tokens for case in cases]))

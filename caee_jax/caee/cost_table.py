@@ -1,0 +1,195 @@
+"""Cost tables: what executing experts costs on each device of a mesh, in seconds, keyed by a mesh signature.
+
+A table is a frozen, hashable value: jitted code takes it as a static argument, so its numbers are
+compiled in as constants (a new table recompiles; new routing, batches or residency never do). Stored
+as JSON under `configs/cost_tables/`, written atomically.
+
+Per device (device i = expert shard i; data replicas of a shard behave alike):
+  fixed_s        every MoE layer, whatever the routing (launch, gather/scatter, collectives' latency)
+  pair_s         each kept token-expert pair it computes
+  activation_s   each expert it runs at all (reading its weights once per step)
+  fetch_s        each non-resident expert it runs, per offload tier (bringing the weights in)
+  comm_token_s   each token of the batch exchanged with the other devices (0 on one device)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from caee_jax.config import ModelConfig
+from caee_jax.parallel.mesh import describe
+
+FORMAT = "caee-cost-table/1"
+TIERS = ("device", "host", "disk")  # residency codes 0, 1, 2
+DEFAULT_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "cost_tables"
+)
+
+
+class CostTableError(ValueError):
+    """A cost table that cannot be used here: malformed, or calibrated for another mesh."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSignature:
+    """What a table's figures depend on; a table only applies where every field is equal."""
+
+    platform: str
+    device_kind: str
+    num_devices: int
+    num_processes: int
+    mesh: str
+    hidden_size: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    dtype: str
+    backend: str
+
+    def slug(self) -> str:
+        """A readable file name stem."""
+        kind = "".join(c if c.isalnum() else "-" for c in self.device_kind.lower()).strip("-")
+        dims = f"d{self.hidden_size}-f{self.moe_intermediate_size}-e{self.n_routed_experts}-k{self.num_experts_per_tok}"
+        mesh = self.mesh.replace(",", "_").replace("=", "")
+        return f"{self.platform}-{kind}-p{self.num_processes}-{mesh}-{dims}-{self.dtype}-{self.backend}"
+
+    def differences(self, other: MeshSignature) -> list[str]:
+        return [
+            f"{f.name}: table {getattr(self, f.name)!r}, here {getattr(other, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+def signature_of(config: ModelConfig, mesh, dtype, backend) -> MeshSignature:
+    """The signature of running `config` on `mesh` (None: one device) with this dtype and expert backend."""
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+    return MeshSignature(
+        platform=devices[0].platform,
+        device_kind=devices[0].device_kind,
+        num_devices=len(devices),
+        num_processes=len({d.process_index for d in devices}),
+        mesh=describe(mesh) if mesh is not None else "data=1,expert=1,tensor=1",
+        hidden_size=config.hidden_size,
+        moe_intermediate_size=config.moe_intermediate_size,
+        n_routed_experts=config.n_routed_experts,
+        num_experts_per_tok=config.num_experts_per_tok,
+        dtype=jnp.dtype(dtype).name,
+        backend=getattr(backend, "value", backend),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceCosts:
+    """One device's costs, seconds. fetch_s: per tier of TIERS (the "device" tier costs nothing)."""
+
+    fixed_s: float
+    pair_s: float
+    activation_s: float
+    fetch_s: tuple[float, float, float]
+    comm_token_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FitQuality:
+    """How well the fitted model explains the calibration measurements."""
+
+    samples: int
+    r2: float
+    mape: float
+    median_abs_residual_s: float
+    max_abs_residual_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CostTable:
+    """devices: one DeviceCosts per expert shard; placement: the shard of each expert (E entries)."""
+
+    signature: MeshSignature
+    devices: tuple[DeviceCosts, ...]
+    placement: tuple[int, ...]
+    fit: FitQuality
+
+    def __post_init__(self):
+        if len(self.placement) != self.signature.n_routed_experts:
+            raise CostTableError(
+                f"placement has {len(self.placement)} entries for {self.signature.n_routed_experts} experts"
+            )
+        if sorted(set(self.placement)) != list(range(len(self.devices))):
+            raise CostTableError(f"placement must use every device 0..{len(self.devices) - 1} and no other")
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "units": "seconds", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "cost table") -> CostTable:
+        if data.get("format") != FORMAT:
+            raise CostTableError(f"{where}: format {data.get('format')!r} is not {FORMAT!r}")
+        try:
+            devices = tuple(
+                DeviceCosts(**{**d, "fetch_s": tuple(float(v) for v in d["fetch_s"])}) for d in data["devices"]
+            )
+            return cls(
+                signature=MeshSignature(**data["signature"]),
+                devices=devices,
+                placement=tuple(int(p) for p in data["placement"]),
+                fit=FitQuality(**data["fit"]),
+            )
+        except (KeyError, TypeError) as error:
+            raise CostTableError(f"{where}: malformed ({error})") from error
+
+
+def block_placement(num_experts: int, num_devices: int) -> tuple[int, ...]:
+    """Expert e lives on shard e // (E / S): the contiguous blocks `shard_map` gives each expert shard."""
+    if num_experts % num_devices:
+        raise CostTableError(f"{num_experts} experts do not divide {num_devices} devices")
+    per = num_experts // num_devices
+    return tuple(e // per for e in range(num_experts))
+
+
+def save_table(table: CostTable, directory: str = DEFAULT_DIR, extra: dict | None = None) -> str:
+    """Writes `<directory>/<signature slug>.json` atomically (temporary file, then rename); returns the path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, table.signature.slug() + ".json")
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({**table.to_json(), **(extra or {})}, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_table(path: str, expected: MeshSignature | None = None, *, override: bool = False) -> CostTable:
+    """Reads a table; with `expected`, a signature mismatch is an error listing what differs (unless override)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CostTableError(f"{path}: no such cost table (calibrate with launch/calibrate.py)") from None
+    except json.JSONDecodeError as error:
+        raise CostTableError(f"{path}: not valid JSON ({error})") from error
+    table = CostTable.from_json(data, path)
+    if expected is not None and not override:
+        diff = table.signature.differences(expected)
+        if diff:
+            raise CostTableError(
+                f"{path} was calibrated for another setup: "
+                + "; ".join(diff)
+                + " (pass override=True to use it anyway)"
+            )
+    return table
+
+
+def table_for(signature: MeshSignature, directory: str = DEFAULT_DIR) -> CostTable:
+    """The stored table of exactly this signature."""
+    return load_table(os.path.join(directory, signature.slug() + ".json"), signature)

@@ -1,0 +1,143 @@
+"""Calibrates the cost table of a model on this machine's mesh, or validates the stored one.
+
+    python launch/calibrate.py                                  # bundled model, one device
+    python launch/calibrate.py --local-processes 2              # 2 processes, one core each, mesh expert=2
+    python launch/calibrate.py --validate --json                # fresh routings: predicted vs measured (mape)
+    python launch/calibrate.py --validate --plot docs/figures/cost_validation.png
+
+The table goes to configs/cost_tables/<signature>.json (see caee_jax/caee/cost_table.py). Multi-host:
+every process runs the same command with --coordinator/--num-processes/--process-id (as launch/run.py);
+--local-processes N starts such a cluster on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import jax
+
+import caee_jax
+from caee_jax.caee.calibration import calibrate, validate
+from caee_jax.caee.cost_table import DEFAULT_DIR, CostTableError, save_table, signature_of, table_for
+from caee_jax.config import PRESETS
+from caee_jax.parallel import distributed
+from caee_jax.parallel.mesh import make_mesh
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="random-weight preset")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--backend", choices=["loop", "dense", "pallas"], default="loop")
+    parser.add_argument("--out", default=DEFAULT_DIR, help="cost table directory")
+    parser.add_argument("--scratch-dir", default=".", help="where to time direct disk reads (a real disk)")
+    parser.add_argument("--cases-per-size", type=int, default=15, help="calibration routings per batch size")
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs per routing (median)")
+    parser.add_argument("--validate", action="store_true", help="validate the stored table (calibrate if none)")
+    parser.add_argument("--plot", help="with --validate: write predicted vs measured to this PNG")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parallel = parser.add_argument_group("devices and processes")
+    parallel.add_argument("--mesh", help="mesh axes (default: every device on the expert axis)")
+    parallel.add_argument("--local-processes", type=int, help="run as this many local processes, one core each")
+    parallel.add_argument("--coordinator")
+    parallel.add_argument("--num-processes", type=int)
+    parallel.add_argument("--process-id", type=int)
+    parallel.add_argument("--cpu-devices", type=int)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.local_processes:
+        rest = _without(argv, "--local-processes")
+        code, stdout = distributed.spawn_local([os.path.abspath(__file__), *rest], args.local_processes)
+        print(stdout)
+        return code
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    mesh = make_mesh(args.mesh) if args.mesh or jax.device_count() > 1 else None
+    options = dict(dtype=args.dtype, backend=args.backend, mesh=mesh)
+    model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
+    signature = signature_of(model.config, mesh, model.dtype, args.backend)
+    lead = jax.process_index() == 0
+
+    table = None
+    if args.validate:
+        try:
+            table = table_for(signature, args.out)
+        except CostTableError as error:
+            if lead:
+                print(f"{error}; calibrating first", file=sys.stderr)
+    if table is None:
+        table = calibrate(model, cases_per_size=args.cases_per_size, repeats=args.repeats, scratch_dir=args.scratch_dir)
+        if lead:
+            created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+            path = save_table(table, args.out, {"created": created, "command": "launch/calibrate.py " + " ".join(argv)})
+            report = dict(table=path, signature=table.signature.__dict__, fit=table.fit.__dict__)
+            report["devices"] = [d.__dict__ for d in table.devices]
+            if not args.validate:
+                _print(report, args.json)
+    if not args.validate:
+        return 0
+    result = validate(model, table, repeats=args.repeats)
+    if lead:
+        summary = dict(signature=table.signature.__dict__, **result.summary())
+        if args.plot:
+            _plot(result, table, args.plot)
+            summary["plot"] = args.plot
+        _print(summary, args.json)
+    return 0
+
+
+def _without(argv: list[str], flag: str) -> list[str]:
+    """argv without `flag` and its value."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out
+
+
+def _print(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report))
+        return
+    for key, value in report.items():
+        print(f"{key}: {value}")
+
+
+def _plot(result, table, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    points = ax.scatter(1e3 * result.measured_s, 1e3 * result.predicted_s, c=result.num_tokens, cmap="viridis", s=18)
+    top = 1.05e3 * max(result.measured_s.max(), result.predicted_s.max())
+    ax.plot([0, top], [0, top], color="grey", lw=1)
+    ax.set(xlim=(0, top), ylim=(0, top), xlabel="measured MoE layer (ms)", ylabel="predicted (ms)")
+    sig = table.signature
+    ax.set_title(f"{sig.mesh}, {sig.num_processes} process(es), {sig.backend}: MAPE {100 * result.mape:.1f}%")
+    fig.colorbar(points, ax=ax, label="tokens in the batch")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Cost tables (signature, JSON, static compilation), prediction arithmetic, calibration mechanics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import caee_jax
+from caee_jax.caee.calibration import calibrate, nonnegative_lstsq, random_cases, validate
+from caee_jax.caee.cost_model import predict
+from caee_jax.caee.cost_table import (
+    CostTable,
+    CostTableError,
+    DeviceCosts,
+    FitQuality,
+    block_placement,
+    load_table,
+    save_table,
+    signature_of,
+    table_for,
+)
+from caee_jax.config import preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIT = FitQuality(samples=1, r2=1.0, mape=0.0, median_abs_residual_s=0.0, max_abs_residual_s=0.0)
+
+
+def two_device_table(**changes) -> CostTable:
+    """8 experts on 2 devices; device 1 is twice as slow per pair."""
+    signature = dataclasses.replace(signature_of(preset("tiny"), None, jnp.float32, "loop"), n_routed_experts=8)
+    devices = (
+        DeviceCosts(fixed_s=1e-4, pair_s=1e-5, activation_s=1e-3, fetch_s=(0.0, 2e-3, 5e-2), comm_token_s=1e-6),
+        DeviceCosts(fixed_s=1e-4, pair_s=2e-5, activation_s=1e-3, fetch_s=(0.0, 2e-3, 5e-2), comm_token_s=1e-6),
+    )
+    return dataclasses.replace(CostTable(signature, devices, block_placement(8, 2), FIT), **changes)
+
+
+def test_prediction_is_the_documented_sum():
+    table = two_device_table()
+    # 3 tokens, top-2. Kept pairs: device 0 experts {0: 2 pairs, 1: 1}; device 1 experts {5: 1}; one pair pruned.
+    ids = jnp.array([[0, 5], [0, 1], [6, 1]])
+    keep = jnp.array([[True, True], [True, True], [False, False]])
+    device_s, layer_s = predict(table, ids, keep)
+    want0 = 1e-4 + 3 * 1e-5 + 2 * 1e-3 + 3 * 1e-6
+    want1 = 1e-4 + 1 * 2e-5 + 1 * 1e-3 + 3 * 1e-6
+    np.testing.assert_allclose(np.asarray(device_s), [want0, want1], rtol=1e-6)
+    assert float(layer_s) == pytest.approx(max(want0, want1), rel=1e-6)
+    # Residency: expert 5 on disk, expert 1 in host RAM, expert 6 (not run) on disk: only run experts pay.
+    residency = jnp.array([0, 1, 0, 0, 0, 2, 2, 0])
+    device_s, _ = predict(table, ids, keep, residency)
+    np.testing.assert_allclose(np.asarray(device_s), [want0 + 2e-3, want1 + 5e-2], rtol=1e-6)
+
+
+def test_the_table_is_compiled_in_and_only_a_new_table_recompiles():
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    fn = jax.jit(predict, static_argnums=0)
+    rng = np.random.default_rng(0)
+    table = two_device_table()
+    cases = [  # new routing, keep masks and residency, same shapes (numpy: no eager JAX op compiles)
+        (
+            np.stack([rng.permutation(8)[:2] for _ in range(4)]).astype(np.int32),
+            rng.random((4, 2)) < 0.5,
+            rng.integers(0, 3, 8).astype(np.int32),
+        )
+        for _ in range(6)
+    ]
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fn(table, *cases[0])
+        first = len(compiles)
+        for case in cases[1:]:
+            fn(table, *case)
+        assert len(compiles) == first
+        fn(dataclasses.replace(table, devices=(table.devices[1], table.devices[1])), *cases[0])
+        assert len(compiles) == first + 1
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_json_round_trip_and_signature_checks(tmp_path):
+    table = two_device_table()
+    path = save_table(table, str(tmp_path))
+    assert os.path.basename(path) == table.signature.slug() + ".json"
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+    assert load_table(path, table.signature) == table
+    assert table_for(table.signature, str(tmp_path)) == table
+    data = json.load(open(path))
+    assert data["units"] == "seconds"
+
+    other = dataclasses.replace(table.signature, device_kind="TPU v5p", num_processes=2)
+    with pytest.raises(CostTableError, match=r"device_kind: table 'cpu', here 'TPU v5p'; num_processes: table 1"):
+        load_table(path, other)
+    assert load_table(path, other, override=True) == table
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"format": "other"}', "is not 'caee-cost-table/1'"),
+        ("MALFORMED", "malformed"),
+    ],
+)
+def test_bad_table_files_name_the_file(tmp_path, content, message):
+    path = tmp_path / "table.json"
+    if content == "MALFORMED":
+        data = two_device_table().to_json()
+        del data["devices"][0]["pair_s"]
+        content = json.dumps(data)
+    path.write_text(content)
+    with pytest.raises(CostTableError, match=message) as info:
+        load_table(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_missing_table_and_bad_placement_are_errors(tmp_path):
+    with pytest.raises(CostTableError, match="no such cost table"):
+        table_for(two_device_table().signature, str(tmp_path))
+    with pytest.raises(CostTableError, match="placement has 7 entries for 8 experts"):
+        two_device_table(placement=(0,) * 7)
+
+
+def test_nonnegative_least_squares():
+    rng = np.random.default_rng(0)
+    features = np.column_stack([np.ones(50), rng.uniform(0, 10, 50), rng.uniform(0, 5, 50)])
+    assert np.allclose(nonnegative_lstsq(features, features @ [0.5, 2.0, 3.0]), [0.5, 2.0, 3.0])
+    coef = nonnegative_lstsq(features, features @ [-1.0, 2.0, 3.0])  # a negative intercept is not allowed
+    assert (coef >= 0).all() and coef[0] == 0
+
+
+def test_random_cases_cover_sizes_skew_and_pruning():
+    cases = random_cases(0, 6, num_experts=16, top_k=4)
+    assert {c.num_tokens for c in cases} == {1, 2, 4, 8, 16, 32, 64}
+    for case in cases:
+        assert all(len(set(row)) == 4 for row in case.topk_ids.tolist())  # distinct experts per token
+    assert any(not c.keep_mask.all() for c in cases) and any(c.keep_mask.all() for c in cases)
+
+
+def test_calibrate_and_validate_one_device():
+    model = caee_jax.init_random("tiny", seed=0)
+    table = calibrate(model, cases_per_size=2, repeats=2)
+    assert table.signature == signature_of(model.config, None, jnp.float32, "loop")
+    (device,) = table.devices
+    assert device.pair_s > 0 or device.activation_s > 0
+    assert device.fetch_s[0] == 0 and device.fetch_s[1] > 0 and device.fetch_s[2] > 0
+    result = validate(model, table, cases_per_size=1, repeats=2)
+    assert len(result.measured_s) == 7 and np.isfinite(result.mape)
+
+
+def test_two_process_calibration_writes_an_expert_parallel_table(tmp_path):
+    command = [sys.executable, "launch/calibrate.py", "--preset", "tiny", "--local-processes", "2", "--json"]
+    command += ["--out", str(tmp_path), "--cases-per-size", "1", "--repeats", "2", "--scratch-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    table = load_table(report["table"])
+    assert (table.signature.num_processes, table.signature.mesh) == (2, "data=1,expert=2,tensor=1")
+    assert table.placement == block_placement(16, 2)
+    assert len(table.devices) == 2 and table.fit.samples == 7
