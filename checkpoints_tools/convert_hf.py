@@ -181,8 +181,8 @@ def build_unit(source: HFSource, unit: Unit, on_read=None) -> dict[tuple[str, ..
     for recipe in unit.recipes:
         abstract = unit.abstract[recipe.target]
 
-        def get(name: str, dtype=abstract.dtype) -> np.ndarray:
-            value = source.read(name, dtype)
+        def get(name: str, transpose: bool = False, dtype=abstract.dtype) -> np.ndarray:
+            value = source.read(name, dtype, transpose)
             if on_read is not None:
                 on_read(name)
             return value
@@ -266,7 +266,8 @@ def verify(hf_dir: str, out: str, samples: int = 8, seed: int = 0, log=print) ->
         target = jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=device)
         stored = restore_unit(os.path.join(out, unit.name), {recipe.target: target}, partial=True)[recipe.target]
         stored = np.asarray(stored)
-        expected = np.ascontiguousarray(recipe.build(lambda name, dtype=abstract.dtype: source.read(name, dtype)))
+        read = lambda name, transpose=False, dtype=abstract.dtype: source.read(name, dtype, transpose)  # noqa: E731
+        expected = np.ascontiguousarray(recipe.build(read))
         same = stored.shape == expected.shape and np.array_equal(
             stored.view(f"u{stored.itemsize}"), expected.view(f"u{expected.itemsize}")
         )

@@ -27,18 +27,20 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int] = BLOCK) -> tuple
     return -(-m // bm), -(-n // bn)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "dtype"))
-def _dequantize(weight: jax.Array, scale_inv: jax.Array, block: tuple[int, int], dtype) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("block", "dtype", "transpose"))
+def _dequantize(weight: jax.Array, scale_inv: jax.Array, block: tuple[int, int], dtype, transpose: bool) -> jax.Array:
     m, n = weight.shape
     rows = jnp.repeat(scale_inv, block[0], axis=0, total_repeat_length=scale_inv.shape[0] * block[0])[:m]
     scale = jnp.repeat(rows, block[1], axis=1, total_repeat_length=scale_inv.shape[1] * block[1])[:, :n]
-    return (weight.astype(jnp.float32) * scale).astype(dtype)
+    out = (weight.astype(jnp.float32) * scale).astype(dtype)
+    return out.T if transpose else out
 
 
 def dequantize(
-    weight: np.ndarray, scale_inv: np.ndarray, dtype=np.float32, block: tuple[int, int] = BLOCK
+    weight: np.ndarray, scale_inv: np.ndarray, dtype=np.float32, block: tuple[int, int] = BLOCK, transpose: bool = False
 ) -> np.ndarray:
-    """float8_e4m3fn [M, N] and its float scale_inv [ceil(M/bm), ceil(N/bn)] -> numpy [M, N] in `dtype`."""
+    """float8_e4m3fn [M, N] and its float scale_inv [ceil(M/bm), ceil(N/bn)] -> numpy [M, N] in `dtype`;
+    transpose: [N, M] instead (HF's [out, in] -> the model's [in, out]), in the same pass."""
     if weight.dtype != FP8_DTYPE or weight.ndim != 2:
         raise ValueError(f"expected a 2-D float8_e4m3fn weight, got {weight.dtype} {weight.shape}")
     if scale_inv.shape != scale_shape(weight.shape, block):
@@ -47,4 +49,4 @@ def dequantize(
             f"(expected {scale_shape(weight.shape, block)})"
         )
     scale = np.asarray(scale_inv, dtype=np.float32)
-    return np.asarray(_dequantize(weight, scale, tuple(block), np.dtype(dtype)))
+    return np.asarray(_dequantize(weight, scale, tuple(block), np.dtype(dtype), transpose))

@@ -15,7 +15,7 @@ import numpy as np
 
 from caee_jax.config import ModelConfig
 
-Getter = Callable[[str], np.ndarray]
+Getter = Callable[..., np.ndarray]  # get(name) -> the HF tensor; get(name, transpose=True) -> its 2-D transpose
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,7 @@ def _linear(path: tuple[str, ...], name: str, *shape: int) -> LayerEntry:
     """HF [out, in] -> [in, out], then reshaped to `shape` (e.g. splitting heads) when given."""
 
     def build(get: Getter) -> np.ndarray:
-        w = get(name).T
+        w = get(name, transpose=True)
         return w.reshape(shape) if shape else w
 
     return path, (name,), build
@@ -61,11 +61,11 @@ def _experts(path: tuple[str, ...], names: tuple[str, ...]) -> LayerEntry:
     """Per-expert HF [out, in] tensors -> one stacked [E, in, out], filled expert by expert (no list of copies)."""
 
     def build(get: Getter) -> np.ndarray:
-        first = get(names[0]).T
+        first = get(names[0], transpose=True)
         out = np.empty((len(names), *first.shape), first.dtype)
         out[0] = first
         for e, name in enumerate(names[1:], start=1):
-            out[e] = get(name).T
+            out[e] = get(name, transpose=True)
         return out
 
     return path, names, build

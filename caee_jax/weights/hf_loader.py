@@ -29,7 +29,7 @@ def load_hf_model(directory: str, config: ModelConfig, dtype=jnp.float32) -> Dee
     source.check(all_recipes, skip=lambda name: is_ignored(name, config))
     for recipe in all_recipes:
         variable = flat[recipe.target]
-        value = recipe.build(lambda name, dtype=variable.dtype: source.read(name, dtype))
+        value = recipe.build(lambda name, transpose=False, dtype=variable.dtype: source.read(name, dtype, transpose))
         assert value.shape == variable.shape, (recipe.target, value.shape, variable.shape)
         variable.set_value(jnp.asarray(value))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -103,12 +103,13 @@ class HFSource:
                 + (" or float8_e4m3fn" if may_be_fp8(name) else "")
             )
 
-    def read(self, name: str, dtype) -> np.ndarray:
-        """The tensor in `dtype`: FP8 dequantised with its scale (rounded once), others cast."""
+    def read(self, name: str, dtype, transpose: bool = False) -> np.ndarray:
+        """The tensor in `dtype`: FP8 dequantised with its scale (rounded once), others cast.
+        transpose: a 2-D tensor transposed ([out, in] -> [in, out]), contiguous."""
         value = self.reader.read(name)
         if value.dtype == FP8_DTYPE:
-            return dequantize(value, self.reader.read(name + SCALE_SUFFIX), dtype, self.block)
-        return value.astype(dtype, copy=False)
+            return dequantize(value, self.reader.read(name + SCALE_SUFFIX), dtype, self.block, transpose)
+        return np.ascontiguousarray(value.T if transpose else value, dtype=dtype)
 
     def nbytes(self, name: str) -> int:
         """Bytes the tensor occupies in the checkpoint, its FP8 scale included."""

@@ -89,13 +89,19 @@ def units(config: ModelConfig, dtype, mtp_modules: int) -> list[Unit]:
 
 
 @functools.cache
-def _checkpointer() -> ocp.Checkpointer:
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False))
+def _checkpointer(saving: bool = False) -> ocp.Checkpointer:
+    """Saving writes numpy arrays without Orbax's default defensive copy (which doubled the converter's
+    peak memory); the caller never modifies them. Restoring uses Orbax's standard handlers."""
+    options = {}
+    if saving:
+        no_copy = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+        options["type_handler_registry"] = ocp.type_handlers.create_type_handler_registry((np.ndarray, no_copy))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False, **options))
 
 
 def save_unit(path: str, values: dict[Path, np.ndarray]) -> None:
     """Writes one item (a new directory `path`) and fsyncs it, so it survives a crash once this returns."""
-    _checkpointer().save(path, args=ocp.args.PyTreeSave(traverse_util.unflatten_dict(values)))
+    _checkpointer(saving=True).save(path, args=ocp.args.PyTreeSave(traverse_util.unflatten_dict(values)))
     for root, _, files in os.walk(path):
         for name in files:
             _fsync(os.path.join(root, name))
