@@ -189,8 +189,8 @@ def restore_model(directory: str, config: ModelConfig, dtype, mesh: Mesh | None 
         put = jax.jit(_put_layer, donate_argnums=0, out_shardings={p: t.sharding for p, t in stacked.items()})
         for index in range(len(layer_ids)):
             layer = restore_unit(os.path.join(directory, f"{stack}/{index:03d}"), per_layer)
-            buffers = put(buffers, layer, jnp.int32(index))
-            del layer
+            buffers = jax.block_until_ready(put(buffers, layer, jnp.int32(index)))
+            del layer  # freed before the next layer is read: at most one layer in flight
         values.update({(stack, *p): v for p, v in buffers.items()})
     if set(values) != set(targets):
         raise CheckpointError(f"{directory}: parameters {sorted(set(targets) ^ set(values))} missing or extra")
