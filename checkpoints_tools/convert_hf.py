@@ -41,6 +41,7 @@ from caee_jax.weights.orbax_checkpoint import (
     METADATA,
     VERSION,
     Unit,
+    fsync,
     is_converted,
     read_metadata,
     restore_unit,
@@ -94,14 +95,6 @@ def _fingerprint(source: HFSource, dtype: np.dtype) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_durably(path: str, text: str) -> None:
     """Writes `path` through a temporary file and a rename, fsynced: it exists complete or not at all."""
     tmp = path + ".tmp"
@@ -110,7 +103,7 @@ def _write_durably(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync(os.path.dirname(path))
+    fsync(os.path.dirname(path))
 
 
 def _unit_marker(partial: str, unit: Unit) -> str:
@@ -129,25 +122,27 @@ def _remove_unit_leftovers(partial: str, unit: Unit) -> None:
 def _start_or_resume(out: str, fingerprint: str, dtype: np.dtype, log) -> str:
     """DST.partial, fresh or from an interrupted run of the same conversion."""
     partial = out + ".partial"
-    if os.path.exists(partial) and not is_converted(partial):
+    if os.path.exists(partial):
         try:
             with open(os.path.join(partial, PLAN)) as f:
                 previous = json.load(f)
         except (FileNotFoundError, json.JSONDecodeError):
-            raise ConversionError(f"{partial}: exists but is not a conversion in progress; remove it") from None
+            if not is_converted(partial):  # a finished run whose rename was cut short has dropped its plan
+                raise ConversionError(f"{partial}: exists but is not a conversion in progress; remove it") from None
+            previous = {"fingerprint": fingerprint, "dtype": dtype.name}
         if previous != {"fingerprint": fingerprint, "dtype": dtype.name}:
             raise ConversionError(
                 f"{partial}: an interrupted conversion of another source or dtype ({previous.get('dtype')}); "
                 "remove it or rerun with its arguments"
             )
         log(f"resuming {partial}")
-    elif not os.path.exists(partial):
+    else:
         staging = partial + ".init"
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(os.path.join(staging, DONE))
         _write_durably(os.path.join(staging, PLAN), json.dumps({"fingerprint": fingerprint, "dtype": dtype.name}))
         os.rename(staging, partial)
-        _fsync(os.path.dirname(os.path.abspath(partial)))
+        fsync(os.path.dirname(os.path.abspath(partial)))
     return partial
 
 
@@ -160,7 +155,7 @@ def _copy_side_files(hf_dir: str, partial: str) -> None:
     for name in COPIED:
         if os.path.isfile(os.path.join(hf_dir, name)):
             shutil.copyfile(os.path.join(hf_dir, name), os.path.join(partial, name))
-            _fsync(os.path.join(partial, name))
+            fsync(os.path.join(partial, name))
 
 
 def _finish(partial: str, out: str) -> None:
@@ -168,15 +163,14 @@ def _finish(partial: str, out: str) -> None:
     shutil.rmtree(os.path.join(partial, DONE), ignore_errors=True)
     if os.path.exists(os.path.join(partial, PLAN)):
         os.remove(os.path.join(partial, PLAN))
-    _fsync(partial)
+    fsync(partial)
     os.rename(partial, out)
-    _fsync(os.path.dirname(os.path.abspath(out)))
+    fsync(os.path.dirname(os.path.abspath(out)))
 
 
 def build_unit(source: HFSource, unit: Unit, on_read=None) -> dict[tuple[str, ...], np.ndarray]:
     """The unit's parameters from the source, each in its target dtype and shape. on_read(name) is called
     after each source tensor is read (progress)."""
-
     values = {}
     for recipe in unit.recipes:
         abstract = unit.abstract[recipe.target]
@@ -197,7 +191,7 @@ def build_unit(source: HFSource, unit: Unit, on_read=None) -> dict[tuple[str, ..
 def convert(hf_dir: str, out: str, dtype: str = "bfloat16", progress: bool = True, log=print) -> dict:
     """Converts `hf_dir` into `out` (see the module docstring); returns a summary (units, bytes, seconds)."""
     started = time.perf_counter()
-    dtype = DTYPES[dtype]
+    dtype, out = DTYPES[dtype], os.path.normpath(out)
     if os.path.exists(out):
         if is_converted(out):
             raise ConversionError(f"{out}: already a complete conversion; remove it first (or check it with --verify)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,7 +43,8 @@ MTP = "model.layers.3."  # TINY_HF has 3 layers; transformers' config defaults n
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    """(FP8 directory, transformers reference model, the float32 HF tensors it was quantised from)."""
+    """(FP8 directory, transformers reference model, the float32 HF tensors it was quantised from, the
+    transformers float32 directory without MTP)."""
     root = tmp_path_factory.mktemp("release")
     reference = make_hf_model(seed=11)
     reference.save_pretrained(root / "hf")
@@ -60,7 +62,7 @@ def release(tmp_path_factory):
     write_release_checkpoint(directory, tensors, raw_config, num_shards=3)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(BUNDLED_MODEL, name), directory)
-    return directory, reference, tensors
+    return directory, reference, tensors, str(root / "hf")
 
 
 def quiet(_message: str) -> None:
@@ -75,7 +77,7 @@ def converted(release, tmp_path_factory):
 
 
 def test_converted_logits_equal_the_direct_fp8_load(release, converted, tmp_path):
-    fp8_dir, reference, _ = release
+    fp8_dir, reference, _, _ = release
     tokens = random_tokens(131, (2, 9), seed=3)
     direct = np.asarray(caee_jax.load(fp8_dir, dtype="float32")(tokens))
     np.testing.assert_array_equal(np.asarray(caee_jax.load(converted)(tokens)), direct)
@@ -87,9 +89,22 @@ def test_converted_logits_equal_the_direct_fp8_load(release, converted, tmp_path
     convert_hf.convert(fp8_dir, out, "bfloat16", progress=False, log=quiet)
     loaded = caee_jax.load(out)  # the stored dtype by default
     assert loaded.dtype == ml_dtypes.bfloat16
-    np.testing.assert_array_equal(
-        np.asarray(loaded(tokens)), np.asarray(caee_jax.load(fp8_dir, dtype="bfloat16")(tokens))
-    )
+    direct_bf16 = np.asarray(caee_jax.load(fp8_dir, dtype="bfloat16")(tokens))
+    np.testing.assert_array_equal(np.asarray(loaded(tokens)), direct_bf16)
+    # a float32 conversion restored as bfloat16 (cast on read) rounds like the direct bfloat16 load
+    np.testing.assert_array_equal(np.asarray(caee_jax.load(converted, dtype="bfloat16")(tokens)), direct_bf16)
+
+
+def test_unquantised_checkpoint_converts_exactly(release, tmp_path):
+    """transformers' float32 save_pretrained output (no FP8, no MTP tensors although its config asks for one)."""
+    hf_dir = release[3]
+    out = str(tmp_path / "out")
+    messages = []
+    convert_hf.convert(hf_dir, out, "float32", progress=False, log=messages.append)
+    assert any("has no MTP tensors" in m for m in messages)
+    tokens = random_tokens(131, (2, 9), seed=4)
+    np.testing.assert_array_equal(np.asarray(caee_jax.load(out)(tokens)), np.asarray(caee_jax.load(hf_dir)(tokens)))
+    assert caee_jax.load_mtp(out) == []
 
 
 @pytest.mark.parametrize("spec", ["data=2,expert=4", "expert=8"])
@@ -113,7 +128,7 @@ def test_restores_straight_onto_a_mesh(converted, spec):
 
 
 def test_mtp_module_is_kept_and_loads_onto_a_mesh(release, converted):
-    _, _, tensors = release
+    tensors = release[2]
     (mtp,) = caee_jax.load_mtp(converted)
     bf16 = lambda name: tensors[name].astype(ml_dtypes.bfloat16).astype(np.float32)  # noqa: E731
     np.testing.assert_array_equal(np.asarray(mtp.eh_proj[...]), bf16(MTP + "eh_proj.weight").T)
@@ -263,7 +278,7 @@ def test_bad_input_is_named_and_nothing_is_written(release, tmp_path, capsys, ca
     out = tmp_path / "out"
     assert convert_hf.main(["--hf-dir", str(source), "--out", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(__import__("re").findall(message, err)) == 1, err
+    assert err.startswith("error: ") and len(re.findall(message, err)) == 1, err
     assert sorted(os.listdir(tmp_path)) == ["src"]  # neither DST nor DST.partial
 
 

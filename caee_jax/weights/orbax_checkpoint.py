@@ -54,7 +54,7 @@ class Unit:
     def __init__(self, name: str, recipes: list[Recipe], abstract: dict[Path, jax.ShapeDtypeStruct]):
         built = {recipe.target for recipe in recipes}
         if built != set(abstract):
-            raise AssertionError(f"{name}: recipes build {sorted(built ^ set(abstract))} differently from the model")
+            raise AssertionError(f"{name}: recipes and model parameters differ at {sorted(built ^ set(abstract))}")
         self.name, self.recipes, self.abstract = name, recipes, abstract
 
 
@@ -81,7 +81,7 @@ def units(config: ModelConfig, dtype, mtp_modules: int) -> list[Unit]:
             recipes = layer_recipes(config, layer)
             abstract = {r.target: _shape_dtype(flat[(stack, *r.target)], drop_layer_axis=True) for r in recipes}
             out.append(Unit(f"{stack}/{index:03d}", recipes, abstract))
-    mtp = _flat_abstract(_abstract_mtp(config, dtype))
+    mtp = _flat_abstract(_abstract_mtp(config, dtype)) if mtp_modules else {}
     for k in range(mtp_modules):
         recipes = mtp_recipes(config, k)
         out.append(Unit(f"mtp/{k:03d}", recipes, {r.target: _shape_dtype(mtp[r.target]) for r in recipes}))
@@ -104,12 +104,13 @@ def save_unit(path: str, values: dict[Path, np.ndarray]) -> None:
     _checkpointer(saving=True).save(path, args=ocp.args.PyTreeSave(traverse_util.unflatten_dict(values)))
     for root, _, files in os.walk(path):
         for name in files:
-            _fsync(os.path.join(root, name))
-        _fsync(root)
-    _fsync(os.path.dirname(path))
+            fsync(os.path.join(root, name))
+        fsync(root)
+    fsync(os.path.dirname(path))
 
 
-def _fsync(path: str) -> None:
+def fsync(path: str) -> None:
+    """Flushes a file or directory to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
