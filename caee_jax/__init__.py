@@ -4,6 +4,7 @@ from caee_jax.api import Model, init_random, load
 from caee_jax.config import ConfigError, ModelConfig, YarnScaling, preset
 from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
 from caee_jax.runtime.generate import Generation, generate, generate_with_stats
+from caee_jax.weights.orbax_checkpoint import load_mtp
 
 __all__ = [
     "ConfigError",
@@ -17,6 +18,7 @@ __all__ = [
     "generate_with_stats",
     "init_random",
     "load",
+    "load_mtp",
     "preset",
     "run_experts",
 ]

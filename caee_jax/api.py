@@ -19,6 +19,7 @@ from caee_jax.parallel.mesh import make_mesh
 from caee_jax.parallel.placement import batch_sharding, check_batch, mesh_context, place_state, to_mesh
 from caee_jax.runtime.tokenizer import Tokenizer
 from caee_jax.weights.hf_loader import load_hf_model
+from caee_jax.weights.orbax_checkpoint import is_converted, read_metadata, restore_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "caee-small")
@@ -92,12 +93,15 @@ class Model:
             return _logits(self.graphdef, self.state, jnp.asarray(tokens), self.execution)
 
 
-def load(path: str | os.PathLike | None = None, *, dtype="float32", backend="loop", mesh=None) -> Model:
-    """Loads an HF-format DeepseekV3 directory (config.json + *.safetensors, sharded index included);
-    without a path, the bundled small model (`docs/MODEL_CARD.md`).
+def load(path: str | os.PathLike | None = None, *, dtype=None, backend="loop", mesh=None) -> Model:
+    """Loads a checkpoint directory; without a path, the bundled small model (`docs/MODEL_CARD.md`).
 
-    dtype: parameter dtype, "float32" (parity) or "bfloat16" (speed). backend: expert execution
-    ("loop", the CPU default, or "dense"; or a full `Execution`). mesh: as in `Model`.
+    Either HF format (config.json + *.safetensors, sharded index and DeepSeek's FP8 block-scaled weights
+    included; read on the host, then placed) or converted by `python -m checkpoints_tools.convert_hf`
+    (Orbax; every parameter restored straight onto its sharding on `mesh`, whatever mesh it was written from).
+    dtype: parameter dtype, "float32" (parity) or "bfloat16" (speed); default float32 for HF directories
+    and the stored dtype for converted ones. backend: expert execution ("loop", the CPU default, or
+    "dense"; or a full `Execution`). mesh: as in `Model`.
     """
     if path is None:
         if not os.path.isdir(BUNDLED_MODEL):
@@ -105,12 +109,16 @@ def load(path: str | os.PathLike | None = None, *, dtype="float32", backend="loo
                 f"{BUNDLED_MODEL}: the bundled model is missing; build it with python -m checkpoints_tools.train_small"
             )
         path = BUNDLED_MODEL
-    dtype = _dtype(dtype)
+    dtype = None if dtype is None else _dtype(dtype)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
     config = ModelConfig.from_hf(path)
-    module = load_hf_model(path, config, dtype)
+    mesh = _mesh(mesh)
+    if is_converted(path):
+        module = restore_model(path, config, dtype or _dtype(read_metadata(path)["dtype"]), mesh)
+    else:
+        module = load_hf_model(path, config, dtype or jnp.float32)
     return Model(module, Tokenizer.from_dir(path, config.eos_ids), backend, mesh)
 
 

@@ -25,9 +25,15 @@ def to_mesh(value, sharding: NamedSharding) -> jax.Array:
 
 
 def place_state(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """The module state with every variable sharded by its logical axes (see `rules.py`)."""
-    shardings = state_shardings(state, mesh)
-    return jax.tree.map(lambda value, sharding: to_mesh(value, sharding), state, shardings)
+    """The module state with every variable sharded by its logical axes (see `rules.py`). Arrays that
+    already have their target sharding (restored from a converted checkpoint) are kept as they are."""
+
+    def place(value, sharding: NamedSharding):
+        if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
+            return value
+        return to_mesh(value, sharding)
+
+    return jax.tree.map(place, state, state_shardings(state, mesh))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -15,7 +15,7 @@ import numpy as np
 
 from caee_jax.config import ModelConfig
 
-Getter = Callable[[str], np.ndarray]
+Getter = Callable[..., np.ndarray]  # get(name) -> the HF tensor; get(name, transpose=True) -> its 2-D transpose
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,7 @@ def _linear(path: tuple[str, ...], name: str, *shape: int) -> LayerEntry:
     """HF [out, in] -> [in, out], then reshaped to `shape` (e.g. splitting heads) when given."""
 
     def build(get: Getter) -> np.ndarray:
-        w = get(name).T
+        w = get(name, transpose=True)
         return w.reshape(shape) if shape else w
 
     return path, (name,), build
@@ -58,14 +58,24 @@ def _kv_b(path: tuple[str, ...], name: str, config: ModelConfig, part: str) -> L
 
 
 def _experts(path: tuple[str, ...], names: tuple[str, ...]) -> LayerEntry:
-    """Per-expert HF [out, in] tensors -> one stacked [E, in, out]."""
-    return path, names, lambda get: np.stack([get(n).T for n in names])
+    """Per-expert HF [out, in] tensors -> one stacked [E, in, out], filled expert by expert (no list of copies)."""
+
+    def build(get: Getter) -> np.ndarray:
+        first = get(names[0], transpose=True)
+        out = np.empty((len(names), *first.shape), first.dtype)
+        out[0] = first
+        for e, name in enumerate(names[1:], start=1):
+            out[e] = get(name, transpose=True)
+        return out
+
+    return path, names, build
 
 
-def layer_recipes(config: ModelConfig, prefix: str, moe: bool) -> list[LayerEntry]:
-    """(path inside a DecoderLayer, HF names, build) for the HF layer at `prefix` ('model.layers.3.')."""
+def _layer_entries(config: ModelConfig, layer: int) -> list[LayerEntry]:
+    """(path inside a DecoderLayer, HF names, build) for HF decoder layer `layer`; MoE from first_k_dense_replace on."""
     h, d = config.num_attention_heads, config.hidden_size
     qk, c = config.qk_head_dim, config.v_head_dim
+    prefix = f"model.layers.{layer}."
     a, m = prefix + "self_attn.", prefix + "mlp."
     out = [
         _copy(("attn_norm", "weight"), prefix + "input_layernorm.weight"),
@@ -85,7 +95,7 @@ def layer_recipes(config: ModelConfig, prefix: str, moe: bool) -> list[LayerEntr
             _linear(("attn", "wq_b"), a + "q_b_proj.weight", config.q_lora_rank, h, qk),
         ]
     projections = ("gate_proj", "up_proj", "down_proj")
-    if not moe:
+    if layer < config.first_k_dense_replace:
         return out + [_linear(("ffn", proj), f"{m}{proj}.weight") for proj in projections]
     out += [
         _linear(("ffn", "router"), m + "gate.weight"),
@@ -99,23 +109,55 @@ def layer_recipes(config: ModelConfig, prefix: str, moe: bool) -> list[LayerEntr
     return out
 
 
-def recipes(config: ModelConfig) -> list[Recipe]:
-    """Every parameter of `DeepseekV3(config)` as a Recipe over HF tensor names."""
+def layer_recipes(config: ModelConfig, layer: int) -> list[Recipe]:
+    """HF decoder layer `layer` (`model.layers.{layer}.`) as Recipes whose targets are paths inside one
+    DecoderLayer (no layer axis)."""
+    return [Recipe(*entry) for entry in _layer_entries(config, layer)]
+
+
+def top_recipes(config: ModelConfig) -> list[Recipe]:
+    """The parameters outside the decoder layers: embedding, final norm, LM head (when untied)."""
     top = [
         _copy(("embed", "embedding"), "model.embed_tokens.weight"),
         _copy(("final_norm", "weight"), "model.norm.weight"),
     ]
     if not config.tie_word_embeddings:
         top.append(_linear(("lm_head",), "lm_head.weight"))
-    result = [Recipe(*entry) for entry in top]
-    stacks = (
-        ("dense_layers", range(0, config.first_k_dense_replace), False),
-        ("moe_layers", range(config.first_k_dense_replace, config.num_hidden_layers), True),
+    return [Recipe(*entry) for entry in top]
+
+
+def mtp_recipes(config: ModelConfig, k: int) -> list[Recipe]:
+    """Multi-token-prediction module k, stored as HF layer num_hidden_layers + k; targets are paths inside
+    `MTPLayer`. Its embedding and head are the release's own copies of the main model's."""
+    layer = config.num_hidden_layers + k
+    p = f"model.layers.{layer}."
+    entries = [
+        _copy(("embed", "embedding"), p + "embed_tokens.weight"),
+        _copy(("enorm", "weight"), p + "enorm.weight"),
+        _copy(("hnorm", "weight"), p + "hnorm.weight"),
+        _linear(("eh_proj",), p + "eh_proj.weight"),
+        _copy(("head_norm", "weight"), p + "shared_head.norm.weight"),
+        _linear(("head",), p + "shared_head.head.weight"),
+    ]
+    entries += [(("layer", *path), names, build) for path, names, build in _layer_entries(config, layer)]
+    return [Recipe(*entry) for entry in entries]
+
+
+def stacks(config: ModelConfig) -> tuple[tuple[str, range], ...]:
+    """(stack name in the model state, HF layer indices it holds): dense layers first, then MoE layers."""
+    return (
+        ("dense_layers", range(0, config.first_k_dense_replace)),
+        ("moe_layers", range(config.first_k_dense_replace, config.num_hidden_layers)),
     )
-    for stack, layer_ids, moe in stacks:
+
+
+def recipes(config: ModelConfig) -> list[Recipe]:
+    """Every parameter of `DeepseekV3(config)` as a Recipe over HF tensor names (layers stacked)."""
+    result = top_recipes(config)
+    for stack, layer_ids in stacks(config):
         if not layer_ids:
             continue
-        per_layer = [layer_recipes(config, f"model.layers.{i}.", moe) for i in layer_ids]
+        per_layer = [_layer_entries(config, i) for i in layer_ids]
         for j, (path, _, _) in enumerate(per_layer[0]):
             builds = [layer[j][2] for layer in per_layer]
             sources = tuple(name for layer in per_layer for name in layer[j][1])
@@ -127,17 +169,36 @@ def _stack_layers(builds: list[Callable[[Getter], np.ndarray]]) -> Callable[[Get
     return lambda get: np.stack([build(get) for build in builds])
 
 
-_MTP_OR_BUFFER = re.compile(r"(^model\.layers\.(\d+)\.)|(rotary_emb\.inv_freq$)")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_FP8_LINEAR = re.compile(
+    r"^model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.((shared_experts|experts\.\d+)\.)?(gate_proj|up_proj|down_proj))\.weight$"
+)
+
+
+def mtp_module(name: str, config: ModelConfig) -> int | None:
+    """k when `name` belongs to MTP module k (HF layer num_hidden_layers + k), else None."""
+    match = _LAYER.match(name)
+    if match is None or int(match.group(1)) < config.num_hidden_layers:
+        return None
+    return int(match.group(1)) - config.num_hidden_layers
+
+
+def is_buffer(name: str) -> bool:
+    """Non-parameter tensors some exports carry (rotary inverse frequencies)."""
+    return name.endswith("rotary_emb.inv_freq")
 
 
 def is_ignored(name: str, config: ModelConfig) -> bool:
-    """Tensors loading skips: the MTP layers (index >= num_hidden_layers) and rotary buffers."""
-    match = _MTP_OR_BUFFER.search(name)
-    if match is None:
-        return False
-    if match.group(2) is not None:
-        return int(match.group(2)) >= config.num_hidden_layers
-    return True
+    """Tensors `caee_jax.load` skips: the MTP modules and rotary buffers."""
+    return is_buffer(name) or mtp_module(name, config) is not None
+
+
+def may_be_fp8(name: str) -> bool:
+    """DeepSeek's release stores exactly these as block-scaled FP8: the linear weights inside decoder layers
+    (attention projections, dense MLP, routed and shared experts), the MTP module's layer included; never
+    embeddings, heads, norms, the router `mlp.gate.weight`, its bias or the MTP `eh_proj`."""
+    return _FP8_LINEAR.match(name) is not None
 
 
 def hf_shape(name: str, config: ModelConfig) -> tuple[int, ...]:
@@ -177,5 +238,11 @@ def hf_shape(name: str, config: ModelConfig) -> tuple[int, ...]:
         "expert.gate_proj.weight": (f, d),
         "expert.up_proj.weight": (f, d),
         "expert.down_proj.weight": (d, f),
+        "embed_tokens.weight": (v, d),
+        "enorm.weight": (d,),
+        "hnorm.weight": (d,),
+        "eh_proj.weight": (d, 2 * d),
+        "shared_head.norm.weight": (d,),
+        "shared_head.head.weight": (v, d),
     }
     return shapes[suffix]

@@ -9,8 +9,8 @@ from flax import nnx
 
 from caee_jax.config import ModelConfig
 from caee_jax.model.transformer import DeepseekV3
-from caee_jax.weights.hf_layout import hf_shape, is_ignored, recipes
-from caee_jax.weights.safetensors_io import CheckpointError, CheckpointReader
+from caee_jax.weights.hf_layout import is_ignored, recipes
+from caee_jax.weights.hf_source import HFSource
 
 
 def abstract_model(config: ModelConfig, dtype) -> DeepseekV3:
@@ -19,35 +19,19 @@ def abstract_model(config: ModelConfig, dtype) -> DeepseekV3:
 
 
 def load_hf_model(directory: str, config: ModelConfig, dtype=jnp.float32) -> DeepseekV3:
-    """Builds the model from the directory's safetensors; every non-empty HF tensor must be used (MTP
-    layers and rotary buffers aside), and every parameter must match its expected shape."""
-    reader = CheckpointReader(directory)
+    """Builds the model from the directory's safetensors (FP8 block-scaled weights dequantised). The whole
+    inventory is checked first (`HFSource.check`; MTP layers and rotary buffers are skipped)."""
+    source = HFSource(directory, config)
     model = abstract_model(config, dtype)
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
-    used: set[str] = set()
-
-    def get(name: str) -> np.ndarray:
-        used.add(name)
-        expected = hf_shape(name, config)
-        if reader.shape(name) != expected:
-            raise CheckpointError(
-                f"{reader.file_of(name)}: tensor {name!r} has shape {reader.shape(name)}, expected {expected}"
-            )
-        return np.asarray(reader.read(name), dtype=np.float32)
-
-    for recipe in recipes(config):
-        missing = [n for n in recipe.sources if n not in reader]
-        if missing:
-            raise CheckpointError(f"{directory}: missing tensor {missing[0]!r} (needed for {'.'.join(recipe.target)})")
+    all_recipes = recipes(config)
+    source.check(all_recipes, skip=lambda name: is_ignored(name, config))
+    for recipe in all_recipes:
         variable = flat[recipe.target]
-        value = recipe.build(get)
+        value = recipe.build(lambda name, transpose=False, dtype=variable.dtype: source.read(name, dtype, transpose))
         assert value.shape == variable.shape, (recipe.target, value.shape, variable.shape)
-        variable.set_value(jnp.asarray(value, dtype=variable.dtype))
-    # Zero-element tensors carry nothing (transformers writes an empty shared MLP when n_shared_experts=0).
-    unexpected = [n for n in reader if n not in used and not is_ignored(n, config) and np.prod(reader.shape(n)) > 0]
-    if unexpected:
-        raise CheckpointError(f"{reader.file_of(unexpected[0])}: unexpected tensor {unexpected[0]!r}")
+        variable.set_value(jnp.asarray(value))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

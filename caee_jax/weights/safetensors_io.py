@@ -1,8 +1,10 @@
-"""Reading HF safetensors checkpoints (single file or sharded with an index) as memory-mapped numpy.
+"""Reading HF safetensors checkpoints (single file or sharded with an index) into numpy, tensor by tensor.
 
 The header is parsed here rather than through `safetensors.safe_open(framework="numpy")` because
-numpy has no bfloat16 or float8: those come back as `ml_dtypes` arrays. Every problem (missing shard,
-truncated file, bad header) raises `CheckpointError` naming the file and, where it applies, the tensor.
+numpy has no bfloat16 or float8: those come back as `ml_dtypes` arrays. Each read copies one tensor
+from the file into a fresh array (no memory map), so a reader streaming a large checkpoint holds only the
+tensors it still uses. Every problem (missing shard, truncated file, bad header) raises `CheckpointError`
+naming the file and, where it applies, the tensor.
 """
 
 from __future__ import annotations
@@ -74,7 +76,6 @@ class SafetensorsFile:
                 raise CheckpointError(
                     f"{path}: truncated: tensor {name!r} ends at byte {end} of a {data_size}-byte data section"
                 )
-        self._mmap = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -85,14 +86,18 @@ class SafetensorsFile:
     def dtype(self, name: str) -> np.dtype:
         return DTYPES[self._entries[name]["dtype"]]
 
+    def nbytes(self, name: str) -> int:
+        begin, end = self._entries[name]["data_offsets"]
+        return end - begin
+
     def read(self, name: str) -> np.ndarray:
-        """The tensor as a read-only numpy view of the memory-mapped file (no copy)."""
+        """The tensor, read from the file into a new numpy array."""
         if name not in self._entries:
             raise CheckpointError(f"{self.path}: no tensor {name!r}")
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         begin, end = self._entries[name]["data_offsets"]
-        raw = self._mmap[self._data_start + begin : self._data_start + end]
+        raw = np.fromfile(self.path, dtype=np.uint8, count=end - begin, offset=self._data_start + begin)
+        if raw.size != end - begin:
+            raise CheckpointError(f"{self.path}: truncated: tensor {name!r} could not be read in full")
         return raw.view(self.dtype(name)).reshape(self.shape(name))
 
 
@@ -110,10 +115,11 @@ class CheckpointReader:
                     weight_map = json.load(f)["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
-            for shard in sorted(set(weight_map.values())):
-                shard_path = os.path.join(directory, shard)
-                if not os.path.exists(shard_path):
-                    raise CheckpointError(f"{index_path}: points at missing shard {shard_path}")
+            absent = sorted(s for s in set(weight_map.values()) if not os.path.exists(os.path.join(directory, s)))
+            if absent:
+                name = next(n for n, s in weight_map.items() if s == absent[0])
+                shard_path = os.path.join(directory, absent[0])
+                raise CheckpointError(f"{index_path}: points at missing shard {shard_path} (for tensor {name!r})")
             for name, shard in weight_map.items():
                 file = self._open(shard)
                 if name not in file._entries:
@@ -147,6 +153,12 @@ class CheckpointReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._files[self._where[name]].shape(name)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._files[self._where[name]].dtype(name)
+
+    def nbytes(self, name: str) -> int:
+        return self._files[self._where[name]].nbytes(name)
 
     def read(self, name: str) -> np.ndarray:
         if name not in self._where:

@@ -1,0 +1,307 @@
+"""Convert an HF DeepSeek-layout checkpoint (FP8 block-scaled, bf16 or fp32) into caee-jax's Orbax format.
+
+    python -m checkpoints_tools.convert_hf --hf-dir SRC --out DST [--dtype bfloat16|float32] [--verify]
+
+- Checks the whole source first, from the safetensors headers (`HFSource.check`): a missing, unexpected,
+  misshapen or wrongly typed tensor, an FP8 tensor without its scale, a truncated or corrupted file or an
+  index pointing at a missing shard stops the run with an error naming file and tensor, before anything
+  is written.
+- Streams: one unit (a layer, the top-level tensors, an MTP module) is read, dequantised, assembled and
+  written at a time, so memory stays near the largest layer's size (`weights/orbax_checkpoint.py` has
+  the layout).
+- Atomic: everything is written to DST.partial, renamed to DST once complete; DST is absent or complete.
+  An existing DST is never overwritten.
+- Resumable: a unit's marker (DST.partial/.done/UNIT) is written once its data is fsynced; a rerun with
+  the same arguments skips marked units and rewrites any unit that was cut short.
+- --verify re-reads a sample of parameters from DST and compares them bit for bit with the source
+  (dequantised to the target dtype); exit status 2 on a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+
+import jax
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+from caee_jax.config import ConfigError, ModelConfig
+from caee_jax.weights.hf_layout import is_buffer, mtp_module
+from caee_jax.weights.hf_source import HFSource
+from caee_jax.weights.orbax_checkpoint import (
+    FORMAT,
+    METADATA,
+    VERSION,
+    Unit,
+    fsync,
+    is_converted,
+    read_metadata,
+    restore_unit,
+    save_unit,
+    units,
+)
+from caee_jax.weights.safetensors_io import CheckpointError
+
+DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+PLAN = "plan.json"  # in DST.partial: what is being converted; a resume must match it
+DONE = ".done"  # DST.partial/.done/<unit>: the unit is complete and durable
+COPIED = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+class ConversionError(Exception):
+    """The destination cannot be written as asked (it exists, or a partial run of another conversion)."""
+
+
+def plan_units(source: HFSource, config: ModelConfig, dtype: np.dtype, log=print) -> list[Unit]:
+    """Every unit to write, after checking the whole source. MTP modules are kept when the source has them."""
+    mtp = config.num_nextn_predict_layers
+    if mtp and not any(mtp_module(name, config) is not None for name in source.reader):
+        log(
+            f"note: {source.directory} has no MTP tensors (model.layers.{config.num_hidden_layers}.*) although "
+            f"num_nextn_predict_layers = {mtp}; converting the main model only"
+        )
+        mtp = 0
+    plan = units(config, dtype, mtp)
+    source.check([recipe for unit in plan for recipe in unit.recipes], skip=is_buffer)
+    return plan
+
+
+def _fingerprint(source: HFSource, dtype: np.dtype) -> str:
+    """Identifies a conversion: every source tensor's name, dtype, shape and size, config.json, target dtype."""
+    digest = hashlib.sha256(str(dtype).encode())
+    with open(os.path.join(source.directory, "config.json"), "rb") as f:
+        digest.update(f.read())
+    reader = source.reader
+    for name in sorted(reader):
+        digest.update(f"{name}|{reader.dtype(name)}|{reader.shape(name)}|{reader.nbytes(name)}\n".encode())
+    return digest.hexdigest()
+
+
+def _write_durably(path: str, text: str) -> None:
+    """Writes `path` through a temporary file and a rename, fsynced: it exists complete or not at all."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync(os.path.dirname(path))
+
+
+def _unit_marker(partial: str, unit: Unit) -> str:
+    return os.path.join(partial, DONE, unit.name.replace("/", "."))
+
+
+def _remove_unit_leftovers(partial: str, unit: Unit) -> None:
+    """A unit cut short: its directory and any Orbax temporary siblings."""
+    parent, base = os.path.split(os.path.join(partial, unit.name))
+    if os.path.isdir(parent):
+        for entry in os.listdir(parent):
+            if entry == base or entry.startswith(base + "."):
+                shutil.rmtree(os.path.join(parent, entry))
+
+
+def _start_or_resume(out: str, fingerprint: str, dtype: np.dtype, log) -> str:
+    """DST.partial, fresh or from an interrupted run of the same conversion."""
+    partial = out + ".partial"
+    if os.path.exists(partial):
+        try:
+            with open(os.path.join(partial, PLAN)) as f:
+                previous = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            if not is_converted(partial):  # a finished run whose rename was cut short has dropped its plan
+                raise ConversionError(f"{partial}: exists but is not a conversion in progress; remove it") from None
+            previous = {"fingerprint": fingerprint, "dtype": dtype.name}
+        if previous != {"fingerprint": fingerprint, "dtype": dtype.name}:
+            raise ConversionError(
+                f"{partial}: an interrupted conversion of another source or dtype ({previous.get('dtype')}); "
+                "remove it or rerun with its arguments"
+            )
+        log(f"resuming {partial}")
+    else:
+        staging = partial + ".init"
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(os.path.join(staging, DONE))
+        _write_durably(os.path.join(staging, PLAN), json.dumps({"fingerprint": fingerprint, "dtype": dtype.name}))
+        os.rename(staging, partial)
+        fsync(os.path.dirname(os.path.abspath(partial)))
+    return partial
+
+
+def _copy_side_files(hf_dir: str, partial: str) -> None:
+    """config.json (without quantization_config: the weights are no longer FP8) and tokenizer files."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = json.load(f)
+    config.pop("quantization_config", None)
+    _write_durably(os.path.join(partial, "config.json"), json.dumps(config, indent=2))
+    for name in COPIED:
+        if os.path.isfile(os.path.join(hf_dir, name)):
+            shutil.copyfile(os.path.join(hf_dir, name), os.path.join(partial, name))
+            fsync(os.path.join(partial, name))
+
+
+def _finish(partial: str, out: str) -> None:
+    """Drops the bookkeeping and renames DST.partial to DST (atomic on one filesystem)."""
+    shutil.rmtree(os.path.join(partial, DONE), ignore_errors=True)
+    if os.path.exists(os.path.join(partial, PLAN)):
+        os.remove(os.path.join(partial, PLAN))
+    fsync(partial)
+    os.rename(partial, out)
+    fsync(os.path.dirname(os.path.abspath(out)))
+
+
+def build_unit(source: HFSource, unit: Unit, on_read=None) -> dict[tuple[str, ...], np.ndarray]:
+    """The unit's parameters from the source, each in its target dtype and shape. on_read(name) is called
+    after each source tensor is read (progress)."""
+    values = {}
+    for recipe in unit.recipes:
+        abstract = unit.abstract[recipe.target]
+
+        def get(name: str, transpose: bool = False, dtype=abstract.dtype) -> np.ndarray:
+            value = source.read(name, dtype, transpose)
+            if on_read is not None:
+                on_read(name)
+            return value
+
+        value = recipe.build(get)
+        if value.shape != abstract.shape:
+            raise AssertionError(f"{unit.name}: {recipe.target} built as {value.shape}, expected {abstract.shape}")
+        values[recipe.target] = value
+    return values
+
+
+def convert(hf_dir: str, out: str, dtype: str = "bfloat16", progress: bool = True, log=print) -> dict:
+    """Converts `hf_dir` into `out` (see the module docstring); returns a summary (units, bytes, seconds)."""
+    started = time.perf_counter()
+    dtype, out = DTYPES[dtype], os.path.normpath(out)
+    if os.path.exists(out):
+        if is_converted(out):
+            raise ConversionError(f"{out}: already a complete conversion; remove it first (or check it with --verify)")
+        raise ConversionError(f"{out}: exists and is not a caee-jax conversion; refusing to overwrite it")
+    config = ModelConfig.from_hf(hf_dir)
+    source = HFSource(hf_dir, config)
+    plan = plan_units(source, config, dtype, log)
+    partial = _start_or_resume(out, _fingerprint(source, dtype), dtype, log)
+    total = sum(source.nbytes(name) for unit in plan for name in {n for r in unit.recipes for n in r.sources})
+    written = skipped = 0
+    if not is_converted(partial):
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress) as bar:
+            for unit in plan:
+                names = {n for r in unit.recipes for n in r.sources}
+                if os.path.exists(_unit_marker(partial, unit)):
+                    skipped += 1
+                    bar.update(sum(source.nbytes(n) for n in names))
+                    continue
+                bar.set_postfix_str(unit.name)
+                _remove_unit_leftovers(partial, unit)
+                counted: set[str] = set()
+
+                def on_read(name: str, counted=counted) -> None:
+                    if name not in counted:
+                        counted.add(name)
+                        bar.update(source.nbytes(name))
+
+                values = build_unit(source, unit, on_read)
+                save_unit(os.path.join(partial, unit.name), values)
+                del values
+                _write_durably(_unit_marker(partial, unit), "")
+                written += 1
+        if skipped:
+            log(f"resumed: {skipped} of {len(plan)} units were already converted")
+        _copy_side_files(hf_dir, partial)
+        metadata = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": dtype.name,
+            "units": [unit.name for unit in plan],
+            "mtp_modules": sum(unit.name.startswith("mtp/") for unit in plan),
+            "source": {"fp8_block": list(source.block), "bytes": total, "tensors": len(list(source.reader))},
+        }
+        _write_durably(os.path.join(partial, METADATA), json.dumps(metadata, indent=2))
+    _finish(partial, out)
+    seconds = time.perf_counter() - started
+    return {"units": len(plan), "written": written, "skipped": skipped, "source_bytes": total, "seconds": seconds}
+
+
+def verify(hf_dir: str, out: str, samples: int = 8, seed: int = 0, log=print) -> bool:
+    """Re-reads `samples` parameters (one routed-expert stack always among them) from `out` and compares
+    them bit for bit with the source rebuilt in the stored dtype. Returns True when all match."""
+    metadata = read_metadata(out)
+    config = ModelConfig.from_hf(out)
+    source = HFSource(hf_dir, config)
+    dtype = DTYPES[metadata["dtype"]]
+    pairs = [(unit, recipe) for unit in units(config, dtype, metadata["mtp_modules"]) for recipe in unit.recipes]
+    picked = random.Random(seed).sample(pairs, min(samples, len(pairs)))
+    experts = [pair for pair in pairs if len(pair[1].sources) > 1]
+    if experts and not any(len(recipe.sources) > 1 for _, recipe in picked):
+        picked[-1] = experts[-1]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    ok = True
+    for unit, recipe in picked:
+        abstract = unit.abstract[recipe.target]
+        target = jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=device)
+        stored = restore_unit(os.path.join(out, unit.name), {recipe.target: target}, partial=True)[recipe.target]
+        stored = np.asarray(stored)
+        read = lambda name, transpose=False, dtype=abstract.dtype: source.read(name, dtype, transpose)  # noqa: E731
+        expected = np.ascontiguousarray(recipe.build(read))
+        same = stored.shape == expected.shape and np.array_equal(
+            stored.view(f"u{stored.itemsize}"), expected.view(f"u{expected.itemsize}")
+        )
+        ok &= same
+        where = f"{unit.name}/{'.'.join(recipe.target)}"
+        log(f"{'ok' if same else 'MISMATCH'} {where} {abstract.shape} {abstract.dtype} ({len(recipe.sources)} tensors)")
+    log(f"verify: {'all' if ok else 'NOT all'} {len(picked)} sampled parameters match the source bit for bit")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json + safetensors)")
+    parser.add_argument("--out", required=True, help="destination directory (must not exist)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="stored parameter dtype")
+    parser.add_argument("--verify", action="store_true", help="then compare a sample of parameters with the source")
+    parser.add_argument("--verify-samples", type=int, default=8, help="parameters compared by --verify")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    try:
+        if args.verify and is_converted(args.out):
+            log(f"{args.out} is already a complete conversion: verifying it")
+        else:
+            summary = convert(args.hf_dir, args.out, args.dtype, progress=not args.no_progress, log=log)
+            megabytes = summary["source_bytes"] / 2**20
+            print(
+                f"converted {args.hf_dir} -> {args.out}: {summary['units']} units ({summary['skipped']} resumed), "
+                f"{megabytes:.1f} MiB in {summary['seconds']:.1f} s ({megabytes / summary['seconds']:.1f} MiB/s)"
+            )
+        if args.verify and not verify(args.hf_dir, args.out, args.verify_samples, log=log):
+            return 2
+    except (CheckpointError, ConfigError, ConversionError) as e:
+        log(f"error: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
