@@ -33,9 +33,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIT = FitQuality(samples=1, r2=1.0, mape=0.0, median_abs_residual_s=0.0, max_abs_residual_s=0.0)
 
 
-def two_device_table(**changes) -> CostTable:
+def two_device_table(backend="pallas", **changes) -> CostTable:
     """8 experts on 2 devices; device 1 is twice as slow per pair."""
-    signature = dataclasses.replace(signature_of(preset("tiny"), None, jnp.float32, "loop"), n_routed_experts=8)
+    signature = signature_of(preset("tiny"), None, jnp.float32, backend)
+    signature = dataclasses.replace(signature, n_routed_experts=8, num_experts_per_tok=2)
     devices = (
         DeviceCosts(fixed_s=1e-4, pair_s=1e-5, activation_s=1e-3, fetch_s=(0.0, 2e-3, 5e-2), comm_token_s=1e-6),
         DeviceCosts(fixed_s=1e-4, pair_s=2e-5, activation_s=1e-3, fetch_s=(0.0, 2e-3, 5e-2), comm_token_s=1e-6),
@@ -57,6 +58,16 @@ def test_prediction_is_the_documented_sum():
     residency = jnp.array([0, 1, 0, 0, 0, 2, 2, 0])
     device_s, _ = predict(table, ids, keep, residency)
     np.testing.assert_allclose(np.asarray(device_s), [want0 + 2e-3, want1 + 5e-2], rtol=1e-6)
+
+
+def test_the_loop_backend_pays_for_whole_tiles():
+    """The loop backend computes an expert's pairs in tiles (8 rows here): 1 or 2 pairs cost 8 rows."""
+    ids = jnp.array([[0, 5], [0, 1], [6, 1]])
+    keep = jnp.array([[True, True], [True, True], [False, False]])
+    device_s, _ = predict(two_device_table("loop"), ids, keep)
+    want0 = 1e-4 + 16 * 1e-5 + 2 * 1e-3 + 3 * 1e-6  # experts 0 (2 pairs) and 1 (1 pair): a tile each
+    want1 = 1e-4 + 8 * 2e-5 + 1 * 1e-3 + 3 * 1e-6
+    np.testing.assert_allclose(np.asarray(device_s), [want0, want1], rtol=1e-6)
 
 
 def test_the_table_is_compiled_in_and_only_a_new_table_recompiles():

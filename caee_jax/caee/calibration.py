@@ -3,7 +3,7 @@
 1. Compute, per device: the device's own experts run through the real backend (`run_experts`, the
    work it does under expert parallelism) on random routings: batch sizes 1-64, few or many active
    experts, uniform or skewed popularity, some pairs pruned. Non-negative least squares of the median
-   time on [1, kept pairs, active experts] gives fixed_s, pair_s, activation_s.
+   time on [1, computed rows, active experts] gives fixed_s, pair_s, activation_s.
 2. Fetch, per offload tier: one expert's weights copied host RAM -> device, and read from disk with
    O_DIRECT (page cache bypassed) -> device.
 3. Communication, with several devices: the whole expert-parallel layer (`run_experts_parallel`,
@@ -30,7 +30,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from caee_jax.caee.cost_model import predict
+from caee_jax.caee.cost_model import computed_rows, predict, row_tile
 from caee_jax.caee.cost_table import CostTable, DeviceCosts, FitQuality, block_placement, signature_of
 from caee_jax.experts import ExpertWeights, run_experts
 from caee_jax.parallel.expert_parallel import run_experts_parallel
@@ -171,13 +171,16 @@ class Bench:
             return median_time(fn, *args, *self.weights, put(np.int32(0)), repeats=self.repeats)
 
     def shard_features(self, case: Case) -> np.ndarray:
-        """[S, 3]: (1, kept pairs, active experts) of each expert shard."""
+        """[S, 3]: (1, computed rows, active experts) of each expert shard."""
         kept = case.topk_ids[case.keep_mask]
         pairs = np.bincount(kept, minlength=self.config.n_routed_experts)
+        top_k = self.config.num_experts_per_tok
+        tile = row_tile(self.backend.value, case.num_tokens, top_k, self.per_shard)
+        rows = np.asarray(computed_rows(pairs, tile))
         placement = np.asarray(self.placement)
-        per_pairs = np.bincount(placement, weights=pairs, minlength=self.num_shards)
+        per_rows = np.bincount(placement, weights=rows, minlength=self.num_shards)
         per_active = np.bincount(placement, weights=pairs > 0, minlength=self.num_shards)
-        return np.stack([np.ones(self.num_shards), per_pairs, per_active], axis=1)
+        return np.stack([np.ones(self.num_shards), per_rows, per_active], axis=1)
 
 
 def measure_fetch(bench: Bench, scratch_dir: str) -> tuple[float, float]:

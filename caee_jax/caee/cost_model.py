@@ -2,11 +2,13 @@
 
 Device d's time for one MoE layer:
 
-    t_d = fixed_s + pair_s * kept pairs on d + activation_s * active experts on d
+    t_d = fixed_s + pair_s * computed rows on d + activation_s * active experts on d
           + sum over active non-resident experts on d of fetch_s[tier] + comm_token_s * tokens
 
-and the layer takes max_d t_d (it ends when the slowest device ends). Letters: N tokens, K top-k,
-E experts, S devices (expert shards).
+and the layer takes max_d t_d (it ends when the slowest device ends). Computed rows are the kept
+pairs, except that the `loop` backend computes each expert's pairs in whole tiles of `row_tile` rows
+(`experts.loop.default_tile_rows`), so its counts are rounded up per expert. Letters: N tokens,
+K top-k, E experts, S devices (expert shards).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from caee_jax.caee.cost_table import CostTable
+from caee_jax.experts.loop import default_tile_rows
 
 
 class Prediction(NamedTuple):
@@ -41,6 +44,17 @@ def expert_load(topk_ids: jax.Array, keep_mask: jax.Array, num_experts: int) -> 
     return ExpertLoad(pairs, pairs > 0)
 
 
+def row_tile(backend: str, num_tokens: int, top_k: int, local_experts: int) -> int:
+    """Rows an expert's pairs are computed in on a device holding `local_experts`: the loop backend's
+    tile for this batch, else 1."""
+    return default_tile_rows(num_tokens * top_k, local_experts) if backend == "loop" else 1
+
+
+def computed_rows(pairs: jax.Array, tile: int) -> jax.Array:
+    """Kept pairs per expert [E] -> rows computed for them (rounded up to whole tiles)."""
+    return pairs if tile == 1 else -(-pairs // tile) * tile
+
+
 def _per_device(table: CostTable, name: str) -> jax.Array:
     return jnp.asarray(np.array([getattr(d, name) for d in table.devices], np.float32))
 
@@ -59,7 +73,10 @@ def predict(
     placement = jnp.asarray(np.array(table.placement, np.int32))
     load = expert_load(topk_ids, keep_mask, num_experts)
     active = load.active.astype(jnp.float32)
-    pairs_d = jax.ops.segment_sum(load.pairs.astype(jnp.float32), placement, num_devices)
+    sig = table.signature
+    tile = row_tile(sig.backend, topk_ids.shape[0], sig.num_experts_per_tok, num_experts // num_devices)
+    rows = computed_rows(load.pairs, tile)
+    rows_d = jax.ops.segment_sum(rows.astype(jnp.float32), placement, num_devices)
     active_d = jax.ops.segment_sum(active, placement, num_devices)
     fetch = jnp.zeros(num_experts, jnp.float32)
     if residency is not None:
@@ -69,7 +86,7 @@ def predict(
     tokens = jnp.float32(topk_ids.shape[0])
     device_s = (
         _per_device(table, "fixed_s")
-        + _per_device(table, "pair_s") * pairs_d
+        + _per_device(table, "pair_s") * rows_d
         + _per_device(table, "activation_s") * active_d
         + fetch_d
         + _per_device(table, "comm_token_s") * tokens

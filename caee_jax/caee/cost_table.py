@@ -6,7 +6,7 @@ as JSON under `configs/cost_tables/`, written atomically.
 
 Per device (device i = expert shard i; data replicas of a shard behave alike):
   fixed_s        every MoE layer, whatever the routing (launch, gather/scatter, collectives' latency)
-  pair_s         each kept token-expert pair it computes
+  pair_s         each kept token-expert pair it computes (in the loop backend's whole tiles, see cost_model)
   activation_s   each expert it runs at all (reading its weights once per step)
   fetch_s        each non-resident expert it runs, per offload tier (bringing the weights in)
   comm_token_s   each token of the batch exchanged with the other devices (0 on one device)
