@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=48, help="decode steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="alternated baseline/candidate rounds")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--no-pin", action="store_true", help="leave the 2 processes unpinned (the 1-process baseline stays on core 0)"
+    )
     parser.add_argument("--json", action="store_true")
     worker = parser.add_argument_group("internal: one measured process")
     worker.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -76,7 +79,9 @@ def run(args, batch: int, processes: int) -> dict:
     cluster = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", str(processes)]
     procs = []
     for i in range(processes):
-        command = ["taskset", "-c", str(i)] + base + (cluster + ["--process-id", str(i)] if processes > 1 else [])
+        command = base + (cluster + ["--process-id", str(i)] if processes > 1 else [])
+        if processes == 1 or not args.no_pin:
+            command = ["taskset", "-c", str(i)] + command
         procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
@@ -106,12 +111,22 @@ def main(argv=None) -> int:
         s, p = float(np.median(single)), float(np.median(pair))
         rows.append(dict(batch=batch, one_process_step_s=s, two_process_step_s=p, speedup=s / p))
     report = dict(
-        model=args.checkpoint or "bundled caee-small", dtype=args.dtype, steps=args.steps, rounds=args.rounds, rows=rows
+        model=args.checkpoint or "bundled caee-small",
+        dtype=args.dtype,
+        steps=args.steps,
+        rounds=args.rounds,
+        two_processes_pinned=not args.no_pin,
+        load_average=os.getloadavg()[0],
+        rows=rows,
     )
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{report['model']} ({args.dtype}), {args.steps} decode steps, median of {args.rounds} alternated rounds")
+    pinning = "unpinned" if args.no_pin else "one core each"
+    print(
+        f"{report['model']} ({args.dtype}), {args.steps} decode steps, median of {args.rounds} alternated rounds; "
+        f"2 processes {pinning}; load average {report['load_average']:.2f}"
+    )
     print(f"{'batch':>6} {'1 process ms':>13} {'2 processes ms':>15} {'speedup':>8}")
     for r in rows:
         print(
