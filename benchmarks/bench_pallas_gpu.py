@@ -32,6 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_loop_backend import balanced_routing  # a sibling script: benchmarks/ is sys.path[0]
 
 from caee_jax import ExpertBackend, ExpertWeights, run_experts
 from caee_jax.experts.loop import expert_groups
@@ -55,15 +56,6 @@ def run_ragged_dot(x, topk_ids, topk_weights, keep_mask, weights):
     row_weight = jnp.where(keep_mask, topk_weights, 0).reshape(-1)[order].astype(jnp.float32)
     contribution = jnp.where(kept[:, None], out * row_weight[:, None], 0.0)
     return jnp.zeros(x.shape, jnp.float32).at[token].add(contribution).astype(x.dtype)
-
-
-def balanced_routing(rng, tokens: int, experts: int, k: int) -> np.ndarray:
-    """topk_ids [N, K]: pair p = t*K + j goes to perms[p // E][p % E]; distinct per token when E % K == 0."""
-    if experts % k:
-        raise SystemExit(f"--experts ({experts}) must be a multiple of --top-k ({k}) for balanced routing")
-    perms = np.stack([rng.permutation(experts) for _ in range(-(-tokens * k // experts))])
-    flat = np.arange(tokens * k)
-    return perms[flat // experts, flat % experts].reshape(tokens, k).astype(np.int32)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -93,3 +94,19 @@ def hf_checkpoint(tmp_path):
 
 def random_tokens(vocab: int, shape, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, shape, dtype=np.int32)
+
+
+@contextlib.contextmanager
+def compile_counter():
+    """Records XLA compilations inside the block: `with compile_counter() as compiles: ...`, then len(compiles)."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

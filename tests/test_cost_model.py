@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import compile_counter
 
 import caee_jax
 from caee_jax.caee.calibration import calibrate, nonnegative_lstsq, random_cases, validate
@@ -71,12 +72,6 @@ def test_the_loop_backend_pays_for_whole_tiles():
 
 
 def test_the_table_is_compiled_in_and_only_a_new_table_recompiles():
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if "backend_compile" in event:
-            compiles.append(event)
-
     fn = jax.jit(predict, static_argnums=0)
     rng = np.random.default_rng(0)
     table = two_device_table()
@@ -88,8 +83,7 @@ def test_the_table_is_compiled_in_and_only_a_new_table_recompiles():
         )
         for _ in range(6)
     ]
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compile_counter() as compiles:
         fn(table, *cases[0])
         first = len(compiles)
         for case in cases[1:]:
@@ -97,8 +91,6 @@ def test_the_table_is_compiled_in_and_only_a_new_table_recompiles():
         assert len(compiles) == first
         fn(dataclasses.replace(table, devices=(table.devices[1], table.devices[1])), *cases[0])
         assert len(compiles) == first + 1
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_json_round_trip_and_signature_checks(tmp_path):

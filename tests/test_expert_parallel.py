@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import compile_counter
 from flax import nnx
 
 import caee_jax
@@ -94,19 +95,10 @@ def test_model_call_and_generation_match_on_a_mesh(reference):
 
 def test_generation_on_a_mesh_never_recompiles():
     model = caee_jax.init_random("tiny", seed=5, mesh=mesh_of("expert=4"))
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if "backend_compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compile_counter() as compiles:
         caee_jax.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=4, stop=[])
         first = len(compiles)
         caee_jax.generate(model, [[9, 8, 7, 6], [3]], max_new_tokens=12, temperature=0.8, seed=2, stop=[])
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert first >= 1
     assert len(compiles) == first
 

@@ -3,10 +3,10 @@ no recompilation between steps, sampling controls, and input errors."""
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 import torch
+from conftest import compile_counter
 
 import caee_jax
 
@@ -53,19 +53,10 @@ def test_batch_composition_does_not_change_a_sequence(tiny):
 def test_decode_never_recompiles(tiny):
     """Steps reuse one compiled decode step; a new batch of the same shape bucket compiles nothing."""
     model, _ = tiny
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if "backend_compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compile_counter() as compiles:
         caee_jax.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=6, stop=[])
         first = len(compiles)
         result = caee_jax.generate(model, [[9, 8, 7, 6], [3]], max_new_tokens=20, temperature=0.7, seed=4, stop=[])
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert first >= 1
     assert len(compiles) == first, "the second generation (more steps, new tokens, sampling) recompiled"
     assert all(len(r) == 20 for r in result)
