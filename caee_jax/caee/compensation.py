@@ -1,0 +1,32 @@
+"""Where a pruned slot's gate weight goes: only to experts that run anyway for that token (no data moves).
+
+Modes, for one token with gate weights w over its top-k slots, kept set S and pruned set P:
+  none     w_j for j in S; the pruned weight is lost.
+  renorm   w_j * sum(w) / sum_S(w): the token's routed mass is kept whole.
+  partial  w_j * sum(w) / (sum_S(w) + alpha * sum_P(w)): between the two (alpha = 1: none's mass,
+           alpha = 0: renorm), a decoupled denominator.
+  mean     w_j for j in S, plus sum_P w_j * mean_output[e_j]: a calibrated per-expert mean output
+           vector stands in for each pruned expert (a table lookup, no weight read). The lookup is the
+           MoE's (it owns the vectors); here the weights are those of `none`.
+A token with every slot pruned keeps nothing (never happens with k_min >= 1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+COMPENSATIONS = ("none", "renorm", "partial", "mean")
+
+
+def compensate(topk_weights: jax.Array, keep_mask: jax.Array, mode: str, alpha: float = 0.5) -> jax.Array:
+    """topk_weights [N, K], keep_mask [N, K] bool -> combine weights [N, K] (0 on pruned slots)."""
+    if mode not in COMPENSATIONS:
+        raise ValueError(f"compensation {mode!r} is not one of {COMPENSATIONS}")
+    kept = jnp.where(keep_mask, topk_weights, 0.0)
+    if mode in ("none", "mean"):
+        return kept
+    total = topk_weights.sum(-1, keepdims=True)
+    kept_mass = kept.sum(-1, keepdims=True)
+    denominator = kept_mass if mode == "renorm" else kept_mass + alpha * (total - kept_mass)
+    return kept * jnp.where(denominator > 0, total / jnp.maximum(denominator, 1e-30), 0.0)

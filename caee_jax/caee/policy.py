@@ -1,0 +1,143 @@
+"""The CAEE policy: per token, skip low-importance, high-cost slots, only on devices that bound the layer.
+
+Pure jnp with static shapes, run inside the MoE layer between the router and expert execution:
+
+1. Candidates: a token's native top-k slots, except its `k_min` highest-weight slots (never pruned).
+2. Importance: the slot's share of the token's gate mass, times K (1 = an average slot).
+3. Cost: the slot's marginal cost on the device holding its expert (cost table): pair cost plus the
+   expert's activation cost (and, when not resident, its fetch cost) shared among the tokens that use
+   the expert in this batch; relative to the batch's mean slot cost (1 = an average slot). An expert
+   used by one token costs that token its whole activation; one used by twenty, a twentieth.
+4. Straggler-aware: the predicted load of each device (cost model); only devices above the target
+   (the next-heaviest device's load, or the mean times 1 + slack; 0 on a single device) prune, in
+   increasing order of score = importance / cost, while the score is below `theta` and the device's
+   load, minus what it already pruned, is still above the target.
+5. Compensation: see `compensation.py`.
+
+`theta = 0` prunes nothing. Letters: N tokens, K top-k, E experts, S devices (expert shards).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from caee_jax.caee.compensation import COMPENSATIONS, compensate
+from caee_jax.caee.cost_model import expert_load, predict
+from caee_jax.caee.cost_table import CostTable
+
+TARGETS = ("next", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class CAEEConfig:
+    """theta: prune slots whose importance/cost score is below it (0: nothing); k_min: top slots per token
+    never pruned; target, slack: how far a straggler is pruned ("next": down to the next-heaviest
+    device, "mean": down to mean load x (1 + slack)); compensation: see `compensation.py`."""
+
+    theta: float = 0.8
+    k_min: int = 1
+    target: str = "mean"
+    slack: float = 0.0
+    compensation: str = "renorm"
+    partial_alpha: float = 0.5
+
+    def __post_init__(self):
+        if self.theta < 0:
+            raise ValueError(f"theta must be >= 0, got {self.theta}")
+        if self.k_min < 0:
+            raise ValueError(f"k_min must be >= 0, got {self.k_min}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target {self.target!r} is not one of {TARGETS}")
+        if self.slack < 0:
+            raise ValueError(f"slack must be >= 0, got {self.slack}")
+        if self.compensation not in COMPENSATIONS:
+            raise ValueError(f"compensation {self.compensation!r} is not one of {COMPENSATIONS}")
+
+
+class Pruned(NamedTuple):
+    """keep_mask [N, K] bool; weights [N, K]: compensated combine weights (0 where pruned); pruned_weights
+    [N, K]: the gate weight each pruned slot had (for `mean` compensation); load_before, load_after [S]:
+    predicted device time (s); active_before, active_after: active experts (int32 scalars)."""
+
+    keep_mask: jax.Array
+    weights: jax.Array
+    pruned_weights: jax.Array
+    load_before: jax.Array
+    load_after: jax.Array
+    active_before: jax.Array
+    active_after: jax.Array
+
+
+def weight_rank(topk_weights: jax.Array) -> jax.Array:
+    """[N, K] -> rank of each slot by gate weight within its token (0 = heaviest)."""
+    order = jnp.argsort(-topk_weights, axis=-1, stable=True)
+    return jnp.argsort(order, axis=-1, stable=True)
+
+
+def caee_prune(
+    table: CostTable,
+    config: CAEEConfig,
+    topk_ids: jax.Array,
+    topk_weights: jax.Array,
+    residency: jax.Array | None = None,
+) -> Pruned:
+    """The CAEE decision for one MoE layer. topk_ids, topk_weights [N, K]; residency [E] int or None."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts = len(table.placement)
+    placement = jnp.asarray(np.array(table.placement, np.int32))
+    everything = jnp.ones(topk_ids.shape, bool)
+    before = predict(table, topk_ids, everything, residency)
+
+    # Importance and marginal cost of every slot.
+    importance = top_k * topk_weights / jnp.maximum(topk_weights.sum(-1, keepdims=True), 1e-30)
+    device = placement[topk_ids]  # [N, K]
+    pair_s = jnp.asarray(np.array([d.pair_s for d in table.devices], np.float32))
+    activation_s = jnp.asarray(np.array([d.activation_s for d in table.devices], np.float32))
+    per_expert = activation_s[placement]  # [E]
+    if residency is not None:
+        fetch_s = jnp.asarray(np.array([d.fetch_s for d in table.devices], np.float32))
+        per_expert = per_expert + fetch_s[placement, residency]
+    users = expert_load(topk_ids, everything, num_experts).pairs  # [E]
+    cost = pair_s[device] + per_expert[topk_ids] / jnp.maximum(users[topk_ids], 1)
+    score = importance / (cost / jnp.mean(cost))
+
+    # Straggler target and each device's excess over it.
+    load = before.device_s
+    if table.num_devices == 1:
+        target = jnp.zeros(())
+    elif config.target == "next":
+        target = jnp.sort(load)[-2]
+    else:
+        target = jnp.mean(load) * (1 + config.slack)
+    excess = jnp.maximum(load - target, 0.0)  # [S]
+
+    # Per device, prune eligible slots in increasing score while the load is still above target.
+    eligible = (weight_rank(topk_weights) >= config.k_min) & (score < config.theta) & (excess[device] > 0)
+    flat_device = jnp.where(eligible, device, table.num_devices).reshape(-1)
+    flat_score, flat_cost = score.reshape(-1), cost.reshape(-1)
+    order = jnp.lexsort((flat_score, flat_device))
+    sorted_device, sorted_cost = flat_device[order], jnp.where(flat_device < table.num_devices, flat_cost, 0)[order]
+    cumulative = jnp.cumsum(sorted_cost)
+    device_start = jnp.searchsorted(sorted_device, jnp.arange(table.num_devices + 1))
+    saved_before = cumulative - sorted_cost - jnp.concatenate([jnp.zeros(1), cumulative])[device_start][sorted_device]
+    excess_of = jnp.concatenate([excess, jnp.zeros(1)])[sorted_device]
+    prune_sorted = (sorted_device < table.num_devices) & (saved_before < excess_of)
+    prune = jnp.zeros(order.shape, bool).at[order].set(prune_sorted).reshape(topk_ids.shape)
+
+    keep = ~prune
+    after = predict(table, topk_ids, keep, residency)
+    active = expert_load(topk_ids, keep, num_experts).active
+    return Pruned(
+        keep_mask=keep,
+        weights=compensate(topk_weights, keep, config.compensation, config.partial_alpha),
+        pruned_weights=jnp.where(prune, topk_weights, 0.0),
+        load_before=before.device_s,
+        load_after=after.device_s,
+        active_before=jnp.sum(users > 0).astype(jnp.int32),
+        active_after=jnp.sum(active).astype(jnp.int32),
+    )

@@ -1,0 +1,154 @@
+"""The CAEE policy's invariants on constructed routings, and compensation."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import compile_counter
+
+from caee_jax.caee.compensation import compensate
+from caee_jax.caee.cost_table import CostTable, DeviceCosts, FitQuality, block_placement, signature_of
+from caee_jax.caee.policy import CAEEConfig, caee_prune, weight_rank
+from caee_jax.config import preset
+
+FIT = FitQuality(samples=1, r2=1.0, mape=0.0, median_abs_residual_s=0.0, max_abs_residual_s=0.0)
+DEVICE = DeviceCosts(fixed_s=1e-4, pair_s=1e-5, activation_s=1e-3, fetch_s=(0.0, 2e-3, 5e-2), comm_token_s=0.0)
+
+
+def table(num_experts: int, num_devices: int, top_k: int) -> CostTable:
+    signature = signature_of(preset("tiny"), None, jnp.float32, "pallas")  # no row tiling: exact pair costs
+    signature = dataclasses.replace(signature, n_routed_experts=num_experts, num_experts_per_tok=top_k)
+    placement = block_placement(num_experts, num_devices)
+    return CostTable(signature, (DEVICE,) * num_devices, placement, FIT)
+
+
+def random_routing(seed: int, num_tokens: int, num_experts: int, top_k: int):
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.permutation(num_experts)[:top_k] for _ in range(num_tokens)]).astype(np.int32)
+    weights = rng.dirichlet(np.ones(top_k), num_tokens).astype(np.float32) * 2.5
+    return jnp.asarray(ids), jnp.asarray(weights)
+
+
+def test_theta_zero_prunes_nothing_and_keeps_the_weights():
+    ids, weights = random_routing(0, 16, 16, 4)
+    result = caee_prune(table(16, 2, 4), CAEEConfig(theta=0.0), ids, weights)
+    assert bool(result.keep_mask.all())
+    np.testing.assert_array_equal(np.asarray(result.weights), np.asarray(weights))
+    np.testing.assert_array_equal(np.asarray(result.load_after), np.asarray(result.load_before))
+
+
+@pytest.mark.parametrize("k_min", [0, 1, 2, 3])
+def test_the_top_k_min_slots_are_never_pruned(k_min):
+    ids, weights = random_routing(1, 32, 16, 4)
+    result = caee_prune(table(16, 1, 4), CAEEConfig(theta=1e9, k_min=k_min), ids, weights)
+    rank = np.asarray(weight_rank(weights))
+    keep = np.asarray(result.keep_mask)
+    assert keep[rank < k_min].all()
+    assert not keep[rank >= k_min].any()  # one device, huge theta: every other slot goes
+
+
+def test_weight_rank():
+    np.testing.assert_array_equal(np.asarray(weight_rank(jnp.array([[0.1, 0.5, 0.3, 0.1]]))), [[2, 0, 1, 3]])
+
+
+@pytest.mark.parametrize("mode", ["none", "renorm", "partial", "mean"])
+def test_compensation_moves_weight_only_to_kept_slots(mode):
+    ids, weights = random_routing(2, 64, 16, 4)
+    result = caee_prune(table(16, 1, 4), CAEEConfig(theta=1.0, compensation=mode), ids, weights)
+    keep, out, w = (np.asarray(a) for a in (result.keep_mask, result.weights, weights))
+    assert 0 < keep.sum() < keep.size
+    assert (out[~keep] == 0).all()
+    total, kept_mass, new_mass = w.sum(-1), (w * keep).sum(-1), out.sum(-1)
+    if mode == "renorm":
+        np.testing.assert_allclose(new_mass, total, rtol=1e-6)
+    elif mode == "partial":
+        assert (new_mass >= kept_mass - 1e-6).all() and (new_mass <= total + 1e-6).all()
+        pruned = total > kept_mass + 1e-6
+        assert (new_mass[pruned] < total[pruned]).all() and (new_mass[pruned] > kept_mass[pruned]).all()
+    else:
+        np.testing.assert_allclose(new_mass, kept_mass, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(result.pruned_weights), np.where(keep, 0, w))
+    # Kept slots keep their relative proportions.
+    ratio = np.where(keep, out / w, np.nan)
+    assert np.allclose(np.nanmax(ratio, -1), np.nanmin(ratio, -1), rtol=1e-6)
+
+
+def test_compensate_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="compensation 'all' is not one of"):
+        compensate(jnp.ones((1, 2)), jnp.ones((1, 2), bool), "all")
+
+
+def test_only_the_heavy_device_is_pruned():
+    """Device 0 (experts 0-3) gets 12 tokens, device 1 (experts 4-7) 2: only device 0 prunes, and only
+    down to about the target (the mean load)."""
+    rng = np.random.default_rng(3)
+    heavy = np.stack([rng.permutation(4)[:2] for _ in range(12)])
+    light = np.stack([4 + rng.permutation(4)[:2] for _ in range(2)])
+    ids = jnp.asarray(np.concatenate([heavy, light]).astype(np.int32))
+    weights = jnp.asarray(rng.dirichlet(np.ones(2), 14).astype(np.float32))
+    costs = table(8, 2, 2)
+    result = caee_prune(costs, CAEEConfig(theta=1e9, k_min=1), ids, weights)
+    keep = np.asarray(result.keep_mask)
+    assert not keep[:12].all() and keep[12:].all()
+    before, after = np.asarray(result.load_before), np.asarray(result.load_after)
+    target = before.mean()
+    assert after[1] == before[1] and after[0] < before[0]
+    assert after[0] >= target - DEVICE.activation_s  # stops near the target (one slot's cost at most)
+
+
+def test_next_heaviest_target_prunes_less_than_the_mean_target():
+    ids, weights = random_routing(4, 32, 16, 4)
+    costs = table(16, 4, 4)
+    pruned = {
+        target: int((~caee_prune(costs, CAEEConfig(theta=1e9, target=target), ids, weights).keep_mask).sum())
+        for target in ("next", "mean")
+    }
+    assert 0 < pruned["next"] <= pruned["mean"]
+
+
+def test_an_expert_used_by_one_token_goes_before_one_shared_by_many():
+    """Same gate weights everywhere; expert 7 serves one token, expert 6 serves ten. Raising theta, the
+    first slot to go is expert 7's."""
+    ids = np.array([[0, 6]] * 10 + [[1, 7]], np.int32)
+    weights = np.tile(np.array([[0.6, 0.4]], np.float32), (11, 1))
+    costs = table(8, 1, 2)
+    for theta in np.linspace(0.0, 3.0, 61):
+        keep = np.asarray(caee_prune(costs, CAEEConfig(theta=float(theta)), jnp.asarray(ids), weights).keep_mask)
+        if not keep.all():
+            assert np.argwhere(~keep).tolist() == [[10, 1]], f"theta {theta}: first pruned {np.argwhere(~keep)}"
+            return
+    pytest.fail("nothing was pruned")
+
+
+def test_stats_count_active_experts():
+    ids = jnp.array([[0, 6]] * 10 + [[1, 7]], jnp.int32)
+    weights = jnp.tile(jnp.array([[0.6, 0.4]]), (11, 1))
+    result = caee_prune(table(8, 1, 2), CAEEConfig(theta=1e9), ids, weights)
+    assert (int(result.active_before), int(result.active_after)) == (4, 2)
+
+
+def test_new_routing_never_recompiles():
+    costs = table(16, 2, 4)
+    fn = jax.jit(functools.partial(caee_prune, costs, CAEEConfig(theta=1.0)))
+    cases = [random_routing(seed, 8, 16, 4) for seed in range(5)]
+    cases = [(np.asarray(i), np.asarray(w)) for i, w in cases]
+    with compile_counter() as compiles:
+        fn(*cases[0])
+        first = len(compiles)
+        for case in cases[1:]:
+            fn(*case)
+    assert len(compiles) == first
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("theta", -1.0, "theta must be >= 0"), ("target", "max", "target 'max'"), ("compensation", "x", "compensation")],
+)
+def test_bad_config(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        CAEEConfig(**{field: value})
