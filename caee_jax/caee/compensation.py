@@ -29,4 +29,6 @@ def compensate(topk_weights: jax.Array, keep_mask: jax.Array, mode: str, alpha: 
     total = topk_weights.sum(-1, keepdims=True)
     kept_mass = kept.sum(-1, keepdims=True)
     denominator = kept_mass if mode == "renorm" else kept_mass + alpha * (total - kept_mass)
-    return kept * jnp.where(denominator > 0, total / jnp.maximum(denominator, 1e-30), 0.0)
+    scale = jnp.where(denominator > 0, total / jnp.maximum(denominator, 1e-30), 0.0)
+    # A token that lost nothing keeps its weights exactly (no rounding from total / kept_mass).
+    return kept * jnp.where((~keep_mask).any(-1, keepdims=True), scale, 1.0)

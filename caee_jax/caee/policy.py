@@ -35,10 +35,12 @@ TARGETS = ("next", "mean")
 
 @dataclasses.dataclass(frozen=True)
 class CAEEConfig:
-    """theta: prune slots whose importance/cost score is below it (0: nothing); k_min: top slots per token
+    """enabled: False leaves routing untouched (bit-identical to no pruning);
+    theta: prune slots whose importance/cost score is below it (0: nothing); k_min: top slots per token
     never pruned; target, slack: how far a straggler is pruned ("next": down to the next-heaviest
     device, "mean": down to mean load x (1 + slack)); compensation: see `compensation.py`."""
 
+    enabled: bool = True
     theta: float = 0.8
     k_min: int = 1
     target: str = "mean"

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from caee_jax.caee.cost_table import CostTable
+from caee_jax.caee.pruning import Pruning
 from caee_jax.experts import ExpertBackend
 
 DISPATCH_MODES = ("auto", "gather", "all_to_all")
@@ -23,11 +25,15 @@ class Execution:
     ep_capacity_factor: all_to_all slots per (source, destination) device pair, as a multiple of the
       mean (pairs / expert shards); None sizes them so that no pair can ever be dropped. Dropped pairs
       are counted in `Routing.dropped_pairs`.
+    pruning: a CAEEConfig or PeerRule applied to every MoE layer before its experts run (None: off).
+    cost_table: the mesh's calibrated cost table (CAEE needs it); compiled in as constants.
     """
 
     backend: ExpertBackend = ExpertBackend.LOOP
     dispatch: str = "auto"
     ep_capacity_factor: float | None = None
+    pruning: Pruning | None = None
+    cost_table: CostTable | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "backend", ExpertBackend(self.backend))

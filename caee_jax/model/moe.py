@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from caee_jax.caee.pruning import prune
 from caee_jax.config import ModelConfig
 from caee_jax.experts import ExpertWeights, run_experts
 from caee_jax.model.execution import Execution
@@ -24,11 +25,13 @@ class RouterBias(nnx.Variable):
 
 
 class Routing(NamedTuple):
-    """What the router chose for each token: ids [B, T, K] int32, gate weights [B, T, K] f32;
-    dropped_pairs: int32 scalar, routed pairs that expert-parallel dispatch had no slot for."""
+    """What the router chose for each token: ids [B, T, K] int32, gate weights [B, T, K] f32; keep_mask
+    [B, T, K] bool: the pairs that ran (pruning); dropped_pairs: int32 scalar, kept pairs that
+    expert-parallel dispatch had no slot for."""
 
     topk_ids: jax.Array
     topk_weights: jax.Array
+    keep_mask: jax.Array
     dropped_pairs: jax.Array
 
 
@@ -61,10 +64,13 @@ class MoE(nnx.Module):
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         topk_ids, topk_weights = route(flat, self.router[...], self.router_bias[...], self.config)
-        keep_mask = jnp.ones(topk_ids.shape, bool)
+        mesh = expert_parallel_mesh()
+        shards = 1 if mesh is None else mesh.shape["expert"]
+        num_experts = self.config.n_routed_experts
+        keep_mask, combine = prune(execution.pruning, execution.cost_table, topk_ids, topk_weights, num_experts, shards)
         dropped = jnp.zeros((), jnp.int32)
-        args = (flat, topk_ids, topk_weights, keep_mask, self.expert_weights, execution.backend)
-        if expert_parallel_mesh() is None:
+        args = (flat, topk_ids, combine, keep_mask, self.expert_weights, execution.backend)
+        if mesh is None:
             y = run_experts(*args, layer=layer)
         else:
             dispatch = execution.dispatch
@@ -78,4 +84,5 @@ class MoE(nnx.Module):
             with jax.named_scope("shared_experts"):
                 y = y + self.shared(x)
         k = topk_ids.shape[-1]
-        return y, Routing(topk_ids.reshape(b, t, k), topk_weights.reshape(b, t, k), dropped)
+        routing = (topk_ids, topk_weights, keep_mask)
+        return y, Routing(*(a.reshape(b, t, k) for a in routing), dropped)

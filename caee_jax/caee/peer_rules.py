@@ -1,0 +1,75 @@
+"""Peer pruning rules, the baselines CAEE is measured against, in the same framework (keep mask + compensation).
+
+Each rule has one knob; none of them looks at costs or devices. A token's `k_min` heaviest slots are
+never pruned (capacity drop included, so every rule keeps at least as much as CAEE's floor).
+  topk        keep the `knob` heaviest slots (static top-k reduction, e.g. R1 8 -> 6)
+  top1_ratio  prune w_j < knob * w_max (threshold relative to the top-1 weight)
+  mass_ratio  prune w_j < knob * sum(w) (per-position threshold relative to the token's gate mass)
+  top_p       keep the heaviest slots until their cumulative share reaches `knob`
+  capacity    each expert keeps its ceil(knob * N*K/E) heaviest pairs of the batch (token drop)
+Letters: N tokens, K top-k, E experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from caee_jax.caee.compensation import COMPENSATIONS
+from caee_jax.caee.policy import weight_rank
+
+PEER_RULES = ("topk", "top1_ratio", "mass_ratio", "top_p", "capacity")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerRule:
+    """name: one of PEER_RULES; knob: its parameter (see the module doc); k_min, compensation: as CAEE's."""
+
+    name: str
+    knob: float
+    k_min: int = 1
+    compensation: str = "renorm"
+    partial_alpha: float = 0.5
+
+    def __post_init__(self):
+        if self.name not in PEER_RULES:
+            raise ValueError(f"peer rule {self.name!r} is not one of {PEER_RULES}")
+        if self.knob < 0:
+            raise ValueError(f"{self.name}: knob must be >= 0, got {self.knob}")
+        if self.compensation not in COMPENSATIONS:
+            raise ValueError(f"compensation {self.compensation!r} is not one of {COMPENSATIONS}")
+
+
+def peer_keep_mask(rule: PeerRule, topk_ids: jax.Array, topk_weights: jax.Array, num_experts: int) -> jax.Array:
+    """topk_ids, topk_weights [N, K] -> keep_mask [N, K] bool."""
+    rank = weight_rank(topk_weights)
+    protected = rank < rule.k_min
+    total = topk_weights.sum(-1, keepdims=True)
+    if rule.name == "topk":
+        keep = rank < int(rule.knob)
+    elif rule.name == "top1_ratio":
+        keep = topk_weights >= rule.knob * topk_weights.max(-1, keepdims=True)
+    elif rule.name == "mass_ratio":
+        keep = topk_weights >= rule.knob * total
+    elif rule.name == "top_p":
+        sorted_weights = -jnp.sort(-topk_weights, axis=-1)
+        share_before = (jnp.cumsum(sorted_weights, -1) - sorted_weights) / jnp.maximum(total, 1e-30)
+        keep = jnp.take_along_axis(share_before, rank, axis=-1) < rule.knob
+    else:
+        keep = _within_capacity(rule.knob, topk_ids, topk_weights, num_experts)
+    return keep | protected
+
+
+def _within_capacity(factor: float, topk_ids, topk_weights, num_experts: int) -> jax.Array:
+    """Each expert's ceil(factor * mean pairs per expert) heaviest pairs."""
+    num_tokens, top_k = topk_ids.shape
+    capacity = math.ceil(factor * num_tokens * top_k / num_experts)
+    flat_ids, flat_w = topk_ids.reshape(-1), topk_weights.reshape(-1)
+    order = jnp.lexsort((-flat_w, flat_ids))
+    counts = jnp.bincount(flat_ids, length=num_experts)
+    first = jnp.cumsum(counts) - counts
+    rank = jnp.zeros(flat_ids.shape, jnp.int32).at[order].set(jnp.arange(flat_ids.size) - first[flat_ids[order]])
+    return (rank < capacity).reshape(topk_ids.shape)
