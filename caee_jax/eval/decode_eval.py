@@ -1,0 +1,137 @@
+"""Teacher-forced decoding, pruned against unpruned, side by side: accuracy metrics and step times.
+
+Each batch holds B windows of held-out text. Both models prefill the windows' first `prefix` tokens
+(unpruned, so both start from the same cache), then decode `steps` tokens one step at a time, each
+fed the true next token (teacher forcing), so every step is a real decode step of a batch of B
+concurrent sequences: what the policy sees in serving. At every step the baseline (unpruned) and
+the candidate run alternately and are timed; the metrics compare their next-token distributions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from caee_jax.model.cache import LatentCache
+from caee_jax.model.execution import Execution
+from caee_jax.parallel.placement import batch_sharding, gather_replicated, mesh_context, to_mesh
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "execution", "cache_len"))
+def _prefill(graphdef, state, tokens, *, execution: Execution, cache_len: int) -> LatentCache:
+    model = nnx.merge(graphdef, state)
+    out = model(tokens, execution=execution)
+    cache = LatentCache.zeros(model.config, tokens.shape[0], cache_len, out.cache.moe.dtype)
+    return jax.tree.map(lambda c, new: c.at[:, :, : tokens.shape[1]].set(new), cache, out.cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "execution"), donate_argnames=("cache",))
+def _step(graphdef, state, cache, tokens, positions, *, execution: Execution):
+    """tokens [B] at positions [B] -> (log-probabilities [B, V], cache, kept pairs, active experts per layer)."""
+    model = nnx.merge(graphdef, state)
+    out = model(tokens[:, None], positions[:, None], cache, execution=execution)
+    logprobs = jax.nn.log_softmax(out.logits[:, 0], axis=-1)
+    routing = out.routing
+    kept = jnp.sum(routing.keep_mask)
+    num_experts = model.config.n_routed_experts
+    used = jax.vmap(
+        lambda ids, keep: jnp.bincount(jnp.where(keep, ids, num_experts).reshape(-1), length=num_experts + 1)
+    )
+    active = jnp.sum(used(routing.topk_ids, routing.keep_mask)[:, :num_experts] > 0)
+    return gather_replicated(logprobs), out.cache, gather_replicated(kept), gather_replicated(active)
+
+
+@dataclasses.dataclass
+class Comparison:
+    """Per predicted token (M of them): candidate and baseline log-prob of the truth, argmax hits,
+    agreement, KL(baseline || candidate); per step: both step times (s); pair and expert counts."""
+
+    nll: list = dataclasses.field(default_factory=list)
+    nll_base: list = dataclasses.field(default_factory=list)
+    correct: list = dataclasses.field(default_factory=list)
+    correct_base: list = dataclasses.field(default_factory=list)
+    agree: list = dataclasses.field(default_factory=list)
+    kl: list = dataclasses.field(default_factory=list)
+    step_s: list = dataclasses.field(default_factory=list)
+    step_base_s: list = dataclasses.field(default_factory=list)
+    kept_pairs: int = 0
+    total_pairs: int = 0
+    active_experts: list = dataclasses.field(default_factory=list)
+    active_experts_base: list = dataclasses.field(default_factory=list)
+
+    def summary(self) -> dict:
+        per_token = ("nll", "nll_base", "correct", "correct_base", "agree", "kl")
+        cat = {name: np.concatenate(getattr(self, name)) for name in per_token}
+        timed_base, timed = np.array(self.step_base_s[1:]), np.array(self.step_s[1:])  # first step: compile
+        return dict(
+            tokens=int(len(cat["nll"])),
+            top1_acc=float(cat["correct"].mean()),
+            top1_acc_unpruned=float(cat["correct_base"].mean()),
+            agreement=float(cat["agree"].mean()),
+            ppl=float(np.exp(cat["nll"].mean())),
+            ppl_unpruned=float(np.exp(cat["nll_base"].mean())),
+            kl=float(cat["kl"].mean()),
+            step_time_s=float(np.median(timed)),
+            step_time_unpruned_s=float(np.median(timed_base)),
+            pruned_pair_fraction=1.0 - self.kept_pairs / max(self.total_pairs, 1),
+            active_experts_per_layer=float(np.mean(self.active_experts)),
+            active_experts_per_layer_unpruned=float(np.mean(self.active_experts_base)),
+        )
+
+
+def windows_of(ids: np.ndarray, length: int, count: int, seed: int = 0) -> np.ndarray:
+    """`count` windows [count, length] at random offsets of the token stream ids (seeded)."""
+    if len(ids) <= length:
+        raise ValueError(f"the evaluation text has {len(ids)} tokens; need more than {length}")
+    starts = np.random.default_rng(seed).integers(0, len(ids) - length, count)
+    return np.stack([ids[s : s + length] for s in starts]).astype(np.int32)
+
+
+def compare(
+    model, candidate: Execution, windows: np.ndarray, prefix: int, result: Comparison | None = None
+) -> Comparison:
+    """Teacher-forced decode of windows [B, prefix + steps + 1], baseline (model.execution) vs candidate."""
+    result = result or Comparison()
+    batch, length = windows.shape
+    steps = length - prefix - 1
+    baseline = model.execution
+    mesh = model.mesh
+    put = (lambda a: to_mesh(a, batch_sharding(mesh, a.ndim))) if mesh is not None else jnp.asarray
+    num_layers = model.config.num_moe_layers
+    with mesh_context(mesh):
+        base_cache = _prefill(
+            model.graphdef, model.state, put(windows[:, :prefix]), execution=baseline, cache_len=length
+        )
+        cand_cache = jax.tree.map(jnp.copy, base_cache)
+        for t in range(prefix, prefix + steps):
+            tokens, positions = put(windows[:, t]), put(np.full(batch, t, np.int32))
+            outputs = []
+            for execution, cache in ((baseline, base_cache), (candidate, cand_cache)):
+                start = time.perf_counter()
+                out = _step(model.graphdef, model.state, cache, tokens, positions, execution=execution)
+                jax.block_until_ready(out)
+                outputs.append((out, time.perf_counter() - start))
+            (base_lp, base_cache, _, base_active), base_s = outputs[0]
+            (cand_lp, cand_cache, kept, active), cand_s = outputs[1]
+            base_lp, cand_lp = np.asarray(base_lp), np.asarray(cand_lp)
+            truth = windows[:, t + 1]
+            rows = np.arange(batch)
+            result.nll.append(-cand_lp[rows, truth])
+            result.nll_base.append(-base_lp[rows, truth])
+            result.correct.append(cand_lp.argmax(-1) == truth)
+            result.correct_base.append(base_lp.argmax(-1) == truth)
+            result.agree.append(cand_lp.argmax(-1) == base_lp.argmax(-1))
+            result.kl.append(np.sum(np.exp(base_lp) * (base_lp - cand_lp), axis=-1))
+            result.step_base_s.append(base_s)
+            result.step_s.append(cand_s)
+            result.kept_pairs += int(kept)
+            result.total_pairs += batch * model.config.num_experts_per_tok * num_layers
+            result.active_experts.append(int(active) / num_layers)
+            result.active_experts_base.append(int(base_active) / num_layers)
+    return result

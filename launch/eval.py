@@ -1,0 +1,240 @@
+"""Batch evaluation: CAEE and every peer rule, swept over their knobs, against the unpruned model.
+
+    python launch/eval.py                                   # bundled model, its held-out text, one device
+    python launch/eval.py --local-processes 2               # the same on 2 processes (expert=2, one core each)
+    python launch/eval.py --batch-sizes 16 --rules caee,top_p --eval-tokens 1024 --out runs/eval-quick
+
+For each (rule, knob, batch size), teacher-forced decoding on held-out text compares the pruned model
+with the unpruned one (caee_jax/eval/decode_eval.py): top-1 accuracy, agreement with the unpruned
+argmax, perplexity, KL, and decode step times measured alternately in the same run. One JSON record
+per case is appended to OUT/results.jsonl (a rerun skips cases already there); OUT/results.md holds
+the table and OUT/pareto.png the latency cut against the accuracy drop, one curve per rule.
+CAEE uses the stored cost table of this mesh (launch/calibrate.py; --cost-table to pick another).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+import caee_jax
+from caee_jax.caee.cost_table import CostTableError, load_table, signature_of, table_for
+from caee_jax.caee.peer_rules import PEER_RULES, PeerRule
+from caee_jax.caee.policy import CAEEConfig
+from caee_jax.eval.decode_eval import Comparison, compare, windows_of
+from caee_jax.model.execution import Execution
+from caee_jax.parallel import distributed
+from caee_jax.parallel.mesh import make_mesh
+
+KNOBS = {  # default sweep per rule
+    "caee": (0.25, 0.5, 0.8, 1.0, 1.5),
+    "topk": (3, 2),
+    "top1_ratio": (0.1, 0.2, 0.3, 0.5),
+    "mass_ratio": (0.05, 0.1, 0.15, 0.2),
+    "top_p": (0.95, 0.9, 0.8, 0.7),
+    "capacity": (2.0, 1.5, 1.0, 0.75),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    source.add_argument("--preset", help="random-weight preset (smoke tests only)")
+    parser.add_argument("--eval-file", help="text to evaluate on (default: the model's heldout.txt)")
+    parser.add_argument("--out", default=os.path.join("runs", "eval"), help="results directory")
+    parser.add_argument("--rules", default=",".join(KNOBS), help="comma-separated: caee and peer rules")
+    parser.add_argument("--knobs", help="override the sweep, e.g. caee=0.5,1.0;top_p=0.9 (rule=values;...)")
+    parser.add_argument("--batch-sizes", default="1,16,64")
+    parser.add_argument("--prefix", type=int, default=32, help="prefilled tokens per window")
+    parser.add_argument("--steps", type=int, default=32, help="teacher-forced decode steps per window")
+    parser.add_argument("--eval-tokens", type=int, default=2048, help="predicted tokens per case (at least)")
+    parser.add_argument("--k-min", type=int, default=1)
+    parser.add_argument("--compensation", default="renorm", choices=["none", "renorm", "partial"])
+    parser.add_argument("--slack", type=float, default=0.0)
+    parser.add_argument("--target", default="mean", choices=["mean", "next"])
+    parser.add_argument("--cost-table", help="cost table JSON (default: the stored one of this mesh)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parallel = parser.add_argument_group("devices and processes")
+    parallel.add_argument("--mesh")
+    parallel.add_argument("--local-processes", type=int)
+    parallel.add_argument("--coordinator")
+    parallel.add_argument("--num-processes", type=int)
+    parallel.add_argument("--process-id", type=int)
+    parallel.add_argument("--cpu-devices", type=int)
+    return parser.parse_args(argv)
+
+
+def sweep(args, top_k: int) -> list[tuple[str, float]]:
+    """(rule, knob) cases in order."""
+    knobs = dict(KNOBS)
+    for part in (args.knobs or "").split(";"):
+        if part.strip():
+            name, _, values = part.partition("=")
+            knobs[name.strip()] = tuple(float(v) for v in values.split(","))
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    unknown = [r for r in rules if r != "caee" and r not in PEER_RULES]
+    if unknown:
+        raise SystemExit(f"error: unknown rule {unknown[0]!r}; rules are caee, {', '.join(PEER_RULES)}")
+    return [(rule, float(knob)) for rule in rules for knob in knobs[rule] if rule != "topk" or knob < top_k]
+
+
+def rule_of(args, rule: str, knob: float):
+    if rule == "caee":
+        return CAEEConfig(
+            theta=knob, k_min=args.k_min, target=args.target, slack=args.slack, compensation=args.compensation
+        )
+    return PeerRule(rule, knob, k_min=args.k_min, compensation=args.compensation)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.local_processes:
+        rest = [a for i, a in enumerate(argv) if a != "--local-processes" and argv[i - 1 : i] != ["--local-processes"]]
+        code, stdout = distributed.spawn_local([os.path.abspath(__file__), *rest], args.local_processes)
+        print(stdout)
+        return code
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    mesh = make_mesh(args.mesh) if args.mesh or jax.device_count() > 1 else None
+    options = dict(dtype=args.dtype, mesh=mesh)
+    model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
+    lead = jax.process_index() == 0
+
+    path = args.eval_file or os.path.join(args.model or caee_jax.api.BUNDLED_MODEL, "heldout.txt")
+    with open(path) as f:
+        text = f.read()
+    ids = np.asarray(model.tokenizer.encode(text) if model.tokenizer else list(text.encode()), np.int64)
+    ids = ids % model.config.vocab_size
+    signature = signature_of(model.config, mesh, model.dtype, model.execution.backend)
+    rules = sweep(args, model.config.num_experts_per_tok)
+    table = None
+    if any(rule == "caee" for rule, _ in rules):
+        try:
+            table = load_table(args.cost_table, signature) if args.cost_table else table_for(signature)
+        except CostTableError as error:
+            raise SystemExit(f"error: {error}") from None
+
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "results.jsonl")
+    done = _finished(results_path)
+    processes = jax.process_count()
+    cases = [(rule, knob, batch) for batch in _ints(args.batch_sizes) for rule, knob in rules]
+    length = args.prefix + args.steps + 1
+    for rule, knob, batch in tqdm(cases, desc="cases", disable=not lead):
+        key = (rule, knob, batch, processes, args.compensation, args.k_min)
+        if key in done:
+            continue
+        candidate = Execution(model.execution.backend, pruning=rule_of(args, rule, knob), cost_table=table)
+        comparison = Comparison()
+        batches = -(-args.eval_tokens // (batch * args.steps))
+        for i in range(batches):
+            compare(model, candidate, windows_of(ids, length, batch, seed=1000 * batch + i), args.prefix, comparison)
+        record = dict(
+            rule=rule,
+            knob=knob,
+            batch_size=batch,
+            processes=processes,
+            compensation=args.compensation,
+            k_min=args.k_min,
+            eval_file=os.path.abspath(path),
+            model=args.model or args.preset or "bundled caee-small",
+            **comparison.summary(),
+        )
+        if lead:
+            _append(results_path, record)
+    if lead:
+        records = [json.loads(line) for line in open(results_path)]
+        _write_table(records, os.path.join(args.out, "results.md"))
+        _plot(records, os.path.join(args.out, "pareto.png"))
+        print(f"{len(records)} cases in {results_path}; table results.md, plot pareto.png")
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _finished(path: str) -> set:
+    if not os.path.exists(path):
+        return set()
+    keys = set()
+    for line in open(path):
+        r = json.loads(line)
+        keys.add((r["rule"], r["knob"], r["batch_size"], r["processes"], r["compensation"], r["k_min"]))
+    return keys
+
+
+def _append(path: str, record: dict) -> None:
+    """One line per case, flushed and fsynced: a killed run loses at most the case in progress."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _cut(r: dict) -> float:
+    return 1 - r["step_time_s"] / r["step_time_unpruned_s"]
+
+
+def _drop(r: dict) -> float:
+    return 1 - r["top1_acc"] / r["top1_acc_unpruned"]
+
+
+def _write_table(records: list[dict], path: str) -> None:
+    header = ("processes", "batch", "rule", "knob", "pruned pairs", "step cut", "top-1 drop (rel.)")
+    header += ("ppl rise (rel.)", "agreement", "KL")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in sorted(records, key=lambda r: (r["processes"], r["batch_size"], r["rule"], r["knob"])):
+        cells = (
+            r["processes"],
+            r["batch_size"],
+            r["rule"],
+            f"{r['knob']:g}",
+            f"{100 * r['pruned_pair_fraction']:.1f}%",
+        )
+        cells += (f"{100 * _cut(r):.1f}%", f"{100 * _drop(r):.2f}%", f"{100 * (r['ppl'] / r['ppl_unpruned'] - 1):.2f}%")
+        cells += (f"{100 * r['agreement']:.1f}%", f"{r['kl']:.4f}")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def _plot(records: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["processes"], r["batch_size"]) for r in records})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
+    for ax, (processes, batch) in zip(axes[0], groups, strict=True):
+        for rule in sorted({r["rule"] for r in records}):
+            rows = sorted(
+                (r for r in records if (r["processes"], r["batch_size"], r["rule"]) == (processes, batch, rule)),
+                key=lambda r: _drop(r),
+            )
+            if rows:
+                ax.plot([100 * _drop(r) for r in rows], [100 * _cut(r) for r in rows], marker="o", label=rule)
+        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set(title=f"{processes} process(es), batch {batch}", xlabel="top-1 accuracy drop (%, relative)")
+        ax.set_ylabel("decode step time cut (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
