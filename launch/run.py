@@ -21,7 +21,11 @@ import time
 import jax
 
 import caee_jax
-from caee_jax.config import PRESETS
+from caee_jax.caee.cost_table import CostTableError, load_table, signature_of, table_for
+from caee_jax.caee.policy import CAEEConfig
+from caee_jax.caee.rule_config import load_rule, parse_rule
+from caee_jax.config import PRESETS, ModelConfig, preset
+from caee_jax.model.execution import Execution
 from caee_jax.parallel import distributed
 from caee_jax.parallel.mesh import describe, make_mesh
 
@@ -44,6 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--backend", choices=["loop", "dense", "pallas"], default="loop", help="expert backend")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    pruning = parser.add_argument_group("pruning (CAEE or a peer rule)")
+    rule = pruning.add_mutually_exclusive_group()
+    rule.add_argument("--prune", help="RULE=NUMBER, e.g. caee=0.8 (theta) or top_p=0.9 (knob)")
+    rule.add_argument("--pruning-config", help="a YAML rule file, e.g. configs/caee/default.yaml")
+    pruning.add_argument("--cost-table", help="cost table JSON for CAEE (default: the stored one of this mesh)")
     parallel = parser.add_argument_group("devices and processes")
     parallel.add_argument(
         "--mesh", help="mesh axes, e.g. data=2,expert=4 (default: every device on the expert axis; none for 1 device)"
@@ -62,7 +71,12 @@ def main(argv=None) -> int:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     mesh = make_mesh(args.mesh) if args.mesh or jax.device_count() > 1 else None
     start = time.perf_counter()
-    options = dict(dtype=args.dtype, backend=args.backend, mesh=mesh)
+    try:
+        execution = _execution(args, mesh)
+    except (ValueError, CostTableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    options = dict(dtype=args.dtype, backend=execution, mesh=mesh)
     if args.preset:
         model = caee_jax.init_random(args.preset, seed=args.seed, **options)
         source = f"preset {args.preset} (random weights)"
@@ -96,6 +110,7 @@ def main(argv=None) -> int:
     report = {
         "model": source,
         "mesh": describe(mesh) if mesh else None,
+        "pruning": repr(execution.pruning) if execution.pruning else None,
         "process": jax.process_index(),
         "processes": jax.process_count(),
         "generated_ids": ids,
@@ -111,6 +126,8 @@ def main(argv=None) -> int:
     if jax.process_index() != 0:
         return 0
     print(f"model: {source}" + (f" | mesh {report['mesh']} over {jax.process_count()} process(es)" if mesh else ""))
+    if execution.pruning:
+        print(f"pruning: {execution.pruning}")
     if prompt_text is not None:
         print(f"--- prompt ---\n{prompt_text}\n--- completion ---\n{text}")
     else:
@@ -120,6 +137,22 @@ def main(argv=None) -> int:
         f"decode {1e3 * result.decode_s_per_token:.1f} ms/token ({report['decode_tokens_per_s']:.1f} tokens/s)"
     )
     return 0
+
+
+def _execution(args, mesh) -> Execution:
+    """The backend, plus the pruning rule and (for CAEE) the cost table of this mesh."""
+    if args.prune or args.pruning_config:
+        rule = parse_rule(args.prune) if args.prune else load_rule(args.pruning_config)
+    else:
+        return Execution(args.backend)
+    table = None
+    if isinstance(rule, CAEEConfig):
+        config = (
+            preset(args.preset) if args.preset else ModelConfig.from_hf(args.checkpoint or caee_jax.api.BUNDLED_MODEL)
+        )
+        signature = signature_of(config, mesh, args.dtype, args.backend)
+        table = load_table(args.cost_table, signature) if args.cost_table else table_for(signature)
+    return Execution(args.backend, pruning=rule, cost_table=table)
 
 
 if __name__ == "__main__":
