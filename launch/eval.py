@@ -137,7 +137,8 @@ def main(argv=None) -> int:
         comparison = Comparison()
         batches = -(-args.eval_tokens // (batch * args.steps))
         for i in range(batches):
-            compare(model, candidate, windows_of(ids, length, batch, seed=1000 * batch + i), args.prefix, comparison)
+            windows = windows_of(ids, length, batch, seed=1000 * batch + i)
+            compare(model, candidate, windows, args.prefix, comparison, table)
         record = dict(
             rule=rule,
             knob=knob,

@@ -125,6 +125,16 @@ def test_an_expert_used_by_one_token_goes_before_one_shared_by_many():
     pytest.fail("nothing was pruned")
 
 
+def test_a_table_without_slot_costs_prunes_by_importance():
+    free = DeviceCosts(fixed_s=1e-4, pair_s=0.0, activation_s=0.0, fetch_s=(0.0, 0.0, 0.0), comm_token_s=0.0)
+    costs = dataclasses.replace(table(16, 1, 4), devices=(free,))
+    ids, weights = random_routing(5, 16, 16, 4)
+    keep = np.asarray(caee_prune(costs, CAEEConfig(theta=0.9), ids, weights).keep_mask)
+    importance = 4 * np.asarray(weights) / np.asarray(weights).sum(-1, keepdims=True)
+    rank = np.asarray(weight_rank(weights))
+    np.testing.assert_array_equal(keep, (importance >= 0.9) | (rank < 1))
+
+
 def test_stats_count_active_experts():
     ids = jnp.array([[0, 6]] * 10 + [[1, 7]], jnp.int32)
     weights = jnp.tile(jnp.array([[0.6, 0.4]]), (11, 1))

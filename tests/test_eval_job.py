@@ -7,8 +7,9 @@ import os
 import subprocess
 import sys
 
+from test_pruning import single_device_table
+
 import caee_jax
-from caee_jax.caee.calibration import calibrate
 from caee_jax.caee.cost_table import save_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +18,7 @@ FIELDS |= {"step_time_s", "step_time_unpruned_s", "agreement", "kl", "pruned_pai
 
 
 def test_eval_job_writes_records_and_resumes(tmp_path):
-    table = save_table(calibrate(caee_jax.init_random("tiny"), cases_per_size=1, repeats=1), str(tmp_path))
+    table = save_table(single_device_table(caee_jax.init_random("tiny")), str(tmp_path))
     (tmp_path / "text.txt").write_text(open(os.path.join(caee_jax.api.BUNDLED_MODEL, "heldout.txt")).read()[:4000])
     command = [sys.executable, "launch/eval.py", "--preset", "tiny", "--eval-file", str(tmp_path / "text.txt")]
     command += ["--out", str(tmp_path / "out"), "--batch-sizes", "2", "--prefix", "4", "--steps", "3"]

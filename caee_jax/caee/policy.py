@@ -106,7 +106,8 @@ def caee_prune(
         per_expert = per_expert + fetch_s[placement, residency]
     users = expert_load(topk_ids, everything, num_experts).pairs  # [E]
     cost = pair_s[device] + per_expert[topk_ids] / jnp.maximum(users[topk_ids], 1)
-    score = importance / (cost / jnp.mean(cost))
+    mean_cost = jnp.mean(cost)
+    score = importance / jnp.where(mean_cost > 0, cost / mean_cost, 1.0)  # a table without slot costs: importance
 
     # Straggler target and each device's excess over it.
     load = before.device_s

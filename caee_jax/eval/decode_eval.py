@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from caee_jax.caee.cost_model import predict
+from caee_jax.caee.cost_table import CostTable
 from caee_jax.model.cache import LatentCache
 from caee_jax.model.execution import Execution
 from caee_jax.parallel.placement import batch_sharding, gather_replicated, mesh_context, to_mesh
@@ -31,9 +33,10 @@ def _prefill(graphdef, state, tokens, *, execution: Execution, cache_len: int) -
     return jax.tree.map(lambda c, new: c.at[:, :, : tokens.shape[1]].set(new), cache, out.cache)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "execution"), donate_argnames=("cache",))
-def _step(graphdef, state, cache, tokens, positions, *, execution: Execution):
-    """tokens [B] at positions [B] -> (log-probabilities [B, V], cache, kept pairs, active experts per layer)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "execution", "table"), donate_argnames=("cache",))
+def _step(graphdef, state, cache, tokens, positions, *, execution: Execution, table: CostTable | None):
+    """tokens [B] at positions [B] -> (log-probabilities [B, V], cache, kept pairs, active experts summed
+    over layers, predicted MoE time of the step summed over layers: [unpruned, as run] (s; 0 without table))."""
     model = nnx.merge(graphdef, state)
     out = model(tokens[:, None], positions[:, None], cache, execution=execution)
     logprobs = jax.nn.log_softmax(out.logits[:, 0], axis=-1)
@@ -44,7 +47,15 @@ def _step(graphdef, state, cache, tokens, positions, *, execution: Execution):
         lambda ids, keep: jnp.bincount(jnp.where(keep, ids, num_experts).reshape(-1), length=num_experts + 1)
     )
     active = jnp.sum(used(routing.topk_ids, routing.keep_mask)[:, :num_experts] > 0)
-    return gather_replicated(logprobs), out.cache, gather_replicated(kept), gather_replicated(active)
+    predicted = jnp.zeros(2)
+    if table is not None:
+        layer_s = jax.vmap(lambda ids, keep: predict(table, ids[:, 0], keep[:, 0]).layer_s)
+        everything = jnp.ones_like(routing.keep_mask)
+        predicted = jnp.stack(
+            [layer_s(routing.topk_ids, everything).sum(), layer_s(routing.topk_ids, routing.keep_mask).sum()]
+        )
+    replicated = [gather_replicated(a) for a in (logprobs, kept, active, predicted)]
+    return replicated[0], out.cache, *replicated[1:]
 
 
 @dataclasses.dataclass
@@ -64,6 +75,8 @@ class Comparison:
     total_pairs: int = 0
     active_experts: list = dataclasses.field(default_factory=list)
     active_experts_base: list = dataclasses.field(default_factory=list)
+    predicted_s: list = dataclasses.field(default_factory=list)
+    predicted_unpruned_s: list = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict:
         per_token = ("nll", "nll_base", "correct", "correct_base", "agree", "kl")
@@ -82,6 +95,8 @@ class Comparison:
             pruned_pair_fraction=1.0 - self.kept_pairs / max(self.total_pairs, 1),
             active_experts_per_layer=float(np.mean(self.active_experts)),
             active_experts_per_layer_unpruned=float(np.mean(self.active_experts_base)),
+            predicted_moe_s=float(np.median(self.predicted_s)),
+            predicted_moe_unpruned_s=float(np.median(self.predicted_unpruned_s)),
         )
 
 
@@ -94,9 +109,10 @@ def windows_of(ids: np.ndarray, length: int, count: int, seed: int = 0) -> np.nd
 
 
 def compare(
-    model, candidate: Execution, windows: np.ndarray, prefix: int, result: Comparison | None = None
+    model, candidate: Execution, windows: np.ndarray, prefix: int, result: Comparison | None = None, table=None
 ) -> Comparison:
-    """Teacher-forced decode of windows [B, prefix + steps + 1], baseline (model.execution) vs candidate."""
+    """Teacher-forced decode of windows [B, prefix + steps + 1], baseline (model.execution) vs candidate;
+    with a cost table, each step's MoE time is also predicted, unpruned and as pruned."""
     result = result or Comparison()
     batch, length = windows.shape
     steps = length - prefix - 1
@@ -114,11 +130,11 @@ def compare(
             outputs = []
             for execution, cache in ((baseline, base_cache), (candidate, cand_cache)):
                 start = time.perf_counter()
-                out = _step(model.graphdef, model.state, cache, tokens, positions, execution=execution)
+                out = _step(model.graphdef, model.state, cache, tokens, positions, execution=execution, table=table)
                 jax.block_until_ready(out)
                 outputs.append((out, time.perf_counter() - start))
-            (base_lp, base_cache, _, base_active), base_s = outputs[0]
-            (cand_lp, cand_cache, kept, active), cand_s = outputs[1]
+            (base_lp, base_cache, _, base_active, _), base_s = outputs[0]
+            (cand_lp, cand_cache, kept, active, predicted), cand_s = outputs[1]
             base_lp, cand_lp = np.asarray(base_lp), np.asarray(cand_lp)
             truth = windows[:, t + 1]
             rows = np.arange(batch)
@@ -134,4 +150,6 @@ def compare(
             result.total_pairs += batch * model.config.num_experts_per_tok * num_layers
             result.active_experts.append(int(active) / num_layers)
             result.active_experts_base.append(int(base_active) / num_layers)
+            result.predicted_unpruned_s.append(float(predicted[0]))
+            result.predicted_s.append(float(predicted[1]))
     return result
