@@ -77,7 +77,10 @@ def sweep(args, top_k: int) -> list[tuple[str, float]]:
     for part in (args.knobs or "").split(";"):
         if part.strip():
             name, _, values = part.partition("=")
-            knobs[name.strip()] = tuple(float(v) for v in values.split(","))
+            try:
+                knobs[name.strip()] = tuple(float(v) for v in values.split(","))
+            except ValueError:
+                raise SystemExit(f"error: --knobs {part!r}: expected rule=number,number,...") from None
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     unknown = [r for r in rules if r != "caee" and r not in PEER_RULES]
     if unknown:
