@@ -1,6 +1,6 @@
 """Train the bundled small DeepSeek-V3-architecture model on the Python standard library.
 
-    python -m checkpoints_tools.train_small [--out caee_jax/assets/caee-small] [--steps 1600]
+    python -m checkpoints_tools.train_small [--out caee_jax/assets/caee-small] [--steps 2900]
 
 Steps (each resumable; a rerun skips what is done): train a byte-level BPE tokenizer on the training
 files; encode the corpus; train with AdamW and DeepSeek-V3's auxiliary-loss-free balancing (after every
@@ -70,7 +70,7 @@ def small_config(vocab_size: int) -> ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1600
+    steps: int = 2900
     batch_size: int = 12
     seq_len: int = 256
     learning_rate: float = 3e-3
