@@ -25,7 +25,6 @@ from caee_jax.caee.calibration import calibrate, validate
 from caee_jax.caee.cost_table import DEFAULT_DIR, CostTableError, save_table, signature_of, table_for
 from caee_jax.config import PRESETS
 from caee_jax.parallel import distributed
-from caee_jax.parallel.mesh import make_mesh
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,14 +55,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.local_processes:
-        rest = _without(argv, "--local-processes")
-        code, stdout = distributed.spawn_local([os.path.abspath(__file__), *rest], args.local_processes)
-        print(stdout)
-        return code
-    if args.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    mesh = make_mesh(args.mesh) if args.mesh or jax.device_count() > 1 else None
+        return distributed.relaunch_locally(__file__, argv, args.local_processes)
+    mesh = distributed.join(args)
     options = dict(dtype=args.dtype, backend=args.backend, mesh=mesh)
     model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
     signature = signature_of(model.config, mesh, model.dtype, args.backend)
@@ -95,19 +88,6 @@ def main(argv=None) -> int:
             summary["plot"] = args.plot
         _print(summary, args.json)
     return 0
-
-
-def _without(argv: list[str], flag: str) -> list[str]:
-    """argv without `flag` and its value."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == flag:
-            skip = True
-        elif not arg.startswith(flag + "="):
-            out.append(arg)
-    return out
 
 
 def _print(report: dict, as_json: bool) -> None:

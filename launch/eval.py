@@ -30,7 +30,6 @@ from caee_jax.caee.policy import CAEEConfig
 from caee_jax.eval.decode_eval import Comparison, compare, windows_of
 from caee_jax.model.execution import Execution
 from caee_jax.parallel import distributed
-from caee_jax.parallel.mesh import make_mesh
 
 KNOBS = {  # default sweep per rule
     "caee": (0.25, 0.5, 0.8, 1.0, 1.5),
@@ -100,14 +99,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.local_processes:
-        rest = [a for i, a in enumerate(argv) if a != "--local-processes" and argv[i - 1 : i] != ["--local-processes"]]
-        code, stdout = distributed.spawn_local([os.path.abspath(__file__), *rest], args.local_processes)
-        print(stdout)
-        return code
-    if args.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    mesh = make_mesh(args.mesh) if args.mesh or jax.device_count() > 1 else None
+        return distributed.relaunch_locally(__file__, argv, args.local_processes)
+    mesh = distributed.join(args)
     options = dict(dtype=args.dtype, mesh=mesh)
     model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
     lead = jax.process_index() == 0

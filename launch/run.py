@@ -27,7 +27,7 @@ from caee_jax.caee.rule_config import load_rule, parse_rule
 from caee_jax.config import PRESETS, ModelConfig, preset
 from caee_jax.model.execution import Execution
 from caee_jax.parallel import distributed
-from caee_jax.parallel.mesh import describe, make_mesh
+from caee_jax.parallel.mesh import describe
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 DEFAULT_PROMPT_IDS = "0,11,23,5,42,7"
@@ -66,10 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    mesh = make_mesh(args.mesh) if args.mesh or jax.device_count() > 1 else None
+    mesh = distributed.join(args)
     start = time.perf_counter()
     try:
         execution = _execution(args, mesh)

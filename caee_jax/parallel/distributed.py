@@ -13,6 +13,9 @@ import subprocess
 import sys
 
 import jax
+from jax.sharding import Mesh
+
+from caee_jax.parallel.mesh import make_mesh
 
 # A process that stops answering is declared dead after this long; the others then exit with an
 # error naming it instead of waiting forever in a collective.
@@ -82,3 +85,21 @@ def spawn_local(argv: list[str], num_processes: int, *, pin_cores: bool = True) 
             print(f"process {i} failed:\n{err[-4000:]}", file=sys.stderr)
     stdout = "\n".join(line for line in stdout.splitlines() if not line.startswith("[Gloo]"))
     return max(abs(p.returncode) for p in procs), stdout
+
+
+def join(args) -> Mesh | None:
+    """The launchers' common start, from their --cpu-devices, --coordinator/--num-processes/--process-id
+    and --mesh flags: simulate CPU devices, join the cluster, build the mesh (None on one device)."""
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    initialize(args.coordinator, args.num_processes, args.process_id)
+    return make_mesh(args.mesh) if args.mesh or jax.device_count() > 1 else None
+
+
+def relaunch_locally(script: str, argv: list[str], num_processes: int) -> int:
+    """Runs `script` with `argv` minus --local-processes as a local cluster; prints process 0's output."""
+    rest = [a for i, a in enumerate(argv) if a != "--local-processes" and argv[i - 1 : i] != ["--local-processes"]]
+    rest = [a for a in rest if not a.startswith("--local-processes=")]
+    code, stdout = spawn_local([os.path.abspath(script), *rest], num_processes)
+    print(stdout)
+    return code
