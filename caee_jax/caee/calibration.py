@@ -257,7 +257,7 @@ def calibrate(
         layer = np.array(
             [bench.time_layer(case) for case in tqdm(cases, desc="expert-parallel layer", disable=not show)]
         )
-        compute = np.array([(bench.shard_features(case) @ coefficients.T).diagonal().max() for case in cases])
+        compute = np.array([np.sum(bench.shard_features(case) * coefficients, axis=1).max() for case in cases])
         tokens = np.array([case.num_tokens for case in cases], np.float64)
         comm_fixed, comm_token = nonnegative_lstsq(np.stack([np.ones_like(tokens), tokens], 1), layer - compute)
         predicted = compute + comm_fixed + comm_token * tokens

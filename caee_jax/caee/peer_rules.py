@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from caee_jax.caee.compensation import COMPENSATIONS
 from caee_jax.caee.policy import weight_rank
+from caee_jax.experts.loop import rank_in_group
 
 PEER_RULES = ("topk", "top1_ratio", "mass_ratio", "top_p", "capacity")
 
@@ -67,9 +68,5 @@ def _within_capacity(factor: float, topk_ids, topk_weights, num_experts: int) ->
     """Each expert's ceil(factor * mean pairs per expert) heaviest pairs."""
     num_tokens, top_k = topk_ids.shape
     capacity = math.ceil(factor * num_tokens * top_k / num_experts)
-    flat_ids, flat_w = topk_ids.reshape(-1), topk_weights.reshape(-1)
-    order = jnp.lexsort((-flat_w, flat_ids))
-    counts = jnp.bincount(flat_ids, length=num_experts)
-    first = jnp.cumsum(counts) - counts
-    rank = jnp.zeros(flat_ids.shape, jnp.int32).at[order].set(jnp.arange(flat_ids.size) - first[flat_ids[order]])
+    rank = rank_in_group(topk_ids.reshape(-1), topk_weights.reshape(-1), num_experts)
     return (rank < capacity).reshape(topk_ids.shape)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from caee_jax.caee.cost_model import predict
+from caee_jax.caee.cost_model import expert_load, predict
 from caee_jax.caee.cost_table import CostTable
 from caee_jax.model.cache import LatentCache
 from caee_jax.model.execution import Execution
@@ -42,11 +42,8 @@ def _step(graphdef, state, cache, tokens, positions, *, execution: Execution, ta
     logprobs = jax.nn.log_softmax(out.logits[:, 0], axis=-1)
     routing = out.routing
     kept = jnp.sum(routing.keep_mask)
-    num_experts = model.config.n_routed_experts
-    used = jax.vmap(
-        lambda ids, keep: jnp.bincount(jnp.where(keep, ids, num_experts).reshape(-1), length=num_experts + 1)
-    )
-    active = jnp.sum(used(routing.topk_ids, routing.keep_mask)[:, :num_experts] > 0)
+    load = jax.vmap(lambda ids, keep: expert_load(ids, keep, model.config.n_routed_experts))
+    active = jnp.sum(load(routing.topk_ids, routing.keep_mask).active)
     predicted = jnp.zeros(2)
     if table is not None:
         layer_s = jax.vmap(lambda ids, keep: predict(table, ids[:, 0], keep[:, 0]).layer_s)

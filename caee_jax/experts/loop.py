@@ -68,3 +68,12 @@ def run_loop(x, topk_ids, topk_weights, keep_mask, weights, tile_rows: int | Non
 
     out = jax.lax.fori_loop(0, num_active, one_expert, jnp.zeros(x.shape, jnp.float32))
     return out.astype(x.dtype)
+
+
+def rank_in_group(group: jax.Array, weight: jax.Array, num_groups: int) -> jax.Array:
+    """group [P] int in [0, num_groups], weight [P] -> each item's rank within its group, heaviest first
+    (capacity slots: an item fits when its rank is below the capacity)."""
+    order = jnp.lexsort((-weight, group))
+    counts = jnp.bincount(group, length=num_groups + 1)
+    first = jnp.cumsum(counts) - counts  # first sorted position of each group
+    return jnp.zeros(group.shape, jnp.int32).at[order].set(jnp.arange(group.size) - first[group[order]])

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
+from caee_jax.experts.loop import rank_in_group
 
 
 def expert_parallel_mesh():
@@ -124,10 +125,7 @@ def _all_to_all_local(x, topk_ids, topk_weights, keep_mask, weights, backend, la
     capacity = slots_per_shard(num_pairs, shards, capacity_factor)
     dest = jnp.where(keep, ids // num_local, shards).reshape(-1)  # [P]; shards = not sent
     pair_w = gate_w.reshape(-1)
-    order = jnp.lexsort((-pair_w, dest))
-    counts = jnp.bincount(dest, length=shards + 1)
-    first = jnp.cumsum(counts) - counts  # first sorted position of each destination
-    rank = jnp.zeros(num_pairs, jnp.int32).at[order].set(jnp.arange(num_pairs) - first[dest[order]])
+    rank = rank_in_group(dest, pair_w, shards)
     routed = dest < shards
     sent = routed & (rank < capacity)
     dropped = jnp.sum(routed & ~sent).astype(jnp.int32)
