@@ -26,11 +26,12 @@ from tqdm import tqdm
 import caee_jax
 from caee_jax.caee.cost_table import CostTableError, load_table, signature_of, table_for
 from caee_jax.caee.peer_rules import PEER_RULES, PeerRule
-from caee_jax.caee.policy import CAEEConfig
+from caee_jax.caee.policy import TARGETS, CAEEConfig
 from caee_jax.eval.decode_eval import Comparison, compare, windows_of
 from caee_jax.model.execution import Execution
 from caee_jax.parallel import distributed
 
+SETTINGS = ("compensation", "k_min", "target", "slack", "refill")  # recorded per case (target..refill: CAEE's)
 KNOBS = {  # default sweep per rule
     "caee": (0.25, 0.5, 0.8, 1.0, 1.5),
     "topk": (3, 2),
@@ -57,7 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--k-min", type=int, default=1)
     parser.add_argument("--compensation", default="renorm", choices=["none", "renorm", "partial"])
     parser.add_argument("--slack", type=float, default=0.0)
-    parser.add_argument("--target", default="mean", choices=["mean", "next"])
+    parser.add_argument("--target", default="mean", choices=TARGETS)
+    parser.add_argument(
+        "--refill", action=argparse.BooleanOptionalAction, default=True, help="CAEE: restore slots that cost nothing"
+    )
     parser.add_argument("--cost-table", help="cost table JSON (default: the stored one of this mesh)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parallel = parser.add_argument_group("devices and processes")
@@ -90,7 +94,12 @@ def sweep(args, top_k: int) -> list[tuple[str, float]]:
 def rule_of(args, rule: str, knob: float):
     if rule == "caee":
         return CAEEConfig(
-            theta=knob, k_min=args.k_min, target=args.target, slack=args.slack, compensation=args.compensation
+            theta=knob,
+            k_min=args.k_min,
+            target=args.target,
+            slack=args.slack,
+            refill=args.refill,
+            compensation=args.compensation,
         )
     return PeerRule(rule, knob, k_min=args.k_min, compensation=args.compensation)
 
@@ -125,9 +134,9 @@ def main(argv=None) -> int:
     processes = jax.process_count()
     cases = [(rule, knob, batch) for batch in _ints(args.batch_sizes) for rule, knob in rules]
     length = args.prefix + args.steps + 1
+    settings = {name: getattr(args, name) for name in SETTINGS}
     for rule, knob, batch in tqdm(cases, desc="cases", disable=not lead):
-        key = (rule, knob, batch, processes, args.compensation, args.k_min)
-        if key in done:
+        if _key(dict(rule=rule, knob=knob, batch_size=batch, processes=processes, **settings)) in done:
             continue
         candidate = Execution(model.execution.backend, pruning=rule_of(args, rule, knob), cost_table=table)
         comparison = Comparison()
@@ -140,8 +149,7 @@ def main(argv=None) -> int:
             knob=knob,
             batch_size=batch,
             processes=processes,
-            compensation=args.compensation,
-            k_min=args.k_min,
+            **settings,
             eval_file=os.path.abspath(path),
             model=args.model or args.preset or "bundled caee-small",
             **comparison.summary(),
@@ -160,14 +168,15 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def _key(record: dict) -> tuple:
+    """What identifies a case: rule, knob, batch size, processes and the settings."""
+    return tuple(record.get(name) for name in ("rule", "knob", "batch_size", "processes", *SETTINGS))
+
+
 def _finished(path: str) -> set:
     if not os.path.exists(path):
         return set()
-    keys = set()
-    for line in open(path):
-        r = json.loads(line)
-        keys.add((r["rule"], r["knob"], r["batch_size"], r["processes"], r["compensation"], r["k_min"]))
-    return keys
+    return {_key(json.loads(line)) for line in open(path)}
 
 
 def _append(path: str, record: dict) -> None:
@@ -186,21 +195,75 @@ def _drop(r: dict) -> float:
     return 1 - r["top1_acc"] / r["top1_acc_unpruned"]
 
 
+def _drop_error(r: dict) -> float:
+    """Two standard errors of the relative top-1 drop (paired over the same tokens)."""
+    return 2 * r["top1_diff_se"] / r["top1_acc_unpruned"]
+
+
+def _rise(r: dict) -> float:
+    return r["ppl"] / r["ppl_unpruned"] - 1
+
+
+def _label(r: dict) -> str:
+    """The rule, with the settings that differ from the defaults."""
+    defaults = dict(compensation="renorm", k_min=1)
+    if r["rule"] == "caee":
+        defaults.update(target="mean", slack=0.0, refill=True)
+    changed = [f"{name}={r.get(name)}" for name, value in defaults.items() if r.get(name, value) != value]
+    return r["rule"] + (f" ({', '.join(changed)})" if changed else "")
+
+
+MAX_DROP, MAX_RISE = 0.01, 0.02  # the accuracy limits of the issue's targets (relative top-1 drop, ppl rise)
+
+
+def _best(rows: list[dict], max_drop: float, max_rise: float) -> dict | None:
+    """The case with the largest step cut among those within both accuracy limits."""
+    within = [r for r in rows if _drop(r) <= max_drop and _rise(r) <= max_rise]
+    return max(within, key=_cut, default=None)
+
+
+def _best_table(records: list[dict]) -> list[str]:
+    """Per (processes, batch) and rule: the best cut within the targets' limits, and within perplexity
+    limits alone (top-1 accuracy is the noisier measure); then CAEE's best against the best peer's."""
+    limits = ((MAX_DROP, MAX_RISE), (1.0, 0.01), (1.0, MAX_RISE))
+    header = ("processes", "batch", "rule", "top-1 drop <= 1%, ppl rise <= 2%", "ppl rise <= 1%", "ppl rise <= 2%")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for processes, batch in sorted({(r["processes"], r["batch_size"]) for r in records}):
+        group = [r for r in records if (r["processes"], r["batch_size"]) == (processes, batch)]
+        best = {}
+        for label in sorted({_label(r) for r in group}):
+            rows = [r for r in group if _label(r) == label]
+            best[label] = [_best(rows, *limit) for limit in limits]
+            cells = [f"{100 * _cut(b):.1f}% (knob {b['knob']:g})" if b else "none" for b in best[label]]
+            lines.append("| " + " | ".join(map(str, (processes, batch, label, *cells))) + " |")
+        peers = [cuts for label, cuts in best.items() if not label.startswith("caee")]
+        for label, cuts in best.items():
+            if label.startswith("caee") and peers:
+                ratios = []
+                for i, b in enumerate(cuts):
+                    peer = max((_cut(p[i]) for p in peers if p[i]), default=None)
+                    ratios.append(f"{_cut(b) / peer:.2f}x" if b and peer and peer > 0 else "n/a")
+                lines.append("| " + " | ".join(map(str, (processes, batch, f"{label} / best peer", *ratios))) + " |")
+    return lines
+
+
 def _write_table(records: list[dict], path: str) -> None:
-    header = ("processes", "batch", "rule", "knob", "pruned pairs", "step cut", "top-1 drop (rel.)")
+    header = ("processes", "batch", "rule", "knob", "pruned pairs", "step cut", "top-1 drop (rel.) ± 2 s.e.")
     header += ("ppl rise (rel.)", "agreement", "KL")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in sorted(records, key=lambda r: (r["processes"], r["batch_size"], r["rule"], r["knob"])):
+    for r in sorted(records, key=lambda r: (r["processes"], r["batch_size"], _label(r), r["knob"])):
         cells = (
             r["processes"],
             r["batch_size"],
-            r["rule"],
+            _label(r),
             f"{r['knob']:g}",
             f"{100 * r['pruned_pair_fraction']:.1f}%",
         )
-        cells += (f"{100 * _cut(r):.1f}%", f"{100 * _drop(r):.2f}%", f"{100 * (r['ppl'] / r['ppl_unpruned'] - 1):.2f}%")
-        cells += (f"{100 * r['agreement']:.1f}%", f"{r['kl']:.4f}")
+        cells += (f"{100 * _cut(r):.1f}%", f"{100 * _drop(r):.2f} ± {100 * _drop_error(r):.2f}%")
+        cells += (f"{100 * _rise(r):.2f}%", f"{100 * r['agreement']:.1f}%", f"{r['kl']:.4f}")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "Best decode step-time cut within accuracy limits (relative to the unpruned model):", ""]
+    lines += _best_table(records)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -208,25 +271,34 @@ def _write_table(records: list[dict], path: str) -> None:
 
 
 def _plot(records: list[dict], path: str) -> None:
+    """Per (processes, batch): step-time cut against the top-1 drop (with 2 s.e. bars), and against the
+    perplexity rise; one curve per rule, points in order of pruned pairs; dashed: the targets' limits."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = sorted({(r["processes"], r["batch_size"]) for r in records})
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
-    for ax, (processes, batch) in zip(axes[0], groups, strict=True):
-        for rule in sorted({r["rule"] for r in records}):
-            rows = sorted(
-                (r for r in records if (r["processes"], r["batch_size"], r["rule"]) == (processes, batch, rule)),
-                key=lambda r: _drop(r),
-            )
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.5 * len(groups), 8), squeeze=False)
+    for column, (processes, batch) in enumerate(groups):
+        top, bottom = axes[0][column], axes[1][column]
+        for label in sorted({_label(r) for r in records}):
+            rows = [r for r in records if (r["processes"], r["batch_size"], _label(r)) == (processes, batch, label)]
+            rows.sort(key=lambda r: r["pruned_pair_fraction"])
             if rows:
-                ax.plot([100 * _drop(r) for r in rows], [100 * _cut(r) for r in rows], marker="o", label=rule)
-        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set(title=f"{processes} process(es), batch {batch}", xlabel="top-1 accuracy drop (%, relative)")
-        ax.set_ylabel("decode step time cut (%)")
-    axes[0][0].legend(fontsize=8)
+                cut = [100 * _cut(r) for r in rows]
+                top.errorbar(
+                    [100 * _drop(r) for r in rows], cut, xerr=[100 * _drop_error(r) for r in rows],
+                    marker="o", ms=4, capsize=2, label=label,
+                )  # fmt: skip
+                bottom.plot([100 * _rise(r) for r in rows], cut, marker="o", ms=4, label=label)
+        top.axvline(100 * MAX_DROP, color="grey", lw=0.8, ls="--")
+        bottom.axvline(100 * MAX_RISE, color="grey", lw=0.8, ls="--")
+        top.set(title=f"{processes} process(es), batch {batch}", xlabel="top-1 accuracy drop (%, relative)")
+        bottom.set(xlabel="perplexity rise (%, relative)")
+        for ax in (top, bottom):
+            ax.set_ylabel("decode step time cut (%)")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)

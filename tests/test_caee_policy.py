@@ -20,8 +20,9 @@ FIT = FitQuality(samples=1, r2=1.0, mape=0.0, median_abs_residual_s=0.0, max_abs
 DEVICE = DeviceCosts(fixed_s=1e-4, pair_s=1e-5, activation_s=1e-3, fetch_s=(0.0, 2e-3, 5e-2), comm_token_s=0.0)
 
 
-def table(num_experts: int, num_devices: int, top_k: int) -> CostTable:
-    signature = signature_of(preset("tiny"), None, jnp.float32, "pallas")  # no row tiling: exact pair costs
+def table(num_experts: int, num_devices: int, top_k: int, backend: str = "pallas") -> CostTable:
+    """backend pallas: no row tiling, exact pair costs; loop: pairs computed in whole tiles."""
+    signature = signature_of(preset("tiny"), None, jnp.float32, backend)
     signature = dataclasses.replace(signature, n_routed_experts=num_experts, num_experts_per_tok=top_k)
     placement = block_placement(num_experts, num_devices)
     return CostTable(signature, (DEVICE,) * num_devices, placement, FIT)
@@ -101,6 +102,23 @@ def test_only_the_heavy_device_is_pruned():
     assert after[0] >= target - DEVICE.activation_s  # stops near the target (one slot's cost at most)
 
 
+def test_the_floor_target_prunes_the_straggler_as_far_as_theta_allows():
+    """Device 0 (12 tokens) is the straggler even with every candidate pruned: with theta that admits every
+    non-top-1 slot, it keeps only its tokens' top-1 slots; device 1 (2 tokens) prunes nothing."""
+    rng = np.random.default_rng(3)
+    heavy = np.stack([rng.permutation(4)[:2] for _ in range(12)])
+    light = np.stack([4 + rng.permutation(4)[:2] for _ in range(2)])
+    ids = jnp.asarray(np.concatenate([heavy, light]).astype(np.int32))
+    weights = jnp.asarray(rng.dirichlet(np.ones(2), 14).astype(np.float32))
+    costs = table(8, 2, 2)
+    floor = caee_prune(costs, CAEEConfig(theta=1e9, target="floor"), ids, weights)
+    keep = np.asarray(floor.keep_mask)
+    np.testing.assert_array_equal(keep[:12], np.asarray(weight_rank(weights))[:12] == 0)
+    assert keep[12:].all()
+    mean = caee_prune(costs, CAEEConfig(theta=1e9, target="mean"), ids, weights)
+    assert float(floor.load_after.max()) < float(mean.load_after.max())
+
+
 def test_next_heaviest_target_prunes_less_than_the_mean_target():
     ids, weights = random_routing(4, 32, 16, 4)
     costs = table(16, 4, 4)
@@ -123,6 +141,21 @@ def test_an_expert_used_by_one_token_goes_before_one_shared_by_many():
             assert np.argwhere(~keep).tolist() == [[10, 1]], f"theta {theta}: first pruned {np.argwhere(~keep)}"
             return
     pytest.fail("nothing was pruned")
+
+
+def test_refill_restores_only_slots_that_cost_nothing():
+    """With whole-tile rows (loop backend, 8-row tiles here), a pruned slot whose expert still runs and has
+    spare rows is restored: the predicted loads stay those of the unrefilled decision, fewer slots go,
+    and every slot still pruned belongs to an expert with no spare rows (skipped, or tiles full)."""
+    ids, weights = random_routing(6, 16, 16, 4)
+    costs = table(16, 1, 4, backend="loop")
+    plain = caee_prune(costs, CAEEConfig(theta=1.2, refill=False), ids, weights)
+    refilled = caee_prune(costs, CAEEConfig(theta=1.2), ids, weights)
+    np.testing.assert_array_equal(refilled.load_after, plain.load_after)
+    keep, keep_plain = np.asarray(refilled.keep_mask), np.asarray(plain.keep_mask)
+    assert (keep >= keep_plain).all() and keep.sum() > keep_plain.sum()
+    kept_per_expert = np.bincount(np.asarray(ids)[keep], minlength=16)
+    assert (kept_per_expert[np.asarray(ids)[~keep]] % 8 == 0).all()
 
 
 def test_a_table_without_slot_costs_prunes_by_importance():

@@ -9,10 +9,15 @@ Pure jnp with static shapes, run inside the MoE layer between the router and exp
    the expert in this batch; relative to the batch's mean slot cost (1 = an average slot). An expert
    used by one token costs that token its whole activation; one used by twenty, a twentieth.
 4. Straggler-aware: the predicted load of each device (cost model); only devices above the target
-   (the next-heaviest device's load, or the mean times 1 + slack; 0 on a single device) prune, in
-   increasing order of score = importance / cost, while the score is below `theta` and the device's
-   load, minus what it already pruned, is still above the target.
-5. Compensation: see `compensation.py`.
+   prune, in increasing order of score = importance / cost, while the score is below `theta` and the
+   device's load, minus what it already pruned, is still above the target. Targets: "floor", the
+   highest load any device is left with once all its slots scoring below theta are pruned (pruning
+   always on the device bounding the layer, as far as theta allows); "next", the next-heaviest
+   device's load; "mean", the mean load times 1 + slack. On a single device every target is the floor.
+5. Refill: a pruned slot whose expert still runs for other tokens saves nothing when the expert's rows
+   are computed in whole tiles (the `loop` backend) and the slot fits in the tile's spare rows: such
+   slots are restored, heaviest first. The predicted device times do not change; accuracy can only gain.
+6. Compensation: see `compensation.py`.
 
 `theta = 0` prunes nothing. Letters: N tokens, K top-k, E experts, S devices (expert shards).
 """
@@ -27,24 +32,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from caee_jax.caee.compensation import COMPENSATIONS, compensate
-from caee_jax.caee.cost_model import expert_load, predict
+from caee_jax.caee.cost_model import computed_rows, expert_load, predict, row_tile
 from caee_jax.caee.cost_table import CostTable
+from caee_jax.experts.loop import rank_in_group
 
-TARGETS = ("next", "mean")
+TARGETS = ("floor", "next", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
 class CAEEConfig:
     """enabled: False leaves routing untouched (bit-identical to no pruning);
     theta: prune slots whose importance/cost score is below it (0: nothing); k_min: top slots per token
-    never pruned; target, slack: how far a straggler is pruned ("next": down to the next-heaviest
-    device, "mean": down to mean load x (1 + slack)); compensation: see `compensation.py`."""
+    never pruned; target, slack: how far a straggler is pruned ("floor": as far as theta allows, "next":
+    down to the next-heaviest device, "mean": down to mean load x (1 + slack)); refill: restore pruned
+    slots that fit in the rows their expert computes anyway (step 5 above); compensation: see
+    `compensation.py`."""
 
     enabled: bool = True
     theta: float = 0.8
     k_min: int = 1
     target: str = "mean"
     slack: float = 0.0
+    refill: bool = True
     compensation: str = "renorm"
     partial_alpha: float = 0.5
 
@@ -81,6 +90,17 @@ def weight_rank(topk_weights: jax.Array) -> jax.Array:
     return jnp.argsort(order, axis=-1, stable=True)
 
 
+def refill(prune: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, num_experts: int, tile: int) -> jax.Array:
+    """prune [N, K] bool -> prune without the slots that fit, heaviest first, in the spare rows of their
+    expert's computed tiles (rows an active expert computes anyway; none when tile = 1)."""
+    pairs = expert_load(topk_ids, ~prune, num_experts).pairs
+    spare = jnp.concatenate([computed_rows(pairs, tile) - pairs, jnp.zeros(1, pairs.dtype)])  # [E + 1]
+    group = jnp.where(prune, topk_ids, num_experts).reshape(-1)
+    rank = rank_in_group(group, topk_weights.reshape(-1), num_experts)
+    restore = (group < num_experts) & (rank < spare[group])
+    return prune & ~restore.reshape(prune.shape)
+
+
 def caee_prune(
     table: CostTable,
     config: CAEEConfig,
@@ -110,17 +130,20 @@ def caee_prune(
     score = importance / jnp.where(mean_cost > 0, cost / mean_cost, 1.0)  # a table without slot costs: importance
 
     # Straggler target and each device's excess over it.
+    candidates = (weight_rank(topk_weights) >= config.k_min) & (score < config.theta)
     load = before.device_s
-    if table.num_devices == 1:
-        target = jnp.zeros(())
+    if config.target == "floor" or table.num_devices == 1:
+        floor = predict(table, topk_ids, ~candidates, residency).device_s  # every candidate pruned
+        # The device left heaviest prunes all its candidates; the others come down to its load.
+        excess = jnp.where(floor >= jnp.max(floor), jnp.inf, load - jnp.max(floor))
     elif config.target == "next":
-        target = jnp.sort(load)[-2]
+        excess = load - jnp.sort(load)[-2]
     else:
-        target = jnp.mean(load) * (1 + config.slack)
-    excess = jnp.maximum(load - target, 0.0)  # [S]
+        excess = load - jnp.mean(load) * (1 + config.slack)
+    excess = jnp.maximum(excess, 0.0)  # [S]
 
     # Per device, prune eligible slots in increasing score while the load is still above target.
-    eligible = (weight_rank(topk_weights) >= config.k_min) & (score < config.theta) & (excess[device] > 0)
+    eligible = candidates & (excess[device] > 0)
     flat_device = jnp.where(eligible, device, table.num_devices).reshape(-1)
     flat_score, flat_cost = score.reshape(-1), cost.reshape(-1)
     order = jnp.lexsort((flat_score, flat_device))
@@ -131,6 +154,9 @@ def caee_prune(
     excess_of = jnp.concatenate([excess, jnp.zeros(1)])[sorted_device]
     prune_sorted = (sorted_device < table.num_devices) & (saved_before < excess_of)
     prune = jnp.zeros(order.shape, bool).at[order].set(prune_sorted).reshape(topk_ids.shape)
+    if config.refill:
+        tile = row_tile(table.signature.backend, num_tokens, top_k, num_experts // table.num_devices)
+        prune = refill(prune, topk_ids, topk_weights, num_experts, tile)
 
     keep = ~prune
     after = predict(table, topk_ids, keep, residency)

@@ -36,7 +36,7 @@ def _prefill(graphdef, state, tokens, *, execution: Execution, cache_len: int) -
 @functools.partial(jax.jit, static_argnames=("graphdef", "execution", "table"), donate_argnames=("cache",))
 def _step(graphdef, state, cache, tokens, positions, *, execution: Execution, table: CostTable | None):
     """tokens [B] at positions [B] -> (log-probabilities [B, V], cache, kept pairs, active experts summed
-    over layers, predicted MoE time of the step summed over layers: [unpruned, as run] (s; 0 without table))."""
+    over layers, predicted MoE time per layer and device [2, L, S]: unpruned, as run (s; 0 without table))."""
     model = nnx.merge(graphdef, state)
     out = model(tokens[:, None], positions[:, None], cache, execution=execution)
     logprobs = jax.nn.log_softmax(out.logits[:, 0], axis=-1)
@@ -44,13 +44,11 @@ def _step(graphdef, state, cache, tokens, positions, *, execution: Execution, ta
     kept = jnp.sum(routing.keep_mask)
     load = jax.vmap(lambda ids, keep: expert_load(ids, keep, model.config.n_routed_experts))
     active = jnp.sum(load(routing.topk_ids, routing.keep_mask).active)
-    predicted = jnp.zeros(2)
+    predicted = jnp.zeros((2, 1, 1))
     if table is not None:
-        layer_s = jax.vmap(lambda ids, keep: predict(table, ids[:, 0], keep[:, 0]).layer_s)
+        device_s = jax.vmap(lambda ids, keep: predict(table, ids[:, 0], keep[:, 0]).device_s)
         everything = jnp.ones_like(routing.keep_mask)
-        predicted = jnp.stack(
-            [layer_s(routing.topk_ids, everything).sum(), layer_s(routing.topk_ids, routing.keep_mask).sum()]
-        )
+        predicted = jnp.stack([device_s(routing.topk_ids, everything), device_s(routing.topk_ids, routing.keep_mask)])
     replicated = [gather_replicated(a) for a in (logprobs, kept, active, predicted)]
     return replicated[0], out.cache, *replicated[1:]
 
@@ -58,7 +56,8 @@ def _step(graphdef, state, cache, tokens, positions, *, execution: Execution, ta
 @dataclasses.dataclass
 class Comparison:
     """Per predicted token (M of them): candidate and baseline log-prob of the truth, argmax hits,
-    agreement, KL(baseline || candidate); per step: both step times (s); pair and expert counts."""
+    agreement, KL(baseline || candidate); per step: both step times (s); pair and expert counts; predicted
+    MoE time per layer and device [L, S], unpruned and as run (s)."""
 
     nll: list = dataclasses.field(default_factory=list)
     nll_base: list = dataclasses.field(default_factory=list)
@@ -79,10 +78,13 @@ class Comparison:
         per_token = ("nll", "nll_base", "correct", "correct_base", "agree", "kl")
         cat = {name: np.concatenate(getattr(self, name)) for name in per_token}
         timed_base, timed = np.array(self.step_base_s[1:]), np.array(self.step_s[1:])  # first step: compile
+        gained = cat["correct"].astype(np.float64) - cat["correct_base"]  # paired: -1, 0 or 1 per token
+        predicted, unpruned = np.array(self.predicted_s), np.array(self.predicted_unpruned_s)  # [steps, L, S]
         return dict(
             tokens=int(len(cat["nll"])),
             top1_acc=float(cat["correct"].mean()),
             top1_acc_unpruned=float(cat["correct_base"].mean()),
+            top1_diff_se=float(gained.std(ddof=1) / np.sqrt(len(gained))),
             agreement=float(cat["agree"].mean()),
             ppl=float(np.exp(cat["nll"].mean())),
             ppl_unpruned=float(np.exp(cat["nll_base"].mean())),
@@ -92,8 +94,10 @@ class Comparison:
             pruned_pair_fraction=1.0 - self.kept_pairs / max(self.total_pairs, 1),
             active_experts_per_layer=float(np.mean(self.active_experts)),
             active_experts_per_layer_unpruned=float(np.mean(self.active_experts_base)),
-            predicted_moe_s=float(np.median(self.predicted_s)),
-            predicted_moe_unpruned_s=float(np.median(self.predicted_unpruned_s)),
+            predicted_moe_s=float(np.median(predicted.max(-1).sum(-1))),  # a layer ends with its slowest device
+            predicted_moe_unpruned_s=float(np.median(unpruned.max(-1).sum(-1))),
+            predicted_device_s=predicted.sum(1).mean(0).tolist(),  # per device: mean per step over the layers
+            predicted_device_unpruned_s=unpruned.sum(1).mean(0).tolist(),
         )
 
 
@@ -147,6 +151,6 @@ def compare(
             result.total_pairs += batch * model.config.num_experts_per_tok * num_layers
             result.active_experts.append(int(active) / num_layers)
             result.active_experts_base.append(int(base_active) / num_layers)
-            result.predicted_unpruned_s.append(float(predicted[0]))
-            result.predicted_s.append(float(predicted[1]))
+            result.predicted_unpruned_s.append(np.asarray(predicted[0]))
+            result.predicted_s.append(np.asarray(predicted[1]))
     return result
