@@ -29,7 +29,7 @@ def worker(args) -> None:
     from caee_jax.parallel import distributed
 
     jax.config.update("jax_num_cpu_devices", 1)
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, idle_poller=args.idle_poller)
     mesh = jax.make_mesh((2,), ("x",), (jax.sharding.AxisType.Auto,))
 
     def chain(a):
@@ -56,6 +56,7 @@ def main() -> int:
     parser.add_argument("--psums", type=int, default=10, help="all-reduces per call")
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--idle-poller", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
     parser.add_argument("--cpu-devices", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--coordinator", help=argparse.SUPPRESS)
     parser.add_argument("--num-processes", type=int, help=argparse.SUPPRESS)
@@ -70,11 +71,13 @@ def main() -> int:
     command += ["--calls", str(args.calls)]
     print(f"all-reduce of [{args.rows}, 256] float32 between 2 processes; load average {os.getloadavg()[0]:.2f}")
     for pinned in (True, False):
-        code, stdout = spawn_local(command, 2, pin_cores=pinned)
-        if code:
-            return code
-        ms = json.loads(stdout.strip().splitlines()[-1])["ms_per_psum"]
-        print(f"{'pinned, one core each' if pinned else 'unpinned':>22}: {ms:.3f} ms per all-reduce")
+        for idle in (False, True):
+            code, stdout = spawn_local([*command, "--idle-poller" if idle else "--no-idle-poller"], 2, pin_cores=pinned)
+            if code:
+                return code
+            ms = json.loads(stdout.strip().splitlines()[-1])["ms_per_psum"]
+            where = "pinned, one core each" if pinned else "unpinned"
+            print(f"{where:>22}, gloo poller {'idle' if idle else 'normal'} priority: {ms:.3f} ms per all-reduce")
     return 0
 
 

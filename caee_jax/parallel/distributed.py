@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 from jax.sharding import Mesh
@@ -30,11 +31,13 @@ def initialize(
     *,
     heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
     init_timeout_s: int = INIT_TIMEOUT_S,
+    idle_poller: bool = True,
 ) -> bool:
     """Connects this process to the others. Returns True when running multi-process.
 
     With `coordinator` ("HOST:PORT"), `num_processes` and `process_id`: that cluster. Without them: JAX's
     cluster auto-detection (SLURM, Open MPI, cloud TPU, ...), and a single process when none is found.
+    idle_poller: run the collectives' socket-polling thread at idle priority (see `idle_new_pollers`).
     """
     explicit = (coordinator, num_processes, process_id)
     if any(v is not None for v in explicit) and any(v is None for v in explicit):
@@ -51,7 +54,44 @@ def initialize(
         if not 0 <= process_id < num_processes:
             raise ValueError(f"--process-id {process_id} is not in [0, {num_processes})")
         jax.distributed.initialize(coordinator, num_processes, process_id, **kwargs)
-    return jax.process_count() > 1
+    before = _thread_ids()
+    multi_process = jax.process_count() > 1  # creates the backend, and with it the collectives' threads
+    if multi_process and idle_poller:
+        idle_new_pollers(before)
+    return multi_process
+
+
+EPOLL_SYSCALLS = {"232", "281", "22"}  # epoll_wait and epoll_pwait (x86_64), epoll_pwait (aarch64)
+
+
+def _thread_ids() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/task")} if os.path.isdir("/proc/self/task") else set()
+
+
+def idle_new_pollers(existing: set[int]) -> list[int]:
+    """Puts the threads created since `existing` that wait in epoll at SCHED_IDLE; returns their ids.
+
+    gloo's TCP transport (the CPU collectives) polls its sockets from one event-loop thread per process,
+    and that thread keeps a core busy. With one core per process, the thread waiting for a collective's
+    result then runs only when the poller's time slice ends: ~4 ms per all-reduce, where 0.3-1 ms is the
+    transfer (benchmarks/bench_collective_latency.py). At idle priority the poller yields the core to
+    any other runnable thread and still runs whenever the core is free. Threads from before (the
+    coordination service's gRPC pollers, which carry heartbeats) are left alone. Linux only.
+    """
+    if not hasattr(os, "sched_setscheduler"):
+        return []
+    pollers = set()
+    for _ in range(20):  # a few looks: a poller may be busy at any one of them
+        for tid in _thread_ids() - existing - pollers:
+            try:
+                with open(f"/proc/self/task/{tid}/syscall") as f:
+                    if f.read().split()[0] in EPOLL_SYSCALLS:
+                        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+                        pollers.add(tid)
+            except (OSError, IndexError):  # the thread ended, or /proc is restricted
+                continue
+        time.sleep(0.001)
+    return sorted(pollers)
 
 
 def spawn_local(argv: list[str], num_processes: int, *, pin_cores: bool = True) -> tuple[int, str]:
