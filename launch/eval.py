@@ -32,12 +32,12 @@ from caee_jax.model.execution import Execution
 from caee_jax.parallel import distributed
 
 SETTINGS = ("compensation", "k_min", "target", "slack", "refill")  # recorded per case (target..refill: CAEE's)
-KNOBS = {  # default sweep per rule
-    "caee": (0.25, 0.5, 0.8, 1.0, 1.5),
+KNOBS = {  # default sweep per rule, from light to heavy pruning
+    "caee": (0.4, 0.6, 0.8, 1.0, 1.2, 1.5),
     "topk": (3, 2),
-    "top1_ratio": (0.1, 0.2, 0.3, 0.5),
-    "mass_ratio": (0.05, 0.1, 0.15, 0.2),
-    "top_p": (0.95, 0.9, 0.8, 0.7),
+    "top1_ratio": (0.2, 0.3, 0.5, 0.7),
+    "mass_ratio": (0.1, 0.15, 0.2, 0.25),
+    "top_p": (0.9, 0.8, 0.7, 0.6),
     "capacity": (2.0, 1.5, 1.0, 0.75),
 }
 
