@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -310,3 +313,56 @@ def test_writing_is_atomic(saved, monkeypatch):
         expert_means.save(path, Calibration(result.means + 1, result.counts, 10), preset("tiny"))
     assert open(path, "rb").read() == before
     assert os.listdir(os.path.dirname(path)) == ["means.npz"]
+
+
+# The launchers.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT}  # this checkout's caee_jax, whichever one is installed
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
+
+
+@pytest.fixture
+def tiny_means(tmp_path) -> str:
+    """An expert-means file of the "tiny" preset (seed 0, the launchers' model), calibrated on random tokens."""
+    model = caee_jax.init_random("tiny")
+    tokens = random_tokens(model.config.vocab_size, (64,), seed=2)
+    path = str(tmp_path / "tiny_means.npz")
+    expert_means.save(path, calibrate(model, tokens, tokens=64, seq_len=8, batch_size=4, progress=False), model.config)
+    return path
+
+
+def test_eval_py_accepts_compensation_mean(tmp_path, tiny_means):
+    text = tmp_path / "text.txt"
+    text.write_text(open(os.path.join(caee_jax.api.BUNDLED_MODEL, "heldout.txt")).read()[:4000])
+    command = ["launch/eval.py", "--preset", "tiny", "--eval-file", str(text), "--out", str(tmp_path / "out")]
+    command += ["--batch-sizes", "2", "--prefix", "4", "--steps", "3", "--eval-tokens", "6", "--rules", "top_p"]
+    command += ["--knobs", "top_p=0.5", "--compensation", "mean"]
+    missing = launch(*command)
+    assert missing.returncode != 0 and "--compensation mean with --preset needs --expert-means FILE" in missing.stderr
+    result = launch(*command, "--expert-means", tiny_means)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = [json.loads(line) for line in open(tmp_path / "out" / "results.jsonl")]
+    assert record["compensation"] == "mean" and record["expert_means"] == tiny_means
+    assert record["pruned_pair_fraction"] > 0 and record["kl"] > 0
+
+
+def test_run_py_accepts_compensation_mean(tiny_means):
+    command = ["launch/run.py", "--preset", "tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--json"]
+    command += ["--prune", "top_p=0.5", "--compensation", "mean"]
+    missing = launch(*command)
+    assert missing.returncode == 2 and "pass --expert-means FILE" in missing.stderr
+    result = launch(*command, "--expert-means", tiny_means)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "compensation='mean'" in report["pruning"] and len(report["generated_ids"]) == 4
+
+
+def test_calibrate_means_py_refuses_the_heldout_text(tmp_path):
+    heldout = os.path.join(caee_jax.api.BUNDLED_MODEL, "heldout.txt")
+    result = launch("launch/calibrate_means.py", "--text", heldout, "--out", str(tmp_path / "means.npz"))
+    assert result.returncode == 2 and "is the model's held-out evaluation text" in result.stderr
+    assert not os.path.exists(tmp_path / "means.npz")
