@@ -93,8 +93,8 @@ class DeepseekV3(nnx.Module):
         expected = (c.num_moe_layers, c.n_routed_experts, c.hidden_size)
         if self.moe_layers is None:
             raise ValueError("the model has no MoE layers: nothing to set expert means on")
-        if tuple(means.shape) != expected:
-            raise ValueError(f"expert means of shape {tuple(means.shape)}; this model needs [L_moe, E, D] = {expected}")
+        if jnp.shape(means) != expected:
+            raise ValueError(f"expert means of shape {jnp.shape(means)}; this model needs [L_moe, E, D] = {expected}")
         value = jnp.asarray(means, jnp.float32)
         self.moe_layers.ffn.expert_means = ExpertMeans(value, logical_axes=("layers", "router", "embed"))
 
