@@ -67,6 +67,16 @@ class Model:
         if self.mesh is not None:
             self.state = place_state(self.state, self.mesh)
 
+    def set_expert_means(self, means) -> None:
+        """Sets calibrated mean expert outputs [L_moe, E, D] for `mean` compensation (usually through
+        `caee_jax.caee.expert_means.load_means`); on a mesh they are placed like every variable."""
+        module = nnx.merge(self.graphdef, self.state)
+        module.set_expert_means(means)
+        self.module = module
+        self.graphdef, self.state = nnx.split(module)
+        if self.mesh is not None:
+            self.state = place_state(self.state, self.mesh)
+
     @property
     def dtype(self):
         return self.module.embed.embedding.dtype

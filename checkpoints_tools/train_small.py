@@ -202,18 +202,6 @@ def train(tokens: np.ndarray, config: ModelConfig, cfg: TrainConfig, work: str) 
     return nnx.merge(graphdef, params, bias)
 
 
-def heldout_text(files: list[str], chars: int) -> str:
-    """The first `chars` characters of the held-out files, each introduced by a path comment."""
-    parts, total = [], 0
-    for f in files:
-        text = f"# file: {f}\n" + stdlib_corpus.read_text(f)
-        parts.append(text)
-        total += len(text)
-        if total >= chars:
-            break
-    return "".join(parts)[:chars]
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join("caee_jax", "assets", "caee-small"))
@@ -248,7 +236,7 @@ def main(argv=None) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "train_log.json"):
         shutil.copy(os.path.join(args.work, name), staging)
     with open(os.path.join(staging, "heldout.txt"), "w") as f:
-        f.write(heldout_text(heldout_files, HELDOUT_EVAL_CHARS))
+        f.write(stdlib_corpus.concatenated(heldout_files, HELDOUT_EVAL_CHARS))
     with open(os.path.join(staging, "training.json"), "w") as f:
         json.dump(
             {"train": dataclasses.asdict(cfg), "heldout_files": heldout_files, "tokens": int(len(tokens))}, f, indent=2

@@ -3,6 +3,7 @@
     python launch/eval.py                                   # bundled model, its held-out text, one device
     python launch/eval.py --local-processes 2               # the same on 2 processes (expert=2, one core each)
     python launch/eval.py --batch-sizes 16 --rules caee,top_p --eval-tokens 1024 --out runs/eval-quick
+    python launch/eval.py --compensation mean --out runs/eval-mean   # the model's expert_means.npz
 
 For each (rule, knob, batch size), teacher-forced decoding on held-out text compares the pruned model
 with the unpruned one (caee_jax/eval/decode_eval.py): top-1 accuracy, agreement with the unpruned
@@ -10,6 +11,8 @@ argmax, perplexity, KL, and decode step times measured alternately in the same r
 per case is appended to OUT/results.jsonl (a rerun skips cases already there); OUT/results.md holds
 the table and OUT/pareto.png the latency cut against the accuracy drop, one curve per rule.
 CAEE uses the stored cost table of this mesh (launch/calibrate.py; --cost-table to pick another).
+--compensation mean uses calibrated mean expert outputs (launch/calibrate_means.py): --expert-means FILE,
+by default the model directory's expert_means.npz.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 import caee_jax
+from caee_jax.caee import expert_means
+from caee_jax.caee.compensation import COMPENSATIONS
 from caee_jax.caee.cost_table import CostTableError, load_table, signature_of, table_for
 from caee_jax.caee.peer_rules import PEER_RULES, PeerRule
 from caee_jax.caee.policy import TARGETS, CAEEConfig
@@ -56,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=32, help="teacher-forced decode steps per window")
     parser.add_argument("--eval-tokens", type=int, default=2048, help="predicted tokens per case (at least)")
     parser.add_argument("--k-min", type=int, default=1)
-    parser.add_argument("--compensation", default="renorm", choices=["none", "renorm", "partial"])
+    parser.add_argument("--compensation", default="renorm", choices=COMPENSATIONS)
+    parser.add_argument("--expert-means", help="with --compensation mean (default: the model's expert_means.npz)")
     parser.add_argument("--slack", type=float, default=0.0)
     parser.add_argument("--target", default="mean", choices=TARGETS)
     parser.add_argument(
@@ -109,10 +115,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.local_processes:
         return distributed.relaunch_locally(__file__, argv, args.local_processes)
+    means_path = _means_path(args)
     mesh = distributed.join(args)
     options = dict(dtype=args.dtype, mesh=mesh)
     model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
     lead = jax.process_index() == 0
+    if means_path:
+        try:
+            expert_means.load_means(model, means_path)
+        except expert_means.ExpertMeansError as error:
+            raise SystemExit(f"error: --compensation mean: {error}") from None
 
     path = args.eval_file or os.path.join(args.model or caee_jax.api.BUNDLED_MODEL, "heldout.txt")
     with open(path) as f:
@@ -151,6 +163,7 @@ def main(argv=None) -> int:
             processes=processes,
             **settings,
             eval_file=os.path.abspath(path),
+            expert_means=means_path and os.path.abspath(means_path),
             model=args.model or args.preset or "bundled caee-small",
             **comparison.summary(),
         )
@@ -162,6 +175,17 @@ def main(argv=None) -> int:
         _plot(records, os.path.join(args.out, "pareto.png"))
         print(f"{len(records)} cases in {results_path}; table results.md, plot pareto.png")
     return 0
+
+
+def _means_path(args) -> str | None:
+    """The expert-means file that --compensation mean uses (None for the other modes)."""
+    if args.compensation != "mean":
+        if args.expert_means:
+            raise SystemExit("error: --expert-means is only used with --compensation mean")
+        return None
+    if args.preset and not args.expert_means:
+        raise SystemExit("error: --compensation mean with --preset needs --expert-means FILE")
+    return args.expert_means or expert_means.default_path(args.model or caee_jax.api.BUNDLED_MODEL)
 
 
 def _ints(text: str) -> list[int]:

@@ -4,6 +4,9 @@
     python launch/run.py --preset tiny --prompt-ids 1,2,3 --json
     python launch/run.py --mesh data=2,expert=4 --coordinator 127.0.0.1:9000 --num-processes 2 --process-id 0
 
+Pruning: --prune caee=0.8 or --pruning-config FILE; --compensation mean adds calibrated mean expert
+outputs for pruned slots (--expert-means FILE, default CHECKPOINT/expert_means.npz).
+
 Without --checkpoint or --preset it runs the bundled small model (docs/MODEL_CARD.md) on a Python
 prompt; --preset NAME runs a random-weight preset instead (a smoke test, not meaningful text).
 Multi-host: every process runs this same command with its own --process-id (or none of the three
@@ -14,6 +17,7 @@ prints the same completion.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -21,8 +25,11 @@ import time
 import jax
 
 import caee_jax
+from caee_jax.caee import expert_means
+from caee_jax.caee.compensation import COMPENSATIONS
 from caee_jax.caee.cost_table import CostTableError, load_table, signature_of, table_for
 from caee_jax.caee.policy import CAEEConfig
+from caee_jax.caee.pruning import uses_mean
 from caee_jax.caee.rule_config import load_rule, parse_rule
 from caee_jax.config import PRESETS, ModelConfig, preset
 from caee_jax.model.execution import Execution
@@ -53,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     rule.add_argument("--prune", help="RULE=NUMBER, e.g. caee=0.8 (theta) or top_p=0.9 (knob)")
     rule.add_argument("--pruning-config", help="a YAML rule file, e.g. configs/caee/default.yaml")
     pruning.add_argument("--cost-table", help="cost table JSON for CAEE (default: the stored one of this mesh)")
+    pruning.add_argument("--compensation", choices=COMPENSATIONS, help="overrides the rule's compensation")
+    pruning.add_argument("--expert-means", help="for compensation mean (default: CHECKPOINT/expert_means.npz)")
     parallel = parser.add_argument_group("devices and processes")
     parallel.add_argument(
         "--mesh", help="mesh axes, e.g. data=2,expert=4 (default: every device on the expert axis; none for 1 device)"
@@ -80,6 +89,12 @@ def main(argv=None) -> int:
     else:
         model = caee_jax.load(args.checkpoint, **options)
         source = args.checkpoint or "bundled caee-small"
+    if uses_mean(execution.pruning):
+        try:
+            expert_means.load_means(model, _means_path(args))
+        except ValueError as error:
+            print(f"error: compensation mean: {error}", file=sys.stderr)
+            return 2
     load_s = time.perf_counter() - start
 
     if args.prompt_ids is not None:
@@ -140,8 +155,14 @@ def _execution(args, mesh) -> Execution:
     """The backend, plus the pruning rule and (for CAEE) the cost table of this mesh."""
     if args.prune or args.pruning_config:
         rule = parse_rule(args.prune) if args.prune else load_rule(args.pruning_config)
+    elif args.compensation or args.expert_means:
+        raise ValueError("--compensation and --expert-means need a pruning rule (--prune or --pruning-config)")
     else:
         return Execution(args.backend)
+    if args.compensation:
+        rule = dataclasses.replace(rule, compensation=args.compensation)
+    if args.expert_means and not uses_mean(rule):
+        raise ValueError("--expert-means is only used with compensation mean")
     table = None
     if isinstance(rule, CAEEConfig):
         config = (
@@ -150,6 +171,14 @@ def _execution(args, mesh) -> Execution:
         signature = signature_of(config, mesh, args.dtype, args.backend)
         table = load_table(args.cost_table, signature) if args.cost_table else table_for(signature)
     return Execution(args.backend, pruning=rule, cost_table=table)
+
+
+def _means_path(args) -> str:
+    if args.expert_means:
+        return args.expert_means
+    if args.preset:
+        raise ValueError("a --preset model has no calibrated expert means: pass --expert-means FILE")
+    return expert_means.default_path(args.checkpoint or caee_jax.api.BUNDLED_MODEL)
 
 
 if __name__ == "__main__":

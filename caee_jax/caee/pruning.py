@@ -24,10 +24,11 @@ def prune(
     """topk_ids, topk_weights [N, K] -> (keep_mask [N, K] bool, combine weights [N, K]).
 
     No rule, or a disabled CAEEConfig, keeps every slot with its weight unchanged. CAEE needs the cost
-    table of the mesh it runs on (`num_shards` expert shards).
+    table of the mesh it runs on (`num_shards` expert shards). With `mean` compensation the weights are
+    `none`'s; the MoE adds the pruned slots' mean outputs (`uses_mean`).
     """
     everything = jnp.ones(topk_ids.shape, bool)
-    if rule is None or (isinstance(rule, CAEEConfig) and not rule.enabled):
+    if not _active(rule):
         return everything, topk_weights
     if isinstance(rule, PeerRule):
         keep = peer_keep_mask(rule, topk_ids, topk_weights, num_experts)
@@ -39,7 +40,14 @@ def prune(
             f"the cost table covers {len(table.placement)} experts on {table.num_devices} device(s); this layer "
             f"has {num_experts} experts on {num_shards} expert shard(s)"
         )
-    if rule.compensation == "mean":
-        raise ValueError("compensation 'mean' needs calibrated per-expert mean outputs, which the model lacks yet")
     result = caee_prune(table, rule, topk_ids, topk_weights)
     return result.keep_mask, result.weights
+
+
+def uses_mean(rule: Pruning | None) -> bool:
+    """True when the rule prunes and compensates with calibrated mean expert outputs (the MoE adds them)."""
+    return _active(rule) and rule.compensation == "mean"
+
+
+def _active(rule: Pruning | None) -> bool:
+    return rule is not None and not (isinstance(rule, CAEEConfig) and not rule.enabled)

@@ -27,6 +27,9 @@ class Execution:
       are counted in `Routing.dropped_pairs`.
     pruning: a CAEEConfig or PeerRule applied to every MoE layer before its experts run (None: off).
     cost_table: the mesh's calibrated cost table (CAEE needs it); compiled in as constants.
+    collect_expert_sums: each MoE layer also returns `Routing.expert_sums` [E, D] f32, every routed expert's
+      unweighted output summed over its (token, expert) pairs, pruned or not: the calibration of `mean`
+      compensation (`caee/expert_means.py`). It runs the routed experts a second time, one row per pair.
     """
 
     backend: ExpertBackend = ExpertBackend.LOOP
@@ -34,6 +37,7 @@ class Execution:
     ep_capacity_factor: float | None = None
     pruning: Pruning | None = None
     cost_table: CostTable | None = None
+    collect_expert_sums: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "backend", ExpertBackend(self.backend))

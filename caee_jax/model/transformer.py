@@ -17,7 +17,7 @@ from caee_jax.model.attention import MLAttention
 from caee_jax.model.cache import LatentCache
 from caee_jax.model.execution import DEFAULT_EXECUTION, Execution
 from caee_jax.model.layers import MLP, Embed, RMSNorm, param
-from caee_jax.model.moe import MoE, Routing
+from caee_jax.model.moe import ExpertMeans, MoE, Routing
 
 
 class DecoderLayer(nnx.Module):
@@ -84,6 +84,19 @@ class DeepseekV3(nnx.Module):
         head_shape = (config.hidden_size, config.vocab_size)
         tied = config.tie_word_embeddings
         self.lm_head = nnx.data(None if tied else param(rngs, head_shape, ("embed", "vocab"), dtype))
+
+    def set_expert_means(self, means) -> None:
+        """Sets each MoE layer's calibrated mean expert outputs, [L_moe, E, D] (stored float32), for `mean`
+        compensation (`caee/expert_means.py`). Replicated on a mesh: E x D per layer is small next to the
+        layer's experts, and the lookup then needs no collective."""
+        c = self.config
+        expected = (c.num_moe_layers, c.n_routed_experts, c.hidden_size)
+        if self.moe_layers is None:
+            raise ValueError("the model has no MoE layers: nothing to set expert means on")
+        if jnp.shape(means) != expected:
+            raise ValueError(f"expert means of shape {jnp.shape(means)}; this model needs [L_moe, E, D] = {expected}")
+        value = jnp.asarray(means, jnp.float32)
+        self.moe_layers.ffn.expert_means = ExpertMeans(value, logical_axes=("layers", "router", "embed"))
 
     def __call__(
         self,
