@@ -36,7 +36,8 @@ from caee_jax.eval.decode_eval import Comparison, compare, windows_of
 from caee_jax.model.execution import Execution
 from caee_jax.parallel import distributed
 
-SETTINGS = ("compensation", "k_min", "target", "slack", "refill")  # recorded per case (target..refill: CAEE's)
+# Recorded per case, and part of what identifies it (target, slack, refill: CAEE's; expert_means: the file)
+SETTINGS = ("compensation", "k_min", "target", "slack", "refill", "expert_means")
 KNOBS = {  # default sweep per rule, from light to heavy pruning
     "caee": (0.4, 0.6, 0.8, 1.0, 1.2, 1.5),
     "topk": (3, 2),
@@ -147,6 +148,7 @@ def main(argv=None) -> int:
     cases = [(rule, knob, batch) for batch in _ints(args.batch_sizes) for rule, knob in rules]
     length = args.prefix + args.steps + 1
     settings = {name: getattr(args, name) for name in SETTINGS}
+    settings["expert_means"] = means_path and os.path.abspath(means_path)
     for rule, knob, batch in tqdm(cases, desc="cases", disable=not lead):
         if _key(dict(rule=rule, knob=knob, batch_size=batch, processes=processes, **settings)) in done:
             continue
@@ -163,7 +165,6 @@ def main(argv=None) -> int:
             processes=processes,
             **settings,
             eval_file=os.path.abspath(path),
-            expert_means=means_path and os.path.abspath(means_path),
             model=args.model or args.preset or "bundled caee-small",
             **comparison.summary(),
         )
