@@ -39,7 +39,7 @@ from caee_jax.parallel import distributed
 # Recorded per case, and part of what identifies it (target, slack, refill: CAEE's; expert_means: the file)
 SETTINGS = ("compensation", "k_min", "target", "slack", "refill", "expert_means")
 KNOBS = {  # default sweep per rule, from light to heavy pruning
-    "caee": (0.4, 0.6, 0.8, 1.0, 1.2, 1.5),
+    "caee": (0.4, 0.6, 0.8, 0.9, 1.0, 1.2),
     "topk": (3, 2),
     "top1_ratio": (0.2, 0.3, 0.5, 0.7),
     "mass_ratio": (0.1, 0.15, 0.2, 0.25),
@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=32, help="teacher-forced decode steps per window")
     parser.add_argument("--eval-tokens", type=int, default=2048, help="predicted tokens per case (at least)")
     parser.add_argument("--k-min", type=int, default=1)
-    parser.add_argument("--compensation", default="renorm", choices=COMPENSATIONS)
+    parser.add_argument("--compensation", default="none", choices=COMPENSATIONS)
     parser.add_argument("--expert-means", help="with --compensation mean (default: the model's expert_means.npz)")
     parser.add_argument("--slack", type=float, default=0.0)
     parser.add_argument("--target", default="mean", choices=TARGETS)
@@ -231,7 +231,7 @@ def _rise(r: dict) -> float:
 
 def _label(r: dict) -> str:
     """The rule, with the settings that differ from the defaults."""
-    defaults = dict(compensation="renorm", k_min=1)
+    defaults = dict(compensation="none", k_min=1)
     if r["rule"] == "caee":
         defaults.update(target="mean", slack=0.0, refill=True)
     changed = [f"{name}={r.get(name)}" for name, value in defaults.items() if r.get(name, value) != value]

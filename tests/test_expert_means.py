@@ -78,7 +78,7 @@ def test_mean_adds_each_pruned_slots_gate_weight_times_its_experts_mean(moe_laye
     means = np.random.default_rng(1).standard_normal((config.n_routed_experts, config.hidden_size))
     moe.expert_means = ExpertMeans(jnp.asarray(means, jnp.float32), logical_axes=("router", "embed"))
     try:
-        rule = PeerRule("top_p", 0.5)
+        rule = PeerRule("top_p", 0.5, compensation="renorm")
         y_none, routing = moe(jnp.asarray(x), Execution(pruning=PeerRule("top_p", 0.5, compensation="none")))
         y_mean, _ = moe(jnp.asarray(x), Execution(pruning=PeerRule("top_p", 0.5, compensation="mean")))
         y_renorm, _ = moe(jnp.asarray(x), Execution(pruning=rule))

@@ -32,7 +32,7 @@ class PeerRule:
     name: str
     knob: float
     k_min: int = 1
-    compensation: str = "renorm"
+    compensation: str = "none"
     partial_alpha: float = 0.5
 
     def __post_init__(self):

@@ -54,7 +54,7 @@ class CAEEConfig:
     target: str = "mean"
     slack: float = 0.0
     refill: bool = True
-    compensation: str = "renorm"
+    compensation: str = "none"
     partial_alpha: float = 0.5
 
     def __post_init__(self):
