@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compensation", default="none", choices=COMPENSATIONS)
     parser.add_argument("--expert-means", help="with --compensation mean (default: the model's expert_means.npz)")
     parser.add_argument("--slack", type=float, default=0.0)
-    parser.add_argument("--target", default="mean", choices=TARGETS)
+    parser.add_argument("--target", default="floor", choices=TARGETS)
     parser.add_argument(
         "--refill", action=argparse.BooleanOptionalAction, default=True, help="CAEE: restore slots that cost nothing"
     )
@@ -233,7 +233,7 @@ def _label(r: dict) -> str:
     """The rule, with the settings that differ from the defaults."""
     defaults = dict(compensation="none", k_min=1)
     if r["rule"] == "caee":
-        defaults.update(target="mean", slack=0.0, refill=True)
+        defaults.update(target="floor", slack=0.0, refill=True)
     changed = [f"{name}={r.get(name)}" for name, value in defaults.items() if r.get(name, value) != value]
     return r["rule"] + (f" ({', '.join(changed)})" if changed else "")
 
@@ -304,27 +304,30 @@ def _plot(records: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     groups = sorted({(r["processes"], r["batch_size"]) for r in records})
-    fig, axes = plt.subplots(2, len(groups), figsize=(4.5 * len(groups), 8), squeeze=False)
+    labels = sorted({_label(r) for r in records})
+    colors = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}  # one color per rule
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.5 * len(groups), 8.5), squeeze=False)
     for column, (processes, batch) in enumerate(groups):
         top, bottom = axes[0][column], axes[1][column]
-        for label in sorted({_label(r) for r in records}):
+        for label in labels:
             rows = [r for r in records if (r["processes"], r["batch_size"], _label(r)) == (processes, batch, label)]
             rows.sort(key=lambda r: r["pruned_pair_fraction"])
             if rows:
                 cut = [100 * _cut(r) for r in rows]
                 top.errorbar(
                     [100 * _drop(r) for r in rows], cut, xerr=[100 * _drop_error(r) for r in rows],
-                    marker="o", ms=4, capsize=2, label=label,
+                    marker="o", ms=4, capsize=2, color=colors[label], alpha=0.85,
                 )  # fmt: skip
-                bottom.plot([100 * _rise(r) for r in rows], cut, marker="o", ms=4, label=label)
+                bottom.plot([100 * _rise(r) for r in rows], cut, marker="o", ms=4, color=colors[label])
         top.axvline(100 * MAX_DROP, color="grey", lw=0.8, ls="--")
         bottom.axvline(100 * MAX_RISE, color="grey", lw=0.8, ls="--")
         top.set(title=f"{processes} process(es), batch {batch}", xlabel="top-1 accuracy drop (%, relative)")
         bottom.set(xlabel="perplexity rise (%, relative)")
         for ax in (top, bottom):
             ax.set_ylabel("decode step time cut (%)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colors[label], marker="o", label=label) for label in labels]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)

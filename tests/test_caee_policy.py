@@ -93,7 +93,7 @@ def test_only_the_heavy_device_is_pruned():
     ids = jnp.asarray(np.concatenate([heavy, light]).astype(np.int32))
     weights = jnp.asarray(rng.dirichlet(np.ones(2), 14).astype(np.float32))
     costs = table(8, 2, 2)
-    result = caee_prune(costs, CAEEConfig(theta=1e9, k_min=1), ids, weights)
+    result = caee_prune(costs, CAEEConfig(theta=1e9, k_min=1, target="mean"), ids, weights)
     keep = np.asarray(result.keep_mask)
     assert not keep[:12].all() and keep[12:].all()
     before, after = np.asarray(result.load_before), np.asarray(result.load_after)

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_the_default_yaml_is_caee():
     rule = load_rule(os.path.join(ROOT, "configs", "caee", "default.yaml"))
-    assert rule == CAEEConfig(theta=0.8, k_min=1, target="mean", slack=0.0, compensation="none")
+    assert rule == CAEEConfig(theta=0.8, k_min=1, target="floor", slack=0.0, compensation="none")
 
 
 def test_peer_rules_and_cli_strings():

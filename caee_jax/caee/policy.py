@@ -51,7 +51,7 @@ class CAEEConfig:
     enabled: bool = True
     theta: float = 0.8
     k_min: int = 1
-    target: str = "mean"
+    target: str = "floor"
     slack: float = 0.0
     refill: bool = True
     compensation: str = "none"
