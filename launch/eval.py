@@ -239,6 +239,7 @@ def _label(r: dict) -> str:
 
 
 MAX_DROP, MAX_RISE = 0.01, 0.02  # the accuracy limits of the issue's targets (relative top-1 drop, ppl rise)
+MIN_PEER_CUT = 0.01  # below this the best peer's cut is within timing noise: no ratio is given
 
 
 def _best(rows: list[dict], max_drop: float, max_rise: float) -> dict | None:
@@ -249,7 +250,8 @@ def _best(rows: list[dict], max_drop: float, max_rise: float) -> dict | None:
 
 def _best_table(records: list[dict]) -> list[str]:
     """Per (processes, batch) and rule: the best cut within the targets' limits, and within perplexity
-    limits alone (top-1 accuracy is the noisier measure); then CAEE's best against the best peer's."""
+    limits alone (top-1 accuracy is the noisier measure); then CAEE's best against the best peer's (n/a
+    when the best peer cuts less than MIN_PEER_CUT)."""
     limits = ((MAX_DROP, MAX_RISE), (1.0, 0.01), (1.0, MAX_RISE))
     header = ("processes", "batch", "rule", "top-1 drop <= 1%, ppl rise <= 2%", "ppl rise <= 1%", "ppl rise <= 2%")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -267,7 +269,8 @@ def _best_table(records: list[dict]) -> list[str]:
                 ratios = []
                 for i, b in enumerate(cuts):
                     peer = max((_cut(p[i]) for p in peers if p[i]), default=None)
-                    ratios.append(f"{_cut(b) / peer:.2f}x" if b and peer and peer > 0 else "n/a")
+                    meaningful = b and peer is not None and peer >= MIN_PEER_CUT
+                    ratios.append(f"{_cut(b) / peer:.2f}x" if meaningful else "n/a")
                 lines.append("| " + " | ".join(map(str, (processes, batch, f"{label} / best peer", *ratios))) + " |")
     return lines
 

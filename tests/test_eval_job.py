@@ -37,11 +37,13 @@ def test_eval_job_writes_records_and_resumes(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(open(tmp_path / "out" / "results.jsonl").readlines()) == 2  # finished cases are skipped
-    other = subprocess.run([*command, "--compensation", "none"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    other = subprocess.run(
+        [*command, "--compensation", "renorm"], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
     assert other.returncode == 0, other.stderr[-3000:]
     assert len(open(tmp_path / "out" / "results.jsonl").readlines()) == 4  # other settings: new cases
     table_text = (tmp_path / "out" / "results.md").read_text()
-    assert "| 1 | 2 | caee | 1.5 |" in table_text and "| 1 | 2 | caee (compensation=none) | 1.5 |" in table_text
+    assert "| 1 | 2 | caee | 1.5 |" in table_text and "| 1 | 2 | caee (compensation=renorm) | 1.5 |" in table_text
     assert "| 1 | 2 | caee / best peer |" in table_text
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 0
 
