@@ -131,6 +131,13 @@ def main(argv=None) -> int:
         "prefill_s": result.prefill_s,
         "decode_s_per_token": result.decode_s_per_token,
         "decode_tokens_per_s": 1.0 / result.decode_s_per_token,
+        "decode_routing": dict(
+            zip(
+                ("routed_pairs", "kept_pairs", "active_experts", "active_experts_kept"),
+                result.decode_routing,
+                strict=True,
+            )
+        ),
     }
     if args.json:
         print(json.dumps(report), flush=True)
@@ -139,7 +146,13 @@ def main(argv=None) -> int:
         return 0
     print(f"model: {source}" + (f" | mesh {report['mesh']} over {jax.process_count()} process(es)" if mesh else ""))
     if execution.pruning:
-        print(f"pruning: {execution.pruning}")
+        routed, kept, active, active_kept = result.decode_routing
+        steps = max(len(result.decode_step_s), 1) * (model.config.num_moe_layers or 1)
+        print(
+            f"pruning: {execution.pruning}\n"
+            f"decode: {100 * result.pruned_pair_fraction:.1f}% of {routed} routed pairs skipped; active experts per "
+            f"layer and step {active / steps:.1f} -> {active_kept / steps:.1f}"
+        )
     if prompt_text is not None:
         print(f"--- prompt ---\n{prompt_text}\n--- completion ---\n{text}")
     else:

@@ -15,6 +15,7 @@ from caee_jax.caee.cost_table import CostTable, block_placement, signature_of
 from caee_jax.caee.peer_rules import PeerRule, peer_keep_mask
 from caee_jax.caee.policy import CAEEConfig, weight_rank
 from caee_jax.model.execution import Execution
+from caee_jax.runtime.generate import generate_with_stats
 
 TOKENS = np.random.default_rng(0).integers(0, 211, (4, 9)).astype(np.int32)
 
@@ -91,6 +92,24 @@ def test_caee_prunes_inside_the_model_and_reports_it():
     keep = np.asarray(out.routing.keep_mask)
     assert 0 < (~keep).sum() < keep.size
     assert not np.allclose(np.asarray(out.logits), np.asarray(plain(TOKENS)), atol=1e-4)
+
+
+def test_generation_counts_decode_pairs_and_active_experts():
+    """Generation.decode_routing: routed pairs = steps x MoE layers x batch x K; pruning keeps fewer pairs
+    and experts; without pruning every pair and expert runs."""
+    plain = caee_jax.init_random("tiny", seed=5)
+    execution = Execution(pruning=CAEEConfig(theta=1.5), cost_table=single_device_table(plain))
+    pruned = caee_jax.init_random("tiny", seed=5, backend=execution)
+    config = plain.config
+    for model in (plain, pruned):
+        result = generate_with_stats(model, [[1, 2, 3], [4, 5]], max_new_tokens=6, stop=[])
+        routed, kept, active, active_kept = result.decode_routing
+        assert routed == 5 * config.num_moe_layers * 2 * config.num_experts_per_tok
+        if model is plain:
+            assert (kept, active_kept) == (routed, active) and result.pruned_pair_fraction == 0
+        else:
+            assert kept < routed and active_kept < active
+            assert result.pruned_pair_fraction == 1 - kept / routed
 
 
 def test_caee_without_a_matching_table_is_an_error():

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from caee_jax.caee.cost_model import expert_load
 from caee_jax.model.cache import LatentCache
 from caee_jax.model.execution import Execution
 from caee_jax.parallel.placement import batch_sharding, check_batch, gather_replicated, mesh_context, to_mesh
@@ -49,10 +50,26 @@ def prefill(graphdef, state, tokens, lengths, seed, temperature, top_p, *, cache
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "execution"), donate_argnames=("cache",))
 def decode_step(graphdef, state, cache, tokens, positions, seed, step, temperature, top_p, *, execution: Execution):
-    """tokens [B] at positions [B] -> (next ids [B], updated cache); step numbers the sampling key."""
+    """tokens [B] at positions [B] -> (next ids [B], updated cache, routing counts [4] int32: routed pairs,
+    kept pairs, active experts before and after pruning, each summed over the MoE layers); step numbers
+    the sampling key."""
     model = nnx.merge(graphdef, state)
     out = model(tokens[:, None], positions[:, None], cache, execution=execution)
-    return gather_replicated(sample(out.logits[:, 0], _key(seed, step), temperature, top_p)), out.cache
+    ids = sample(out.logits[:, 0], _key(seed, step), temperature, top_p)
+    counts = jnp.zeros(4, jnp.int32)
+    if out.routing is not None:
+        routing, num_experts = out.routing, model.config.n_routed_experts
+        load = jax.vmap(lambda ids, keep: expert_load(ids[:, 0], keep[:, 0], num_experts).active)
+        everything = jnp.ones_like(routing.keep_mask)
+        counts = jnp.stack(
+            [
+                routing.keep_mask.size,
+                jnp.sum(routing.keep_mask),
+                jnp.sum(load(routing.topk_ids, everything)),
+                jnp.sum(load(routing.topk_ids, routing.keep_mask)),
+            ]
+        ).astype(jnp.int32)
+    return gather_replicated(ids), out.cache, gather_replicated(counts)
 
 
 def _key(seed, step):
@@ -64,12 +81,21 @@ def _key(seed, step):
 class Generation:
     """tokens: generated ids per prompt (stop token excluded); prefill_s: wall time of the prefill call
     (compilation included on first use); decode_step_s: wall time of each decode step (seconds);
-    dropped_pairs: routed pairs expert-parallel prefill had no capacity for (0 unless a capacity is set)."""
+    dropped_pairs: routed pairs expert-parallel prefill had no capacity for (0 unless a capacity is set);
+    decode_routing: routed pairs, kept pairs (pruning), active experts before and after pruning, each
+    summed over decode steps and MoE layers."""
 
     tokens: list[list[int]]
     prefill_s: float
     decode_step_s: list[float]
     dropped_pairs: int = 0
+    decode_routing: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    @property
+    def pruned_pair_fraction(self) -> float:
+        """Share of decode's routed (token, expert) pairs that pruning skipped."""
+        routed, kept = self.decode_routing[:2]
+        return 1.0 - kept / routed if routed else 0.0
 
     @property
     def decode_s_per_token(self) -> float:
@@ -161,6 +187,7 @@ def _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, 
     generated: list[list[int]] = [[] for _ in next_host]
     done = np.zeros(len(next_host), bool)
     step_times = []
+    routing_counts = np.zeros(4, np.int64)
     for step in range(max_new_tokens):
         for b, token in enumerate(next_host):
             if done[b]:
@@ -172,7 +199,7 @@ def _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, 
         if done.all() or step == max_new_tokens - 1:
             break
         start = time.perf_counter()
-        next_ids, cache = decode_step(
+        next_ids, cache, counts = decode_step(
             model.graphdef,
             model.state,
             cache,
@@ -186,8 +213,9 @@ def _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, 
         )
         next_host = np.asarray(next_ids)
         step_times.append(time.perf_counter() - start)
+        routing_counts += np.asarray(counts)
         positions = positions + 1
-    return Generation(generated, prefill_s, step_times, int(dropped))
+    return Generation(generated, prefill_s, step_times, int(dropped), tuple(int(c) for c in routing_counts))
 
 
 def generate(
