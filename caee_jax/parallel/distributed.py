@@ -8,6 +8,7 @@ devices and one mesh spans them all.
 from __future__ import annotations
 
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def initialize(
     return multi_process
 
 
-EPOLL_SYSCALLS = {"232", "281", "22"}  # epoll_wait and epoll_pwait (x86_64), epoll_pwait (aarch64)
+# Syscall numbers of epoll_wait / epoll_pwait, as /proc/<tid>/syscall shows them, per machine.
+EPOLL_SYSCALLS = {"x86_64": {"232", "281"}, "aarch64": {"22"}}.get(platform.machine(), set())
 
 
 def _thread_ids() -> set[int]:
@@ -73,10 +75,11 @@ def idle_new_pollers(existing: set[int]) -> list[int]:
 
     gloo's TCP transport (the CPU collectives) polls its sockets from one event-loop thread per process,
     and that thread keeps a core busy. With one core per process, the thread waiting for a collective's
-    result then runs only when the poller's time slice ends: ~4 ms per all-reduce, where 0.3-1 ms is the
-    transfer (benchmarks/bench_collective_latency.py). At idle priority the poller yields the core to
+    result then runs only when the poller's time slice ends: ~4 ms per all-reduce, against 0.2 ms with
+    the poller idle (benchmarks/bench_collective_latency.py). At idle priority the poller yields the core to
     any other runnable thread and still runs whenever the core is free. Threads from before (the
-    coordination service's gRPC pollers, which carry heartbeats) are left alone. Linux only.
+    coordination service's gRPC pollers, which carry heartbeats) are left alone, so call this right
+    before the backend starts (`initialize` does). Linux only.
     """
     if not hasattr(os, "sched_setscheduler"):
         return []
