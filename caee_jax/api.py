@@ -81,6 +81,12 @@ class Model:
     def dtype(self):
         return self.module.embed.embedding.dtype
 
+    def text_ids(self, text: str) -> np.ndarray:
+        """A text as one token stream [M] int64: the tokenizer's ids, or, for a model without one (a
+        random-weight preset), its UTF-8 bytes modulo the vocabulary."""
+        ids = np.asarray(self.tokenizer.encode(text) if self.tokenizer else list(text.encode()), np.int64)
+        return ids % self.config.vocab_size
+
     def __call__(self, tokens) -> jax.Array:
         """int token ids [B, T] -> full-sequence logits [B, T, V] float32."""
         tokens = np.asarray(tokens)

@@ -41,13 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--validate", action="store_true", help="validate the stored table (calibrate if none)")
     parser.add_argument("--plot", help="with --validate: write predicted vs measured to this PNG")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parallel = parser.add_argument_group("devices and processes")
-    parallel.add_argument("--mesh", help="mesh axes (default: every device on the expert axis)")
-    parallel.add_argument("--local-processes", type=int, help="run as this many local processes, one core each")
-    parallel.add_argument("--coordinator")
-    parallel.add_argument("--num-processes", type=int)
-    parallel.add_argument("--process-id", type=int)
-    parallel.add_argument("--cpu-devices", type=int)
+    distributed.add_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -17,7 +17,6 @@ import os
 import sys
 
 import jax
-import numpy as np
 
 import caee_jax
 from caee_jax.caee import expert_means
@@ -34,12 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--backend", choices=["loop", "dense", "pallas"], default="loop")
-    parallel = parser.add_argument_group("devices and processes")
-    parallel.add_argument("--mesh")
-    parallel.add_argument("--coordinator")
-    parallel.add_argument("--num-processes", type=int)
-    parallel.add_argument("--process-id", type=int)
-    parallel.add_argument("--cpu-devices", type=int)
+    distributed.add_arguments(parser, local_processes=False)
     return parser.parse_args(argv)
 
 
@@ -57,8 +51,7 @@ def main(argv=None) -> int:
     model = caee_jax.load(args.model, dtype=args.dtype, backend=args.backend, mesh=mesh)
     with open(args.text) as f:
         text = f.read()
-    ids = np.asarray(model.tokenizer.encode(text) if model.tokenizer else list(text.encode()), np.int64)
-    ids = ids % model.config.vocab_size
+    ids = model.text_ids(text)
     try:
         result = expert_means.calibrate(
             model, ids, tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, progress=True

@@ -23,7 +23,6 @@ import os
 import sys
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 import caee_jax
@@ -71,13 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--cost-table", help="cost table JSON (default: the stored one of this mesh)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parallel = parser.add_argument_group("devices and processes")
-    parallel.add_argument("--mesh")
-    parallel.add_argument("--local-processes", type=int)
-    parallel.add_argument("--coordinator")
-    parallel.add_argument("--num-processes", type=int)
-    parallel.add_argument("--process-id", type=int)
-    parallel.add_argument("--cpu-devices", type=int)
+    distributed.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -130,8 +123,7 @@ def main(argv=None) -> int:
     path = args.eval_file or os.path.join(args.model or caee_jax.api.BUNDLED_MODEL, "heldout.txt")
     with open(path) as f:
         text = f.read()
-    ids = np.asarray(model.tokenizer.encode(text) if model.tokenizer else list(text.encode()), np.int64)
-    ids = ids % model.config.vocab_size
+    ids = model.text_ids(text)
     signature = signature_of(model.config, mesh, model.dtype, model.execution.backend)
     rules = sweep(args, model.config.num_experts_per_tok)
     table = None

@@ -62,14 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     pruning.add_argument("--cost-table", help="cost table JSON for CAEE (default: the stored one of this mesh)")
     pruning.add_argument("--compensation", choices=COMPENSATIONS, help="overrides the rule's compensation")
     pruning.add_argument("--expert-means", help="for compensation mean (default: CHECKPOINT/expert_means.npz)")
-    parallel = parser.add_argument_group("devices and processes")
-    parallel.add_argument(
-        "--mesh", help="mesh axes, e.g. data=2,expert=4 (default: every device on the expert axis; none for 1 device)"
-    )
-    parallel.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator (multi-process)")
-    parallel.add_argument("--num-processes", type=int)
-    parallel.add_argument("--process-id", type=int)
-    parallel.add_argument("--cpu-devices", type=int, help="simulate this many CPU devices in this process")
+    distributed.add_arguments(parser, local_processes=False)
     return parser.parse_args(argv)
 
 

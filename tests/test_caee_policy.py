@@ -84,14 +84,20 @@ def test_compensate_rejects_an_unknown_mode():
         compensate(jnp.ones((1, 2)), jnp.ones((1, 2), bool), "all")
 
 
-def test_only_the_heavy_device_is_pruned():
-    """Device 0 (experts 0-3) gets 12 tokens, device 1 (experts 4-7) 2: only device 0 prunes, and only
-    down to about the target (the mean load)."""
+def straggler_routing():
+    """Top-2 routing of 14 tokens over 8 experts on 2 devices: 12 tokens on device 0 (experts 0-3), 2 on
+    device 1 (experts 4-7)."""
     rng = np.random.default_rng(3)
     heavy = np.stack([rng.permutation(4)[:2] for _ in range(12)])
     light = np.stack([4 + rng.permutation(4)[:2] for _ in range(2)])
     ids = jnp.asarray(np.concatenate([heavy, light]).astype(np.int32))
-    weights = jnp.asarray(rng.dirichlet(np.ones(2), 14).astype(np.float32))
+    return ids, jnp.asarray(rng.dirichlet(np.ones(2), 14).astype(np.float32))
+
+
+def test_only_the_heavy_device_is_pruned():
+    """Device 0 (experts 0-3) gets 12 tokens, device 1 (experts 4-7) 2: only device 0 prunes, and only
+    down to about the target (the mean load)."""
+    ids, weights = straggler_routing()
     costs = table(8, 2, 2)
     result = caee_prune(costs, CAEEConfig(theta=1e9, k_min=1, target="mean"), ids, weights)
     keep = np.asarray(result.keep_mask)
@@ -105,11 +111,7 @@ def test_only_the_heavy_device_is_pruned():
 def test_the_floor_target_prunes_the_straggler_as_far_as_theta_allows():
     """Device 0 (12 tokens) is the straggler even with every candidate pruned: with theta that admits every
     non-top-1 slot, it keeps only its tokens' top-1 slots; device 1 (2 tokens) prunes nothing."""
-    rng = np.random.default_rng(3)
-    heavy = np.stack([rng.permutation(4)[:2] for _ in range(12)])
-    light = np.stack([4 + rng.permutation(4)[:2] for _ in range(2)])
-    ids = jnp.asarray(np.concatenate([heavy, light]).astype(np.int32))
-    weights = jnp.asarray(rng.dirichlet(np.ones(2), 14).astype(np.float32))
+    ids, weights = straggler_routing()
     costs = table(8, 2, 2)
     floor = caee_prune(costs, CAEEConfig(theta=1e9, target="floor"), ids, weights)
     keep = np.asarray(floor.keep_mask)

@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from caee_jax.caee.cost_model import expert_load, predict
+from caee_jax.caee.cost_model import predict
 from caee_jax.caee.cost_table import CostTable
 from caee_jax.model.cache import LatentCache
 from caee_jax.model.execution import Execution
+from caee_jax.model.moe import routing_counts
 from caee_jax.parallel.placement import batch_sharding, gather_replicated, mesh_context, to_mesh
 
 
@@ -35,21 +36,19 @@ def _prefill(graphdef, state, tokens, *, execution: Execution, cache_len: int) -
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "execution", "table"), donate_argnames=("cache",))
 def _step(graphdef, state, cache, tokens, positions, *, execution: Execution, table: CostTable | None):
-    """tokens [B] at positions [B] -> (log-probabilities [B, V], cache, kept pairs, active experts summed
-    over layers, predicted MoE time per layer and device [2, L, S]: unpruned, as run (s; 0 without table))."""
+    """tokens [B] at positions [B] -> (log-probabilities [B, V], cache, routing counts [4] (`routing_counts`),
+    predicted MoE time per layer and device [2, L, S]: unpruned, as run (s; 0 without table))."""
     model = nnx.merge(graphdef, state)
     out = model(tokens[:, None], positions[:, None], cache, execution=execution)
     logprobs = jax.nn.log_softmax(out.logits[:, 0], axis=-1)
     routing = out.routing
-    kept = jnp.sum(routing.keep_mask)
-    load = jax.vmap(lambda ids, keep: expert_load(ids, keep, model.config.n_routed_experts))
-    active = jnp.sum(load(routing.topk_ids, routing.keep_mask).active)
+    counts = routing_counts(routing, model.config.n_routed_experts, pruned=execution.pruning is not None)
     predicted = jnp.zeros((2, 1, 1))
     if table is not None:
         device_s = jax.vmap(lambda ids, keep: predict(table, ids[:, 0], keep[:, 0]).device_s)
         everything = jnp.ones_like(routing.keep_mask)
         predicted = jnp.stack([device_s(routing.topk_ids, everything), device_s(routing.topk_ids, routing.keep_mask)])
-    replicated = [gather_replicated(a) for a in (logprobs, kept, active, predicted)]
+    replicated = [gather_replicated(a) for a in (logprobs, counts, predicted)]
     return replicated[0], out.cache, *replicated[1:]
 
 
@@ -134,8 +133,9 @@ def compare(
                 out = _step(model.graphdef, model.state, cache, tokens, positions, execution=execution, table=table)
                 jax.block_until_ready(out)
                 outputs.append((out, time.perf_counter() - start))
-            (base_lp, base_cache, _, base_active, _), base_s = outputs[0]
-            (cand_lp, cand_cache, kept, active, predicted), cand_s = outputs[1]
+            (base_lp, base_cache, base_counts, _), base_s = outputs[0]
+            (cand_lp, cand_cache, counts, predicted), cand_s = outputs[1]
+            _, kept, _, active = np.asarray(counts)
             base_lp, cand_lp = np.asarray(base_lp), np.asarray(cand_lp)
             truth = windows[:, t + 1]
             rows = np.arange(batch)
@@ -150,7 +150,7 @@ def compare(
             result.kept_pairs += int(kept)
             result.total_pairs += batch * model.config.num_experts_per_tok * num_layers
             result.active_experts.append(int(active) / num_layers)
-            result.active_experts_base.append(int(base_active) / num_layers)
+            result.active_experts_base.append(int(base_counts[3]) / num_layers)
             result.predicted_unpruned_s.append(np.asarray(predicted[0]))
             result.predicted_s.append(np.asarray(predicted[1]))
     return result

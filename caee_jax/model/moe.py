@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from caee_jax.caee.compensation import mean_outputs
+from caee_jax.caee.cost_model import expert_load
 from caee_jax.caee.pruning import prune, uses_mean
 from caee_jax.config import ModelConfig
 from caee_jax.experts import ExpertWeights, run_experts
@@ -43,6 +44,16 @@ class Routing(NamedTuple):
     keep_mask: jax.Array
     dropped_pairs: jax.Array
     expert_sums: jax.Array | None = None
+
+
+def routing_counts(routing: Routing, num_experts: int, pruned: bool = True) -> jax.Array:
+    """[4] int32, summed over the MoE layers of a model output's routing (leading layer axis): routed
+    pairs, kept pairs, active experts before and after pruning. pruned=False (no rule): the experts are
+    counted once."""
+    active = jax.vmap(lambda ids, keep: jnp.sum(expert_load(ids, keep, num_experts).active))
+    before = jnp.sum(active(routing.topk_ids, jnp.ones_like(routing.keep_mask)))
+    after = jnp.sum(active(routing.topk_ids, routing.keep_mask)) if pruned else before
+    return jnp.stack([routing.keep_mask.size, jnp.sum(routing.keep_mask), before, after]).astype(jnp.int32)
 
 
 class MoE(nnx.Module):

@@ -130,6 +130,20 @@ def spawn_local(argv: list[str], num_processes: int, *, pin_cores: bool = True) 
     return max(abs(p.returncode) for p in procs), stdout
 
 
+def add_arguments(parser, local_processes: bool = True) -> None:
+    """The launchers' "devices and processes" flags, which `join` (and `relaunch_locally`) consume."""
+    group = parser.add_argument_group("devices and processes")
+    group.add_argument(
+        "--mesh", help="mesh axes, e.g. data=2,expert=4 (default: every device on the expert axis; none for 1 device)"
+    )
+    if local_processes:
+        group.add_argument("--local-processes", type=int, help="run as this many local processes, one core each")
+    group.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator (multi-process)")
+    group.add_argument("--num-processes", type=int)
+    group.add_argument("--process-id", type=int)
+    group.add_argument("--cpu-devices", type=int, help="simulate this many CPU devices in this process")
+
+
 def join(args) -> Mesh | None:
     """The launchers' common start, from their --cpu-devices, --coordinator/--num-processes/--process-id
     and --mesh flags: simulate CPU devices, join the cluster, build the mesh (None on one device)."""

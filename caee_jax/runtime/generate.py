@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from caee_jax.caee.cost_model import expert_load
 from caee_jax.model.cache import LatentCache
 from caee_jax.model.execution import Execution
+from caee_jax.model.moe import routing_counts
 from caee_jax.parallel.placement import batch_sharding, check_batch, gather_replicated, mesh_context, to_mesh
 from caee_jax.runtime.sampling import sample
 
@@ -58,17 +58,7 @@ def decode_step(graphdef, state, cache, tokens, positions, seed, step, temperatu
     ids = sample(out.logits[:, 0], _key(seed, step), temperature, top_p)
     counts = jnp.zeros(4, jnp.int32)
     if out.routing is not None:
-        routing, num_experts = out.routing, model.config.n_routed_experts
-        load = jax.vmap(lambda ids, keep: expert_load(ids[:, 0], keep[:, 0], num_experts).active)
-        everything = jnp.ones_like(routing.keep_mask)
-        counts = jnp.stack(
-            [
-                routing.keep_mask.size,
-                jnp.sum(routing.keep_mask),
-                jnp.sum(load(routing.topk_ids, everything)),
-                jnp.sum(load(routing.topk_ids, routing.keep_mask)),
-            ]
-        ).astype(jnp.int32)
+        counts = routing_counts(out.routing, model.config.n_routed_experts, pruned=execution.pruning is not None)
     return gather_replicated(ids), out.cache, gather_replicated(counts)
 
 
