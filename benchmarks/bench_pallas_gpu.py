@@ -35,8 +35,8 @@ import numpy as np
 from bench_loop_backend import balanced_routing  # a sibling script: benchmarks/ is sys.path[0]
 
 from caee_jax import ExpertBackend, ExpertWeights, run_experts
-from caee_jax.experts.loop import expert_groups
 from caee_jax.pallas import default_blocks, run_pallas
+from caee_jax.routing.ops import expert_groups
 
 FRACTIONS = (1.0, 0.5, 0.25, 0.125)
 TINY = dict(hidden=64, moe_intermediate=32, experts=8, top_k=2, tokens=8, rounds=2, warmup=1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -17,6 +16,8 @@ from caee_jax.model.layers import random_state
 from caee_jax.model.transformer import DeepseekV3
 from caee_jax.parallel.mesh import make_mesh
 from caee_jax.parallel.placement import batch_sharding, check_batch, mesh_context, place_state, to_mesh
+from caee_jax.routing.backend import ExpertBackend
+from caee_jax.runtime import steps
 from caee_jax.runtime.tokenizer import Tokenizer
 from caee_jax.weights.hf_loader import load_hf_model
 from caee_jax.weights.orbax_checkpoint import is_converted, read_metadata, restore_model
@@ -33,13 +34,8 @@ def _dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "execution"))
-def _logits(graphdef, state, tokens, execution: Execution) -> jax.Array:
-    return nnx.merge(graphdef, state)(tokens, execution=execution).logits
-
-
-def _execution(backend) -> Execution:
-    return backend if isinstance(backend, Execution) else Execution(backend)
+def _execution(execution: Execution | ExpertBackend | str) -> Execution:
+    return execution if isinstance(execution, Execution) else Execution(execution)
 
 
 def _mesh(mesh) -> Mesh | None:
@@ -51,12 +47,17 @@ class Model:
 
     The module is split once into a static graph definition and a state of arrays; jitted functions
     take both, so parameters are arguments, never constants baked into compiled code.
-    execution: an `Execution` or an expert backend name. mesh: a `Mesh` (or spec such as
+    execution: an `Execution` (the static plan of the MoE layers), or just an expert backend
+    (`ExpertBackend` or its name). mesh: a `Mesh` (or spec such as
     "data=2,expert=4", see `parallel/mesh.py`) to shard the parameters over; calls then run on it.
     """
 
     def __init__(
-        self, module: DeepseekV3, tokenizer: Tokenizer | None = None, execution="loop", mesh: Mesh | str | None = None
+        self,
+        module: DeepseekV3,
+        tokenizer: Tokenizer | None = None,
+        execution: Execution | ExpertBackend | str = "loop",
+        mesh: Mesh | str | None = None,
     ):
         self.module = module
         self.config: ModelConfig = module.config
@@ -106,18 +107,18 @@ class Model:
         with mesh_context(self.mesh):
             if self.mesh is not None:
                 tokens = to_mesh(tokens, batch_sharding(self.mesh, 2))
-            return _logits(self.graphdef, self.state, jnp.asarray(tokens), self.execution)
+            return steps.logits(self.graphdef, self.state, jnp.asarray(tokens), execution=self.execution)
 
 
-def load(path: str | os.PathLike | None = None, *, dtype=None, backend="loop", mesh=None) -> Model:
+def load(path: str | os.PathLike | None = None, *, dtype=None, execution="loop", mesh=None) -> Model:
     """Loads a checkpoint directory; without a path, the bundled small model (`docs/MODEL_CARD.md`).
 
     Either HF format (config.json + *.safetensors, sharded index and DeepSeek's FP8 block-scaled weights
     included; read on the host, then placed) or converted by `python -m checkpoints_tools.convert_hf`
     (Orbax; every parameter restored straight onto its sharding on `mesh`, whatever mesh it was written from).
     dtype: parameter dtype, "float32" (parity) or "bfloat16" (speed); default float32 for HF directories
-    and the stored dtype for converted ones. backend: expert execution ("loop", the CPU default, or
-    "dense"; or a full `Execution`). mesh: as in `Model`.
+    and the stored dtype for converted ones. execution: as in `Model` (an `Execution` with pruning and
+    cost table, or a backend: "loop", the CPU default, "dense", "pallas"). mesh: as in `Model`.
     """
     if path is None:
         if not os.path.isdir(BUNDLED_MODEL):
@@ -135,14 +136,14 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, backend="loop", m
         module = restore_model(path, config, dtype or _dtype(read_metadata(path)["dtype"]), mesh)
     else:
         module = load_hf_model(path, config, dtype or jnp.float32)
-    return Model(module, Tokenizer.from_dir(path, config.eos_ids), backend, mesh)
+    return Model(module, Tokenizer.from_dir(path, config.eos_ids), execution, mesh)
 
 
-def init_random(config: ModelConfig | str, *, seed: int = 0, dtype="float32", backend="loop", mesh=None) -> Model:
+def init_random(config: ModelConfig | str, *, seed: int = 0, dtype="float32", execution="loop", mesh=None) -> Model:
     """A model with random weights (normal(0, 0.02)) for a config or preset name: tests, demos, benchmarks."""
     if isinstance(config, str):
         config = preset(config)
     dtype = _dtype(dtype)
     abstract = nnx.eval_shape(lambda: DeepseekV3(config, dtype=dtype, rngs=nnx.Rngs(seed)))
     graphdef = nnx.graphdef(abstract)
-    return Model(nnx.merge(graphdef, random_state(abstract, seed)), None, backend, mesh)
+    return Model(nnx.merge(graphdef, random_state(abstract, seed)), None, execution, mesh)

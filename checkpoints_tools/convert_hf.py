@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from caee_jax.config import ConfigError, ModelConfig
+from caee_jax.files import atomic_write
 from caee_jax.weights.hf_layout import is_buffer, mtp_module
 from caee_jax.weights.hf_source import HFSource
 from caee_jax.weights.orbax_checkpoint import (
@@ -97,12 +98,8 @@ def _fingerprint(source: HFSource, dtype: np.dtype) -> str:
 
 def _write_durably(path: str, text: str) -> None:
     """Writes `path` through a temporary file and a rename, fsynced: it exists complete or not at all."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     fsync(os.path.dirname(path))
 
 

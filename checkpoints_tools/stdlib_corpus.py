@@ -17,6 +17,8 @@ import os
 import random
 import sysconfig
 
+from caee_jax.files import atomic_write
+
 HELDOUT_PERCENT = 3
 
 
@@ -73,10 +75,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     train, heldout = split_files()
     files = random.Random(args.seed).sample(train, len(train)) if args.split == "train" else heldout
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(args.out) as f:
         f.write(concatenated(files, args.chars))
-    os.replace(tmp, args.out)
     print(f"wrote {args.chars:,} characters of the {args.split} split to {args.out}")
 
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from caee_jax.config import ModelConfig
 from caee_jax.experts import ExpertBackend
+from caee_jax.files import atomic_write
 from caee_jax.model.execution import Execution
 from caee_jax.model.layers import random_state
 from caee_jax.model.transformer import DeepseekV3
@@ -115,16 +116,13 @@ def encode_files(tokenizer_path: str, files: list[str]) -> np.ndarray:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _save_npz(path: str, **arrays) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def batch_at(tokens: np.ndarray, step: int, cfg: TrainConfig) -> np.ndarray:
@@ -222,8 +220,8 @@ def main(argv=None) -> None:
         train_tokenizer(train_files, cfg.vocab_size, tokenizer_path)
     tokens_path = os.path.join(args.work, "train_tokens.npy")
     if not os.path.exists(tokens_path):
-        np.save(tokens_path + ".tmp.npy", encode_files(tokenizer_path, train_files))
-        os.replace(tokens_path + ".tmp.npy", tokens_path)
+        with atomic_write(tokens_path, "wb") as f:
+            np.save(f, encode_files(tokenizer_path, train_files))
     tokens = np.load(tokens_path)
     print(f"training tokens: {len(tokens):,}; {cfg.steps} steps x {cfg.batch_size * cfg.seq_len} tokens")
 

@@ -21,9 +21,11 @@ import sys
 import jax
 
 import caee_jax
-from caee_jax.caee.calibration import calibrate, validate
-from caee_jax.caee.cost_table import DEFAULT_DIR, CostTableError, save_table, signature_of, table_for
+from caee_jax.caee.cost_table import DEFAULT_DIR, CostTableError, save_table
+from caee_jax.calibration.costs import calibrate, validate
+from caee_jax.calibration.tables import select_table
 from caee_jax.config import PRESETS
+from caee_jax.files import atomic_write
 from caee_jax.parallel import distributed
 
 
@@ -51,15 +53,14 @@ def main(argv=None) -> int:
     if args.local_processes:
         return distributed.relaunch_locally(__file__, argv, args.local_processes)
     mesh = distributed.join(args)
-    options = dict(dtype=args.dtype, backend=args.backend, mesh=mesh)
+    options = dict(dtype=args.dtype, execution=args.backend, mesh=mesh)
     model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
-    signature = signature_of(model.config, mesh, model.dtype, args.backend)
     lead = jax.process_index() == 0
 
     table = None
     if args.validate:
         try:
-            table = table_for(signature, args.out)
+            table = select_table(model.config, mesh, model.dtype, args.backend, directory=args.out)
         except CostTableError as error:
             if lead:
                 print(f"{error}; calibrating first", file=sys.stderr)
@@ -108,9 +109,8 @@ def _plot(result, table, path: str) -> None:
     fig.colorbar(points, ax=ax, label="tokens in the batch")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import jax
 
 import caee_jax
 from caee_jax.caee import expert_means
+from caee_jax.calibration.expert_means import calibrate
 from caee_jax.parallel import distributed
 
 
@@ -48,12 +49,12 @@ def main(argv=None) -> int:
         print(f"error: {args.text} is the model's held-out evaluation text; calibrate on other text", file=sys.stderr)
         return 2
     mesh = distributed.join(args)
-    model = caee_jax.load(args.model, dtype=args.dtype, backend=args.backend, mesh=mesh)
+    model = caee_jax.load(args.model, dtype=args.dtype, execution=args.backend, mesh=mesh)
     with open(args.text) as f:
         text = f.read()
     ids = model.text_ids(text)
     try:
-        result = expert_means.calibrate(
+        result = calibrate(
             model, ids, tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, progress=True
         )
     except ValueError as error:

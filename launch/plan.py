@@ -18,7 +18,7 @@ import sys
 import jax
 
 from caee_jax.config import PRESETS, preset
-from caee_jax.parallel.memory_plan import GIB, plan_memory
+from caee_jax.memory_plan import GIB, plan_memory
 from caee_jax.parallel.mesh import MeshError, make_mesh, parse_mesh_spec
 
 

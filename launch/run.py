@@ -27,10 +27,11 @@ import jax
 import caee_jax
 from caee_jax.caee import expert_means
 from caee_jax.caee.compensation import COMPENSATIONS
-from caee_jax.caee.cost_table import CostTableError, load_table, signature_of, table_for
+from caee_jax.caee.cost_table import CostTableError
 from caee_jax.caee.policy import CAEEConfig
 from caee_jax.caee.pruning import uses_mean
 from caee_jax.caee.rule_config import load_rule, parse_rule
+from caee_jax.calibration.tables import select_table
 from caee_jax.config import PRESETS, ModelConfig, preset
 from caee_jax.model.execution import Execution
 from caee_jax.parallel import distributed
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     except (ValueError, CostTableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    options = dict(dtype=args.dtype, backend=execution, mesh=mesh)
+    options = dict(dtype=args.dtype, execution=execution, mesh=mesh)
     if args.preset:
         model = caee_jax.init_random(args.preset, seed=args.seed, **options)
         source = f"preset {args.preset} (random weights)"
@@ -174,8 +175,7 @@ def _execution(args, mesh) -> Execution:
         config = (
             preset(args.preset) if args.preset else ModelConfig.from_hf(args.checkpoint or caee_jax.api.BUNDLED_MODEL)
         )
-        signature = signature_of(config, mesh, args.dtype, args.backend)
-        table = load_table(args.cost_table, signature) if args.cost_table else table_for(signature)
+        table = select_table(config, mesh, args.dtype, args.backend, args.cost_table)
     return Execution(args.backend, pruning=rule, cost_table=table)
 
 

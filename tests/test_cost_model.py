@@ -15,7 +15,6 @@ import pytest
 from conftest import compile_counter
 
 import caee_jax
-from caee_jax.caee.calibration import calibrate, nonnegative_lstsq, random_cases, validate
 from caee_jax.caee.cost_model import predict
 from caee_jax.caee.cost_table import (
     CostTable,
@@ -25,9 +24,10 @@ from caee_jax.caee.cost_table import (
     block_placement,
     load_table,
     save_table,
-    signature_of,
     table_for,
 )
+from caee_jax.calibration.costs import calibrate, nonnegative_lstsq, random_cases, validate
+from caee_jax.calibration.tables import signature_of
 from caee_jax.config import preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,9 +18,10 @@ from test_pruning import single_device_table
 
 import caee_jax
 from caee_jax.caee import expert_means
-from caee_jax.caee.expert_means import Calibration, ExpertMeansError, calibrate
+from caee_jax.caee.expert_means import Calibration, ExpertMeansError
 from caee_jax.caee.peer_rules import PeerRule
 from caee_jax.caee.policy import CAEEConfig
+from caee_jax.calibration.expert_means import calibrate
 from caee_jax.config import preset
 from caee_jax.model.execution import Execution
 from caee_jax.model.moe import ExpertMeans, MoE
@@ -60,7 +61,7 @@ def moe_layer():
 
 def test_the_moe_sums_each_experts_output_over_its_routed_tokens(moe_layer):
     moe, x = moe_layer
-    y, routing = moe(jnp.asarray(x), Execution(collect_expert_sums=True))
+    y, routing = moe(jnp.asarray(x), Execution(), collect_expert_sums=True)
     plain, plain_routing = moe(jnp.asarray(x), Execution())
     assert plain_routing.expert_sums is None
     np.testing.assert_array_equal(np.asarray(y), np.asarray(plain))  # collecting changes nothing
@@ -185,7 +186,7 @@ def test_caee_with_mean_compensation_changes_the_logits():
 
 
 def test_mean_without_calibrated_means_is_an_error():
-    model = caee_jax.init_random("tiny", backend=Execution(pruning=PeerRule("topk", 2, compensation="mean")))
+    model = caee_jax.init_random("tiny", execution=Execution(pruning=PeerRule("topk", 2, compensation="mean")))
     with pytest.raises(ValueError, match="compensation 'mean' needs calibrated per-expert mean outputs"):
         model(TOKENS)
     with pytest.raises(ValueError, match=r"expert means of shape \(2, 16, 8\)"):
@@ -193,7 +194,9 @@ def test_mean_without_calibrated_means_is_an_error():
 
 
 def test_new_routings_never_recompile():
-    model = caee_jax.init_random("tiny", seed=5, backend=Execution(pruning=PeerRule("top_p", 0.6, compensation="mean")))
+    model = caee_jax.init_random(
+        "tiny", seed=5, execution=Execution(pruning=PeerRule("top_p", 0.6, compensation="mean"))
+    )
     model.set_expert_means(random_means(model.config))
     batches = [random_tokens(model.config.vocab_size, (4, 9), seed=s) for s in range(4)]
     with compile_counter() as compiles:

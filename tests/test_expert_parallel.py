@@ -136,7 +136,7 @@ def test_capacity_overflow_is_counted_and_keeps_the_heaviest_pairs():
 
 
 def test_prefill_reports_dropped_pairs_when_capacity_is_too_small():
-    model = caee_jax.init_random("tiny", seed=5, mesh="expert=8", backend=Execution(ep_capacity_factor=0.3))
+    model = caee_jax.init_random("tiny", seed=5, mesh="expert=8", execution=Execution(ep_capacity_factor=0.3))
     result = caee_jax.generate_with_stats(model, [list(range(1, 40)), list(range(50, 70))], max_new_tokens=2)
     assert result.dropped_pairs > 0
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
-from caee_jax.experts.loop import default_tile_rows, run_loop
+from caee_jax.experts.loop import run_loop
+from caee_jax.routing.backend import default_tile_rows
 
 # (tokens N, hidden D, expert width F, experts E, top-k K): odd sizes, a single token, K=1, E not a power of
 # two, and N*K >> E so an expert spans several default-size row tiles.

@@ -53,7 +53,7 @@ def test_logits_match_transformers(hf_checkpoint, name):
     tokens = random_tokens(reference.config.vocab_size, (2, 13), seed=1)
     expected = hf_logits(reference, tokens)
     for backend in ("loop", "dense"):
-        ours = np.asarray(caee_jax.load(directory, backend=backend)(tokens))
+        ours = np.asarray(caee_jax.load(directory, execution=backend)(tokens))
         assert ours.dtype == np.float32 and ours.shape == expected.shape
         np.testing.assert_allclose(ours, expected, atol=ATOL, rtol=0, err_msg=f"{name} / {backend}")
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from caee_jax.config import preset
-from caee_jax.parallel.memory_plan import plan_memory
+from caee_jax.memory_plan import plan_memory
 from caee_jax.parallel.mesh import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

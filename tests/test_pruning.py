@@ -11,10 +11,12 @@ from test_caee_policy import DEVICE, FIT, random_routing
 from test_expert_parallel import mesh_of
 
 import caee_jax
-from caee_jax.caee.cost_table import CostTable, block_placement, signature_of
+from caee_jax.caee.cost_table import CostTable, block_placement
 from caee_jax.caee.peer_rules import PeerRule, peer_keep_mask
-from caee_jax.caee.policy import CAEEConfig, weight_rank
+from caee_jax.caee.policy import CAEEConfig, Target
+from caee_jax.calibration.tables import signature_of
 from caee_jax.model.execution import Execution
+from caee_jax.routing.ops import weight_rank
 from caee_jax.runtime.generate import generate_with_stats
 
 TOKENS = np.random.default_rng(0).integers(0, 211, (4, 9)).astype(np.int32)
@@ -80,14 +82,14 @@ def test_off_and_theta_zero_are_bit_identical_to_no_pruning():
     table = single_device_table(plain)
     want = np.asarray(plain(TOKENS))
     for rule in (CAEEConfig(enabled=False, theta=5.0), CAEEConfig(theta=0.0)):
-        model = caee_jax.init_random("tiny", seed=5, backend=Execution(pruning=rule, cost_table=table))
+        model = caee_jax.init_random("tiny", seed=5, execution=Execution(pruning=rule, cost_table=table))
         np.testing.assert_array_equal(np.asarray(model(TOKENS)), want)
 
 
 def test_caee_prunes_inside_the_model_and_reports_it():
     plain = caee_jax.init_random("tiny", seed=5)
     execution = Execution(pruning=CAEEConfig(theta=1.0), cost_table=single_device_table(plain))
-    model = caee_jax.init_random("tiny", seed=5, backend=execution)
+    model = caee_jax.init_random("tiny", seed=5, execution=execution)
     out = model.module(jnp.asarray(TOKENS), execution=execution)
     keep = np.asarray(out.routing.keep_mask)
     assert 0 < (~keep).sum() < keep.size
@@ -99,7 +101,7 @@ def test_generation_counts_decode_pairs_and_active_experts():
     and experts; without pruning every pair and expert runs."""
     plain = caee_jax.init_random("tiny", seed=5)
     execution = Execution(pruning=CAEEConfig(theta=1.5), cost_table=single_device_table(plain))
-    pruned = caee_jax.init_random("tiny", seed=5, backend=execution)
+    pruned = caee_jax.init_random("tiny", seed=5, execution=execution)
     config = plain.config
     for model in (plain, pruned):
         result = generate_with_stats(model, [[1, 2, 3], [4, 5]], max_new_tokens=6, stop=[])
@@ -115,17 +117,36 @@ def test_generation_counts_decode_pairs_and_active_experts():
 def test_caee_without_a_matching_table_is_an_error():
     plain = caee_jax.init_random("tiny", seed=5)
     with pytest.raises(ValueError, match="CAEE needs a cost table"):
-        caee_jax.init_random("tiny", backend=Execution(pruning=CAEEConfig()))(TOKENS)
+        caee_jax.init_random("tiny", execution=Execution(pruning=CAEEConfig()))(TOKENS)
     table = dataclasses.replace(single_device_table(plain))
     model = caee_jax.init_random(
-        "tiny", mesh=mesh_of("expert=2"), backend=Execution(pruning=CAEEConfig(), cost_table=table)
+        "tiny", mesh=mesh_of("expert=2"), execution=Execution(pruning=CAEEConfig(), cost_table=table)
     )
     with pytest.raises(ValueError, match=r"16 experts on 1 device\(s\); this layer has 16 experts on 2 expert shard"):
         model(TOKENS)
 
 
+def test_a_plan_refuses_a_table_of_another_backend():
+    """The backend has one source of truth: a table priced for `loop` cannot drive a `dense` plan."""
+    table = single_device_table(caee_jax.init_random("tiny", seed=5))
+    with pytest.raises(ValueError, match="the cost table prices backend 'loop'; this plan runs 'dense'"):
+        Execution("dense", pruning=CAEEConfig(), cost_table=table)
+
+
+def test_strategies_are_enums_that_read_as_their_names():
+    rule = CAEEConfig(target="next", compensation="renorm")
+    assert rule.target is Target.NEXT and rule.target == "next" and rule.compensation == "renorm"
+    same = CAEEConfig(target=Target.NEXT, compensation="renorm")
+    assert rule == same and hash(rule) == hash(same)  # one compiled program for either spelling
+    assert repr(PeerRule("top_p", 0.9).name) == "'top_p'"
+    with pytest.raises(ValueError, match="target 'nearest' is not one of"):
+        CAEEConfig(target="nearest")
+    with pytest.raises(ValueError, match="dispatch 'scatter' is not one of"):
+        Execution(dispatch="scatter")
+
+
 def test_a_peer_rule_gives_the_same_logits_on_a_mesh():
     execution = Execution(pruning=PeerRule("top_p", 0.6))
-    single = caee_jax.init_random("tiny", seed=5, backend=execution)
-    sharded = caee_jax.init_random("tiny", seed=5, backend=execution, mesh=mesh_of("data=2,expert=4"))
+    single = caee_jax.init_random("tiny", seed=5, execution=execution)
+    sharded = caee_jax.init_random("tiny", seed=5, execution=execution, mesh=mesh_of("data=2,expert=4"))
     np.testing.assert_allclose(np.asarray(sharded(TOKENS)), np.asarray(single(TOKENS)), atol=1e-5, rtol=0)

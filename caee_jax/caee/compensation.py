@@ -18,21 +18,29 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from caee_jax.experts.dense import combine_matrix
+from caee_jax.choice import Choice
+from caee_jax.routing.ops import combine_matrix
 
-COMPENSATIONS = ("none", "renorm", "partial", "mean")
+
+class Compensation(Choice):
+    NONE = "none"
+    RENORM = "renorm"
+    PARTIAL = "partial"
+    MEAN = "mean"
+
+
+COMPENSATIONS = Compensation.names()
 
 
 def compensate(topk_weights: jax.Array, keep_mask: jax.Array, mode: str, alpha: float = 0.5) -> jax.Array:
     """topk_weights [N, K], keep_mask [N, K] bool -> combine weights [N, K] (0 on pruned slots)."""
-    if mode not in COMPENSATIONS:
-        raise ValueError(f"compensation {mode!r} is not one of {COMPENSATIONS}")
+    mode = Compensation.parse(mode, "compensation")
     kept = jnp.where(keep_mask, topk_weights, 0.0)
-    if mode in ("none", "mean"):
+    if mode in (Compensation.NONE, Compensation.MEAN):
         return kept
     total = topk_weights.sum(-1, keepdims=True)
     kept_mass = kept.sum(-1, keepdims=True)
-    denominator = kept_mass if mode == "renorm" else kept_mass + alpha * (total - kept_mass)
+    denominator = kept_mass if mode is Compensation.RENORM else kept_mass + alpha * (total - kept_mass)
     scale = jnp.where(denominator > 0, total / jnp.maximum(denominator, 1e-30), 0.0)
     # A token that lost nothing keeps its weights exactly (no rounding from total / kept_mass).
     return kept * jnp.where((~keep_mask).any(-1, keepdims=True), scale, 1.0)

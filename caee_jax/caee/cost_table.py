@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from caee_jax.config import ModelConfig
-from caee_jax.parallel.mesh import describe
+from caee_jax.files import atomic_write
+from caee_jax.routing.backend import ExpertBackend
 
 FORMAT = "caee-cost-table/1"
 TIERS = ("device", "host", "disk")  # residency codes 0, 1, 2
@@ -65,24 +65,6 @@ class MeshSignature:
             for f in dataclasses.fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         ]
-
-
-def signature_of(config: ModelConfig, mesh, dtype, backend) -> MeshSignature:
-    """The signature of running `config` on `mesh` (None: one device) with this dtype and expert backend."""
-    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
-    return MeshSignature(
-        platform=devices[0].platform,
-        device_kind=devices[0].device_kind,
-        num_devices=len(devices),
-        num_processes=len({d.process_index for d in devices}),
-        mesh=describe(mesh) if mesh is not None else "data=1,expert=1,tensor=1",
-        hidden_size=config.hidden_size,
-        moe_intermediate_size=config.moe_intermediate_size,
-        n_routed_experts=config.n_routed_experts,
-        num_experts_per_tok=config.num_experts_per_tok,
-        dtype=jnp.dtype(dtype).name,
-        backend=getattr(backend, "value", backend),
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +110,19 @@ class CostTable:
     def num_devices(self) -> int:
         return len(self.devices)
 
+    @property
+    def backend(self) -> ExpertBackend:
+        """The expert backend the table prices (its unit of saving: `ExpertBackend.row_tile`)."""
+        return ExpertBackend(self.signature.backend)
+
+    def per_device(self, name: str) -> jax.Array:
+        """One DeviceCosts field over the devices: [S] f32 (fetch_s: [S, tiers]), a compile-time constant."""
+        return jnp.asarray(np.array([getattr(d, name) for d in self.devices], np.float32))
+
+    def placement_array(self) -> jax.Array:
+        """[E] int32: the device of each expert."""
+        return jnp.asarray(np.array(self.placement, np.int32))
+
     def to_json(self) -> dict:
         return {"format": FORMAT, "units": "seconds", **dataclasses.asdict(self)}
 
@@ -161,11 +156,9 @@ def save_table(table: CostTable, directory: str = DEFAULT_DIR, extra: dict | Non
     """Writes `<directory>/<signature slug>.json` atomically (temporary file, then rename); returns the path."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, table.signature.slug() + ".json")
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(path) as f:
         json.dump({**table.to_json(), **(extra or {})}, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
     return path
 
 

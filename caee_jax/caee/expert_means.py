@@ -1,10 +1,9 @@
-"""Calibrated per-expert mean outputs for `mean` compensation: measured on text, stored in a file, set into a model.
+"""Calibrated per-expert mean outputs for `mean` compensation: the file, checked reading, setting into a model.
 
 For MoE layer l and routed expert e, means[l, e] [D] is e's unweighted SwiGLU output averaged over the
 calibration tokens the router sends to e (native top-k, nothing pruned); counts[l, e] is the number of
-those tokens (0: never routed, and its mean is the zero vector). The model sums the outputs in the
-forward pass that routes them (`Execution(collect_expert_sums=True)`): one row per routed (token, expert)
-pair, never an output for every expert and every token.
+those tokens (0: never routed, and its mean is the zero vector). They are measured by
+`caee_jax/calibration/expert_means.py`.
 
 Calibrate on text the evaluation never sees (for the bundled model: its training corpus, never
 `heldout.txt`): means measured on the evaluation text would leak it into the pruned model.
@@ -21,15 +20,10 @@ import os
 import zipfile
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from tqdm import tqdm
 
 from caee_jax.config import ModelConfig
-from caee_jax.model.execution import Execution
-from caee_jax.parallel.placement import batch_sharding, check_batch, gather_replicated, mesh_context, to_mesh
+from caee_jax.files import atomic_write
 
 FORMAT = "caee-expert-means"
 VERSION = 1
@@ -53,62 +47,13 @@ def default_path(model_dir: str) -> str:
     return os.path.join(model_dir, FILENAME)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "execution"))
-def _batch_sums(graphdef, state, tokens, execution: Execution):
-    """tokens [B, T] -> (expert output sums [L, E, D] f32, routed pairs per expert [L, E] int32)."""
-    model = nnx.merge(graphdef, state)
-    routing = model(tokens, execution=execution).routing
-    count = functools.partial(jnp.bincount, length=model.config.n_routed_experts)
-    counts = jax.vmap(lambda ids: count(ids.reshape(-1)))(routing.topk_ids)
-    return gather_replicated(routing.expert_sums), gather_replicated(counts)
-
-
-def calibrate(
-    model, ids: np.ndarray, *, tokens: int, seq_len: int = 256, batch_size: int = 8, progress: bool = True
-) -> Calibration:
-    """Mean expert outputs of `model` (a `caee_jax.Model`) over the token stream ids [M].
-
-    The stream is cut into consecutive windows of `seq_len` tokens, each run as its own sequence (positions
-    0..seq_len-1), `batch_size` windows per forward pass; at least `tokens` tokens in whole batches, as many
-    as the stream holds. Sums accumulate in float64.
-    """
-    config = model.config
-    windows = len(ids) // seq_len
-    batches = min(windows // batch_size, -(-tokens // (seq_len * batch_size)))
-    if batches < 1:
-        raise ValueError(f"the calibration text has {len(ids)} tokens; need at least {seq_len * batch_size}")
-    check_batch(model.mesh, batch_size)
-    stream = np.asarray(ids[: batches * batch_size * seq_len], np.int32).reshape(batches, batch_size, seq_len)
-    execution = Execution(model.execution.backend, dispatch=model.execution.dispatch, collect_expert_sums=True)
-    sums = np.zeros((config.num_moe_layers, config.n_routed_experts, config.hidden_size), np.float64)
-    counts = np.zeros(sums.shape[:2], np.int64)
-    bar = tqdm(total=stream.size, desc="expert means", unit="tok", unit_scale=True, disable=not progress)
-    with mesh_context(model.mesh), bar:
-        for batch in stream:
-            batch = jnp.asarray(batch) if model.mesh is None else to_mesh(batch, batch_sharding(model.mesh, 2))
-            batch_sums, batch_counts = _batch_sums(model.graphdef, model.state, batch, execution)
-            sums += np.asarray(batch_sums, np.float64)
-            counts += np.asarray(batch_counts, np.int64)
-            bar.update(batch.size)
-    means = sums / np.maximum(counts, 1)[..., None]
-    return Calibration(means.astype(np.float32), counts, int(stream.size))
-
-
 def save(path: str, result: Calibration, config: ModelConfig) -> None:
-    """Writes the file atomically: a temporary file next to `path`, fsynced, then renamed over it."""
+    """Writes the file atomically (`files.atomic_write`)."""
     fields = dict(format=np.str_(FORMAT), version=np.int64(VERSION), tokens=np.int64(result.tokens))
     fields |= {name: np.int64(getattr(config, name)) for name in DIMS}
     fields |= dict(means=np.asarray(result.means, np.float32), counts=np.asarray(result.counts, np.int64))
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **fields)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **fields)
 
 
 def read(path: str, config: ModelConfig) -> Calibration:

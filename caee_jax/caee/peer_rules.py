@@ -13,35 +13,41 @@ Letters: N tokens, K top-k, E experts.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 
-from caee_jax.caee.compensation import COMPENSATIONS
-from caee_jax.caee.policy import weight_rank
-from caee_jax.experts.loop import rank_in_group
+from caee_jax.caee.compensation import Compensation
+from caee_jax.choice import Choice
+from caee_jax.routing.ops import capacity_slots, rank_in_group, weight_rank
 
-PEER_RULES = ("topk", "top1_ratio", "mass_ratio", "top_p", "capacity")
+
+class PeerRuleName(Choice):
+    TOPK = "topk"
+    TOP1_RATIO = "top1_ratio"
+    MASS_RATIO = "mass_ratio"
+    TOP_P = "top_p"
+    CAPACITY = "capacity"
+
+
+PEER_RULES = PeerRuleName.names()
 
 
 @dataclasses.dataclass(frozen=True)
 class PeerRule:
     """name: one of PEER_RULES; knob: its parameter (see the module doc); k_min, compensation: as CAEE's."""
 
-    name: str
+    name: PeerRuleName
     knob: float
     k_min: int = 1
-    compensation: str = "none"
+    compensation: Compensation = Compensation.NONE
     partial_alpha: float = 0.5
 
     def __post_init__(self):
-        if self.name not in PEER_RULES:
-            raise ValueError(f"peer rule {self.name!r} is not one of {PEER_RULES}")
+        object.__setattr__(self, "name", PeerRuleName.parse(self.name, "peer rule"))
         if self.knob < 0:
             raise ValueError(f"{self.name}: knob must be >= 0, got {self.knob}")
-        if self.compensation not in COMPENSATIONS:
-            raise ValueError(f"compensation {self.compensation!r} is not one of {COMPENSATIONS}")
+        object.__setattr__(self, "compensation", Compensation.parse(self.compensation, "compensation"))
 
 
 def peer_keep_mask(rule: PeerRule, topk_ids: jax.Array, topk_weights: jax.Array, num_experts: int) -> jax.Array:
@@ -49,13 +55,13 @@ def peer_keep_mask(rule: PeerRule, topk_ids: jax.Array, topk_weights: jax.Array,
     rank = weight_rank(topk_weights)
     protected = rank < rule.k_min
     total = topk_weights.sum(-1, keepdims=True)
-    if rule.name == "topk":
+    if rule.name is PeerRuleName.TOPK:
         keep = rank < int(rule.knob)
-    elif rule.name == "top1_ratio":
+    elif rule.name is PeerRuleName.TOP1_RATIO:
         keep = topk_weights >= rule.knob * topk_weights.max(-1, keepdims=True)
-    elif rule.name == "mass_ratio":
+    elif rule.name is PeerRuleName.MASS_RATIO:
         keep = topk_weights >= rule.knob * total
-    elif rule.name == "top_p":
+    elif rule.name is PeerRuleName.TOP_P:
         sorted_weights = -jnp.sort(-topk_weights, axis=-1)
         share_before = (jnp.cumsum(sorted_weights, -1) - sorted_weights) / jnp.maximum(total, 1e-30)
         keep = jnp.take_along_axis(share_before, rank, axis=-1) < rule.knob
@@ -67,6 +73,5 @@ def peer_keep_mask(rule: PeerRule, topk_ids: jax.Array, topk_weights: jax.Array,
 def _within_capacity(factor: float, topk_ids, topk_weights, num_experts: int) -> jax.Array:
     """Each expert's ceil(factor * mean pairs per expert) heaviest pairs."""
     num_tokens, top_k = topk_ids.shape
-    capacity = math.ceil(factor * num_tokens * top_k / num_experts)
     rank = rank_in_group(topk_ids.reshape(-1), topk_weights.reshape(-1), num_experts)
-    return (rank < capacity).reshape(topk_ids.shape)
+    return (rank < capacity_slots(num_tokens * top_k, num_experts, factor)).reshape(topk_ids.shape)

@@ -5,9 +5,9 @@ Pure jnp with static shapes, run inside the MoE layer between the router and exp
 1. Candidates: a token's native top-k slots, except its `k_min` highest-weight slots (never pruned).
 2. Importance: the slot's share of the token's gate mass, times K (1 = an average slot).
 3. Cost: the slot's marginal cost on the device holding its expert (cost table): pair cost plus the
-   expert's activation cost (and, when not resident, its fetch cost) shared among the tokens that use
-   the expert in this batch; relative to the batch's mean slot cost (1 = an average slot). An expert
-   used by one token costs that token its whole activation; one used by twenty, a twentieth.
+   expert's activation cost shared among the tokens that use the expert in this batch; relative to the
+   batch's mean slot cost (1 = an average slot). An expert used by one token costs that token its whole
+   activation; one used by twenty, a twentieth.
 4. Straggler-aware: the predicted load of each device (cost model); only devices above the target
    prune, in increasing order of score = importance / cost, while the score is below `theta` and the
    device's load, minus what it already pruned, is still above the target. Targets: "floor", the
@@ -29,14 +29,23 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from caee_jax.caee.compensation import COMPENSATIONS, compensate
-from caee_jax.caee.cost_model import computed_rows, expert_load, predict, row_tile
+from caee_jax.caee.compensation import Compensation, compensate
+from caee_jax.caee.cost_model import computed_rows, predict, row_tile
 from caee_jax.caee.cost_table import CostTable
-from caee_jax.experts.loop import rank_in_group
+from caee_jax.choice import Choice
+from caee_jax.routing.ops import expert_load, rank_in_group, weight_rank
 
-TARGETS = ("floor", "next", "mean")
+
+class Target(Choice):
+    """How far the device bounding the layer is pruned (step 4 above)."""
+
+    FLOOR = "floor"
+    NEXT = "next"
+    MEAN = "mean"
+
+
+TARGETS = Target.names()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,43 +60,29 @@ class CAEEConfig:
     enabled: bool = True
     theta: float = 0.8
     k_min: int = 1
-    target: str = "floor"
+    target: Target = Target.FLOOR
     slack: float = 0.0
     refill: bool = True
-    compensation: str = "none"
+    compensation: Compensation = Compensation.NONE
     partial_alpha: float = 0.5
 
     def __post_init__(self):
+        object.__setattr__(self, "target", Target.parse(self.target, "target"))
+        object.__setattr__(self, "compensation", Compensation.parse(self.compensation, "compensation"))
         if self.theta < 0:
             raise ValueError(f"theta must be >= 0, got {self.theta}")
         if self.k_min < 0:
             raise ValueError(f"k_min must be >= 0, got {self.k_min}")
-        if self.target not in TARGETS:
-            raise ValueError(f"target {self.target!r} is not one of {TARGETS}")
         if self.slack < 0:
             raise ValueError(f"slack must be >= 0, got {self.slack}")
-        if self.compensation not in COMPENSATIONS:
-            raise ValueError(f"compensation {self.compensation!r} is not one of {COMPENSATIONS}")
 
 
-class Pruned(NamedTuple):
-    """keep_mask [N, K] bool; weights [N, K]: compensated combine weights (0 where pruned); pruned_weights
-    [N, K]: the gate weight each pruned slot had (for `mean` compensation); load_before, load_after [S]:
-    predicted device time (s); active_before, active_after: active experts (int32 scalars)."""
+class Decision(NamedTuple):
+    """keep_mask [N, K] bool: the pairs that run; weights [N, K]: their compensated combine weights (0 where
+    pruned)."""
 
     keep_mask: jax.Array
     weights: jax.Array
-    pruned_weights: jax.Array
-    load_before: jax.Array
-    load_after: jax.Array
-    active_before: jax.Array
-    active_after: jax.Array
-
-
-def weight_rank(topk_weights: jax.Array) -> jax.Array:
-    """[N, K] -> rank of each slot by gate weight within its token (0 = heaviest)."""
-    order = jnp.argsort(-topk_weights, axis=-1, stable=True)
-    return jnp.argsort(order, axis=-1, stable=True)
 
 
 def refill(prune: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, num_experts: int, tile: int) -> jax.Array:
@@ -101,42 +96,31 @@ def refill(prune: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, num_e
     return prune & ~restore.reshape(prune.shape)
 
 
-def caee_prune(
-    table: CostTable,
-    config: CAEEConfig,
-    topk_ids: jax.Array,
-    topk_weights: jax.Array,
-    residency: jax.Array | None = None,
-) -> Pruned:
-    """The CAEE decision for one MoE layer. topk_ids, topk_weights [N, K]; residency [E] int or None."""
+def caee_prune(table: CostTable, config: CAEEConfig, topk_ids: jax.Array, topk_weights: jax.Array) -> Decision:
+    """The CAEE decision for one MoE layer. topk_ids, topk_weights [N, K]."""
     num_tokens, top_k = topk_ids.shape
     num_experts = len(table.placement)
-    placement = jnp.asarray(np.array(table.placement, np.int32))
+    placement = table.placement_array()
     everything = jnp.ones(topk_ids.shape, bool)
-    before = predict(table, topk_ids, everything, residency)
+    before = predict(table, topk_ids, everything)
 
     # Importance and marginal cost of every slot.
     importance = top_k * topk_weights / jnp.maximum(topk_weights.sum(-1, keepdims=True), 1e-30)
     device = placement[topk_ids]  # [N, K]
-    pair_s = jnp.asarray(np.array([d.pair_s for d in table.devices], np.float32))
-    activation_s = jnp.asarray(np.array([d.activation_s for d in table.devices], np.float32))
-    per_expert = activation_s[placement]  # [E]
-    if residency is not None:
-        fetch_s = jnp.asarray(np.array([d.fetch_s for d in table.devices], np.float32))
-        per_expert = per_expert + fetch_s[placement, residency]
+    per_expert = table.per_device("activation_s")[placement]  # [E]
     users = expert_load(topk_ids, everything, num_experts).pairs  # [E]
-    cost = pair_s[device] + per_expert[topk_ids] / jnp.maximum(users[topk_ids], 1)
+    cost = table.per_device("pair_s")[device] + per_expert[topk_ids] / jnp.maximum(users[topk_ids], 1)
     mean_cost = jnp.mean(cost)
     score = importance / jnp.where(mean_cost > 0, cost / mean_cost, 1.0)  # a table without slot costs: importance
 
     # Straggler target and each device's excess over it.
     candidates = (weight_rank(topk_weights) >= config.k_min) & (score < config.theta)
     load = before.device_s
-    if config.target == "floor" or table.num_devices == 1:
-        floor = predict(table, topk_ids, ~candidates, residency).device_s  # every candidate pruned
+    if config.target is Target.FLOOR or table.num_devices == 1:
+        floor = predict(table, topk_ids, ~candidates).device_s  # every candidate pruned
         # The device left heaviest prunes all its candidates; the others come down to its load.
         excess = jnp.where(floor >= jnp.max(floor), jnp.inf, load - jnp.max(floor))
-    elif config.target == "next":
+    elif config.target is Target.NEXT:
         excess = load - jnp.sort(load)[-2]
     else:
         excess = load - jnp.mean(load) * (1 + config.slack)
@@ -155,18 +139,5 @@ def caee_prune(
     prune_sorted = (sorted_device < table.num_devices) & (saved_before < excess_of)
     prune = jnp.zeros(order.shape, bool).at[order].set(prune_sorted).reshape(topk_ids.shape)
     if config.refill:
-        tile = row_tile(table.signature.backend, num_tokens, top_k, num_experts // table.num_devices)
-        prune = refill(prune, topk_ids, topk_weights, num_experts, tile)
-
-    keep = ~prune
-    after = predict(table, topk_ids, keep, residency)
-    active = expert_load(topk_ids, keep, num_experts).active
-    return Pruned(
-        keep_mask=keep,
-        weights=compensate(topk_weights, keep, config.compensation, config.partial_alpha),
-        pruned_weights=jnp.where(prune, topk_weights, 0.0),
-        load_before=before.device_s,
-        load_after=after.device_s,
-        active_before=jnp.sum(users > 0).astype(jnp.int32),
-        active_after=jnp.sum(active).astype(jnp.int32),
-    )
+        prune = refill(prune, topk_ids, topk_weights, num_experts, row_tile(table, num_tokens))
+    return Decision(~prune, compensate(topk_weights, ~prune, config.compensation, config.partial_alpha))

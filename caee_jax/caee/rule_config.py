@@ -53,6 +53,16 @@ def load_rule(path: str) -> Pruning:
     return rule_from_dict(data, path)
 
 
+def rule_of(name: str, knob: float, **settings) -> Pruning:
+    """The rule `name` ("caee" or a peer rule) at `knob` (CAEE's theta) with `settings` (its other fields;
+    CAEE-only ones are dropped for a peer rule): how a sweep builds its cases."""
+    if name == "caee":
+        return rule_from_dict({"rule": name, "theta": knob, **settings}, f"rule {name}")
+    peer_fields = {f.name for f in dataclasses.fields(PeerRule)}
+    chosen = {key: value for key, value in settings.items() if key in peer_fields}
+    return rule_from_dict({"rule": name, "knob": knob, **chosen}, f"rule {name}")
+
+
 def parse_rule(text: str) -> Pruning:
     """ "caee=0.8" (theta) or "top_p=0.9" (knob) -> a rule with default k_min and compensation."""
     name, sep, value = text.partition("=")

@@ -10,46 +10,15 @@ the candidate run alternately and are timed; the metrics compare their next-toke
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from caee_jax.caee.cost_model import predict
-from caee_jax.caee.cost_table import CostTable
-from caee_jax.model.cache import LatentCache
 from caee_jax.model.execution import Execution
-from caee_jax.model.moe import routing_counts
-from caee_jax.parallel.placement import batch_sharding, gather_replicated, mesh_context, to_mesh
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "execution", "cache_len"))
-def _prefill(graphdef, state, tokens, *, execution: Execution, cache_len: int) -> LatentCache:
-    model = nnx.merge(graphdef, state)
-    out = model(tokens, execution=execution)
-    cache = LatentCache.zeros(model.config, tokens.shape[0], cache_len, out.cache.moe.dtype)
-    return jax.tree.map(lambda c, new: c.at[:, :, : tokens.shape[1]].set(new), cache, out.cache)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "execution", "table"), donate_argnames=("cache",))
-def _step(graphdef, state, cache, tokens, positions, *, execution: Execution, table: CostTable | None):
-    """tokens [B] at positions [B] -> (log-probabilities [B, V], cache, routing counts [4] (`routing_counts`),
-    predicted MoE time per layer and device [2, L, S]: unpruned, as run (s; 0 without table))."""
-    model = nnx.merge(graphdef, state)
-    out = model(tokens[:, None], positions[:, None], cache, execution=execution)
-    logprobs = jax.nn.log_softmax(out.logits[:, 0], axis=-1)
-    routing = out.routing
-    counts = routing_counts(routing, model.config.n_routed_experts, pruned=execution.pruning is not None)
-    predicted = jnp.zeros((2, 1, 1))
-    if table is not None:
-        device_s = jax.vmap(lambda ids, keep: predict(table, ids[:, 0], keep[:, 0]).device_s)
-        everything = jnp.ones_like(routing.keep_mask)
-        predicted = jnp.stack([device_s(routing.topk_ids, everything), device_s(routing.topk_ids, routing.keep_mask)])
-    replicated = [gather_replicated(a) for a in (logprobs, counts, predicted)]
-    return replicated[0], out.cache, *replicated[1:]
+from caee_jax.parallel.placement import batch_sharding, mesh_context, to_mesh
+from caee_jax.runtime import steps
 
 
 @dataclasses.dataclass
@@ -115,22 +84,27 @@ def compare(
     with a cost table, each step's MoE time is also predicted, unpruned and as pruned."""
     result = result or Comparison()
     batch, length = windows.shape
-    steps = length - prefix - 1
+    num_steps = length - prefix - 1
     baseline = model.execution
     mesh = model.mesh
     put = (lambda a: to_mesh(a, batch_sharding(mesh, a.ndim))) if mesh is not None else jnp.asarray
     num_layers = model.config.num_moe_layers
     with mesh_context(mesh):
-        base_cache = _prefill(
-            model.graphdef, model.state, put(windows[:, :prefix]), execution=baseline, cache_len=length
+        lengths = put(np.full(batch, prefix, np.int32))
+        greedy = (np.uint32(0), np.float32(0), np.float32(1))  # seed, temperature, top_p: the sample is unused
+        prompts = put(windows[:, :prefix])
+        _, base_cache, _ = steps.prefill(
+            model.graphdef, model.state, prompts, lengths, *greedy, cache_len=length, execution=baseline
         )
         cand_cache = jax.tree.map(jnp.copy, base_cache)
-        for t in range(prefix, prefix + steps):
+        for t in range(prefix, prefix + num_steps):
             tokens, positions = put(windows[:, t]), put(np.full(batch, t, np.int32))
             outputs = []
             for execution, cache in ((baseline, base_cache), (candidate, cand_cache)):
                 start = time.perf_counter()
-                out = _step(model.graphdef, model.state, cache, tokens, positions, execution=execution, table=table)
+                out = steps.teacher_forced_step(
+                    model.graphdef, model.state, cache, tokens, positions, execution=execution, table=table
+                )
                 jax.block_until_ready(out)
                 outputs.append((out, time.perf_counter() - start))
             (base_lp, base_cache, base_counts, _), base_s = outputs[0]

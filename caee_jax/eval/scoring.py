@@ -7,15 +7,12 @@ predicted from the window's earlier tokens (full-sequence pass, no cache).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
-from caee_jax.model.execution import Execution
+from caee_jax.runtime import steps
 
 
 @dataclasses.dataclass
@@ -37,16 +34,6 @@ class Scores:
         return float(self.correct.mean())
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "execution"))
-def _score_windows(graphdef, state, windows, execution: Execution):
-    out = nnx.merge(graphdef, state)(windows[:, :-1], execution=execution)
-    logprobs = jax.nn.log_softmax(out.logits, axis=-1)
-    targets = windows[:, 1:]
-    nll = -jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-    correct = jnp.argmax(out.logits, axis=-1) == targets
-    return nll, correct, out.routing.topk_ids, out.routing.topk_weights
-
-
 def score_tokens(model, ids: np.ndarray, window: int = 512, batch: int = 8, progress: bool = True) -> Scores:
     """Scores the stream ids [N] in windows of `window` + 1 tokens, `batch` windows per call."""
     count = (len(ids) - 1) // window
@@ -58,7 +45,7 @@ def score_tokens(model, ids: np.ndarray, window: int = 512, batch: int = 8, prog
         chunk = windows[start : start + batch]
         n = len(chunk)
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])  # one compiled shape
-        result = _score_windows(model.graphdef, model.state, jnp.asarray(padded), model.execution)
+        result = steps.score_windows(model.graphdef, model.state, jnp.asarray(padded), execution=model.execution)
         nll.append(np.asarray(result[0])[:n].reshape(-1))
         correct.append(np.asarray(result[1])[:n].reshape(-1))
         layers, _, _, k = result[2].shape  # [L, B, T, K]

@@ -6,9 +6,6 @@ re-implements routing or combining. Letters: N tokens, D hidden, E experts, F ex
 
 from __future__ import annotations
 
-import enum
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
@@ -16,32 +13,9 @@ from caee_jax.experts.capacity import capacity_for, run_capacity
 from caee_jax.experts.dense import run_dense
 from caee_jax.experts.loop import run_loop
 from caee_jax.pallas import run_pallas
+from caee_jax.routing.backend import ExpertBackend, ExpertWeights
 
-
-class ExpertBackend(enum.Enum):
-    """How routed experts execute.
-
-    DENSE: every expert on every token, masked combine (reference; cost E x N).
-    LOOP: XLA while-loop over active experts and row tiles of their kept tokens (CPU default; cost
-    follows kept token-expert pairs and active experts).
-    CAPACITY: static-shape [E, C, D] dispatch, C = ceil(capacity_factor * N*K/E); an expert's
-    lowest-weight pairs beyond C are dropped (training path; differentiable).
-    PALLAS: grouped SwiGLU kernel over expert-sorted kept pairs (GPU/TPU; interpret mode on CPU); an
-    expert with no kept pair has its weights never loaded (docs/KERNELS.md).
-    """
-
-    DENSE = "dense"
-    LOOP = "loop"
-    CAPACITY = "capacity"
-    PALLAS = "pallas"
-
-
-class ExpertWeights(NamedTuple):
-    """Stacked SwiGLU expert weights: gate, up [E, D, F]; down [E, F, D]."""
-
-    gate: jax.Array
-    up: jax.Array
-    down: jax.Array
+__all__ = ["ExpertBackend", "ExpertWeights", "run_experts"]
 
 
 def run_experts(
@@ -52,14 +26,14 @@ def run_experts(
     weights: ExpertWeights,
     backend: ExpertBackend = ExpertBackend.LOOP,
     *,
-    layer: jax.Array | None = None,
+    layer_index: jax.Array | None = None,
     capacity_factor: float = 2.0,
 ) -> jax.Array:
     """Combined routed-expert output [N, D] (dtype of x).
 
     x [N, D]; topk_ids [N, K] int (ids in [0, E)); topk_weights [N, K] float (combine weights);
     keep_mask [N, K] bool (False: the pair is not executed and contributes nothing).
-    layer: when given, `weights` hold every layer's experts ([L, E, ...]) and this int scalar picks one.
+    layer_index: when given, `weights` hold every layer's experts ([L, E, ...]) and this int scalar picks one.
       The loop and pallas backends then read only the active experts of that layer: slicing the layer out first
       (as a scan input would) makes XLA copy all of its experts on every call.
     capacity_factor: only for CAPACITY.
@@ -68,11 +42,11 @@ def run_experts(
     weights = ExpertWeights(*(jnp.asarray(w) for w in weights))
     with jax.named_scope(f"experts_{backend.value}"):
         if backend is ExpertBackend.LOOP:
-            return run_loop(x, topk_ids, topk_weights, keep_mask, weights, layer=layer)
+            return run_loop(x, topk_ids, topk_weights, keep_mask, weights, layer_index=layer_index)
         if backend is ExpertBackend.PALLAS:
-            return run_pallas(x, topk_ids, topk_weights, keep_mask, weights, layer=layer)
-        if layer is not None:
-            weights = ExpertWeights(*(w[layer] for w in weights))
+            return run_pallas(x, topk_ids, topk_weights, keep_mask, weights, layer_index=layer_index)
+        if layer_index is not None:
+            weights = ExpertWeights(*(w[layer_index] for w in weights))
         if backend is ExpertBackend.DENSE:
             return run_dense(x, topk_ids, topk_weights, keep_mask, weights)
         if backend is ExpertBackend.CAPACITY:

@@ -2,23 +2,20 @@
 
 Static shapes throughout ([E, C, D] batched matmuls), so it differentiates and vectorises well: the
 training path. When more than `capacity` tokens pick an expert, the ones with the lowest gate weight
-are dropped (count them with `dropped_pairs`). Letters: N tokens, D hidden, E experts, F width,
-K top-k, C capacity.
+are dropped. Letters: N tokens, D hidden, E experts, F width, K top-k, C capacity.
 """
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
-from caee_jax.experts.dense import combine_matrix
+from caee_jax.routing.ops import capacity_slots, combine_matrix
 
 
 def capacity_for(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
     """ceil(factor * mean pairs per expert), at least 1 and at most the token count."""
-    return max(1, min(num_tokens, math.ceil(factor * num_tokens * top_k / num_experts)))
+    return max(1, min(num_tokens, capacity_slots(num_tokens * top_k, num_experts, factor)))
 
 
 def run_capacity(x, topk_ids, topk_weights, keep_mask, weights, capacity: int) -> jax.Array:
@@ -32,9 +29,3 @@ def run_capacity(x, topk_ids, topk_weights, keep_mask, weights, capacity: int) -
     out = jnp.einsum("ecf,efd->ecd", hidden, weights.down).astype(jnp.float32) * slot_weights[..., None]
     y = jnp.zeros(x.shape, jnp.float32).at[slot_tokens.reshape(-1)].add(out.reshape(-1, x.shape[-1]))
     return y.astype(x.dtype)
-
-
-def dropped_pairs(topk_ids, keep_mask, num_experts: int, capacity: int) -> jax.Array:
-    """Kept (token, expert) pairs beyond their expert's capacity: int scalar."""
-    counts = jnp.bincount(jnp.where(keep_mask, topk_ids, num_experts).reshape(-1), length=num_experts + 1)
-    return jnp.sum(jnp.maximum(counts[:num_experts] - capacity, 0))

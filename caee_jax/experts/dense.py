@@ -5,12 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def combine_matrix(topk_ids, topk_weights, keep_mask, num_experts: int) -> jax.Array:
-    """[N, K] routing -> [N, E] combine weights (0 where a token does not use an expert)."""
-    kept = jnp.where(keep_mask, topk_weights, 0).astype(jnp.float32)
-    rows = jnp.arange(topk_ids.shape[0])[:, None]
-    return jnp.zeros((topk_ids.shape[0], num_experts), jnp.float32).at[rows, topk_ids].add(kept)
+from caee_jax.routing.ops import combine_matrix
 
 
 def run_dense(x, topk_ids, topk_weights, keep_mask, weights) -> jax.Array:

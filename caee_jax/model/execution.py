@@ -1,6 +1,8 @@
-"""How the MoE layers execute: one static, hashable value passed down every model call.
+"""How the MoE layers execute: one static, hashable plan passed down every model call.
 
-A different value compiles a different program; routing, batch contents and cache never do.
+A different plan compiles a different program; routing, batch contents and cache never do. The plan's
+backend is the only one: a cost table calibrated for another backend (whose unit of saving differs) is
+refused here, so the policy's prices always describe what runs.
 """
 
 from __future__ import annotations
@@ -9,9 +11,8 @@ import dataclasses
 
 from caee_jax.caee.cost_table import CostTable
 from caee_jax.caee.pruning import Pruning
-from caee_jax.experts import ExpertBackend
-
-DISPATCH_MODES = ("auto", "gather", "all_to_all")
+from caee_jax.parallel.expert_parallel import Dispatch
+from caee_jax.routing.backend import ExpertBackend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,32 +20,32 @@ class Execution:
     """backend: how a device runs its (local) routed experts.
 
     Under a mesh with an expert or tensor axis (see `parallel/expert_parallel.py`):
-    dispatch: "gather" (every expert shard sees every token; results summed), "all_to_all" (each pair
-      travels to the device holding its expert), or "auto": gather for single-token decode steps,
-      all_to_all for prefill.
+    dispatch: Dispatch.GATHER (every expert shard sees every token; results summed), ALL_TO_ALL (each
+      pair travels to the device holding its expert), or AUTO: gather for single-token decode steps,
+      all_to_all for prefill. Strings ("gather", ...) are accepted.
     ep_capacity_factor: all_to_all slots per (source, destination) device pair, as a multiple of the
       mean (pairs / expert shards); None sizes them so that no pair can ever be dropped. Dropped pairs
       are counted in `Routing.dropped_pairs`.
     pruning: a CAEEConfig or PeerRule applied to every MoE layer before its experts run (None: off).
-    cost_table: the mesh's calibrated cost table (CAEE needs it); compiled in as constants.
-    collect_expert_sums: each MoE layer also returns `Routing.expert_sums` [E, D] f32, every routed expert's
-      unweighted output summed over its (token, expert) pairs, pruned or not: the calibration of `mean`
-      compensation (`caee/expert_means.py`). It runs the routed experts a second time, one row per pair.
+    cost_table: the mesh's calibrated cost table (CAEE needs it), for this backend; compiled in as constants.
     """
 
     backend: ExpertBackend = ExpertBackend.LOOP
-    dispatch: str = "auto"
+    dispatch: Dispatch = Dispatch.AUTO
     ep_capacity_factor: float | None = None
     pruning: Pruning | None = None
     cost_table: CostTable | None = None
-    collect_expert_sums: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "backend", ExpertBackend(self.backend))
-        if self.dispatch not in DISPATCH_MODES:
-            raise ValueError(f"dispatch {self.dispatch!r} is not one of {DISPATCH_MODES}")
+        object.__setattr__(self, "dispatch", Dispatch.parse(self.dispatch, "dispatch"))
         if self.ep_capacity_factor is not None and not self.ep_capacity_factor > 0:
             raise ValueError(f"ep_capacity_factor must be > 0, got {self.ep_capacity_factor}")
+        if self.cost_table is not None and self.cost_table.backend is not self.backend:
+            raise ValueError(
+                f"the cost table prices backend {self.cost_table.backend.value!r}; this plan runs "
+                f"{self.backend.value!r} (calibrate a table for it with launch/calibrate.py --backend)"
+            )
 
 
 DEFAULT_EXECUTION = Execution()

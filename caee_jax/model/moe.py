@@ -1,11 +1,17 @@
-"""DeepSeekMoE: routed experts (stacked weights, run behind `run_experts`) plus always-on shared experts.
+"""DeepSeekMoE as four stages: route -> decide -> execute -> combine.
 
-Letters: B batch, T tokens, D hidden, E experts, F expert width, K top-k.
+route    the router's native top-k (`model/router.py`)
+decide   the pruning rule and cost model: which pairs run, with what weight (`caee/pruning.py`)
+execute  the routed experts behind `run_experts`, expert-parallel under a mesh (`parallel/expert_parallel.py`)
+combine  `mean` compensation for pruned slots, plus the always-on shared experts
+
+Each stage is a pure function under its own `jax.named_scope`; the static plan (`Execution`) and the
+arrays are separate arguments. Letters: B batch, T tokens, N = B*T, D hidden, E experts, F expert width,
+K top-k.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -13,14 +19,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from caee_jax.caee.compensation import mean_outputs
-from caee_jax.caee.cost_model import expert_load
-from caee_jax.caee.pruning import prune, uses_mean
+from caee_jax.caee.pruning import decide, uses_mean
 from caee_jax.config import ModelConfig
-from caee_jax.experts import ExpertWeights, run_experts
 from caee_jax.model.execution import Execution
 from caee_jax.model.layers import MLP, param
 from caee_jax.model.router import route
-from caee_jax.parallel.expert_parallel import expert_parallel_mesh, run_experts_parallel
+from caee_jax.parallel.expert_parallel import EXPERT_AXIS, execute, expert_parallel_mesh
+from caee_jax.routing.backend import ExpertWeights
+from caee_jax.routing.ops import expert_load
 
 
 class RouterBias(nnx.Variable):
@@ -36,8 +42,8 @@ class ExpertMeans(nnx.Variable):
 class Routing(NamedTuple):
     """What the router chose for each token: ids [B, T, K] int32, gate weights [B, T, K] f32; keep_mask
     [B, T, K] bool: the pairs that ran (pruning); dropped_pairs: int32 scalar, kept pairs that
-    expert-parallel dispatch had no slot for; expert_sums: [E, D] f32 with `Execution(collect_expert_sums=True)`,
-    else None."""
+    expert-parallel dispatch had no slot for; expert_sums: [E, D] f32 when the call collects them
+    (`collect_expert_sums`), else None."""
 
     topk_ids: jax.Array
     topk_weights: jax.Array
@@ -77,59 +83,74 @@ class MoE(nnx.Module):
     def expert_weights(self) -> ExpertWeights:
         return ExpertWeights(self.gate_proj[...], self.up_proj[...], self.down_proj[...])
 
-    def __call__(self, x: jax.Array, execution: Execution, layer: jax.Array | None = None) -> tuple[jax.Array, Routing]:
+    def __call__(
+        self,
+        x: jax.Array,
+        execution: Execution,
+        layer_index: jax.Array | None = None,
+        *,
+        collect_expert_sums: bool = False,
+    ) -> tuple[jax.Array, Routing]:
         """x [B, T, D] -> (output [B, T, D], routing).
 
-        layer: set when the expert parameters hold the whole stack [L, E, ...] (see `run_experts`).
+        layer_index: set when the expert parameters hold the whole stack [L, E, ...] (see `run_experts`).
         Under a context mesh (`jax.set_mesh`) the routed experts run expert-parallel.
+        collect_expert_sums: also return `Routing.expert_sums` [E, D] f32, every routed expert's unweighted
+          output summed over its (token, expert) pairs, pruned or not: the calibration of `mean`
+          compensation (`calibration/expert_means.py`). Runs the routed experts a second time.
         """
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
+        num_experts = self.config.n_routed_experts
         topk_ids, topk_weights = route(flat, self.router[...], self.router_bias[...], self.config)
         mesh = expert_parallel_mesh()
-        shards = 1 if mesh is None else mesh.shape["expert"]
-        num_experts = self.config.n_routed_experts
-        keep_mask, combine = prune(execution.pruning, execution.cost_table, topk_ids, topk_weights, num_experts, shards)
-        y, dropped = self._routed(flat, topk_ids, combine, keep_mask, execution, layer, decode=t == 1)
-        if uses_mean(execution.pruning):
-            if self.expert_means is None:
-                raise ValueError(
-                    "compensation 'mean' needs calibrated per-expert mean outputs and this model has none: "
-                    "make them with launch/calibrate_means.py, set them with caee_jax.caee.expert_means.load_means"
-                )
-            compensation = mean_outputs(self.expert_means[...], topk_ids, topk_weights, keep_mask)
-            y = (y.astype(jnp.float32) + compensation).astype(y.dtype)
-        sums = self._expert_sums(flat, topk_ids, execution, layer, t == 1) if execution.collect_expert_sums else None
-        y = y.reshape(x.shape)
-        if self.shared is not None:
-            with jax.named_scope("shared_experts"):
+        shards = 1 if mesh is None else mesh.shape[EXPERT_AXIS]
+        decision = decide(execution.pruning, execution.cost_table, topk_ids, topk_weights, num_experts, shards)
+        placed = dict(mesh=mesh, layer_index=layer_index, decode=t == 1)
+        y, dropped = execute(
+            flat,
+            topk_ids,
+            decision.weights,
+            decision.keep_mask,
+            self.expert_weights,
+            execution.backend,
+            dispatch=execution.dispatch,
+            capacity_factor=execution.ep_capacity_factor,
+            **placed,
+        )
+        with jax.named_scope("combine"):
+            if uses_mean(execution.pruning):
+                y = self._add_mean_outputs(y, topk_ids, topk_weights, decision.keep_mask)
+            y = y.reshape(x.shape)
+            if self.shared is not None:
                 y = y + self.shared(x)
+        sums = self._expert_sums(flat, topk_ids, execution, placed) if collect_expert_sums else None
         k = topk_ids.shape[-1]
-        routing = (topk_ids, topk_weights, keep_mask)
+        routing = (topk_ids, topk_weights, decision.keep_mask)
         return y, Routing(*(a.reshape(b, t, k) for a in routing), dropped, sums)
 
-    def _routed(self, flat, topk_ids, weights, keep_mask, execution: Execution, layer, decode: bool):
-        """The routed experts on flat [N, D] -> (y [N, D], dropped pairs: int32 scalar), expert-parallel
-        under a context mesh (dispatch "auto": gather to decode, all_to_all otherwise)."""
-        mesh = expert_parallel_mesh()
-        args = (flat, topk_ids, weights, keep_mask, self.expert_weights, execution.backend)
-        if mesh is None:
-            return run_experts(*args, layer=layer), jnp.zeros((), jnp.int32)
-        dispatch = execution.dispatch
-        if dispatch == "auto":
-            dispatch = "gather" if decode else "all_to_all"
-        return run_experts_parallel(*args, dispatch=dispatch, capacity_factor=execution.ep_capacity_factor, layer=layer)
+    def _add_mean_outputs(self, y, topk_ids, topk_weights, keep_mask) -> jax.Array:
+        """y [N, D] plus each pruned slot's calibrated mean output, weighted by its gate weight."""
+        if self.expert_means is None:
+            raise ValueError(
+                "compensation 'mean' needs calibrated per-expert mean outputs and this model has none: "
+                "make them with launch/calibrate_means.py, set them with caee_jax.caee.expert_means.load_means"
+            )
+        compensation = mean_outputs(self.expert_means[...], topk_ids, topk_weights, keep_mask)
+        return (y.astype(jnp.float32) + compensation).astype(y.dtype)
 
-    def _expert_sums(self, flat, topk_ids, execution: Execution, layer, decode: bool) -> jax.Array:
+    def _expert_sums(self, flat, topk_ids, execution: Execution, placed: dict) -> jax.Array:
         """[E, D] f32: each expert's unweighted output summed over its routed pairs (every top-k slot).
 
-        Runs one row per (token, slot) pair, so it builds [N*K, D], never an output per expert and token.
+        Runs one row per (token, slot) pair, so it builds [N*K, D], never an output per expert and token;
+        expert-parallel all_to_all gets a capacity that drops no pair.
         """
         with jax.named_scope("expert_sums"):
-            execution = dataclasses.replace(execution, ep_capacity_factor=None)  # every pair counts: no drops
             k = topk_ids.shape[-1]
             pairs = jnp.repeat(flat, k, axis=0)  # [N*K, D]: row n*K + j is token n
             ids = topk_ids.reshape(-1, 1)
             ones = jnp.ones(ids.shape, jnp.float32)
-            outputs, _ = self._routed(pairs, ids, ones, jnp.ones(ids.shape, bool), execution, layer, decode)
+            everything = jnp.ones(ids.shape, bool)
+            args = (pairs, ids, ones, everything, self.expert_weights, execution.backend)
+            outputs, _ = execute(*args, dispatch=execution.dispatch, capacity_factor=None, **placed)
             return jax.ops.segment_sum(outputs.astype(jnp.float32), ids[:, 0], self.config.n_routed_experts)

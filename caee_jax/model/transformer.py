@@ -33,14 +33,14 @@ class DecoderLayer(nnx.Module):
         else:
             self.ffn = MLP(d, config.intermediate_size, dtype, rngs=rngs)
 
-    def __call__(self, h, positions, cache, execution: Execution, layer=None):
-        """h [B, T, D] -> (h, cache or new latents [B, T, R+P], routing or None); `layer` as in `MoE`."""
+    def __call__(self, h, positions, cache, execution: Execution, layer_index=None, collect_expert_sums=False):
+        """h [B, T, D] -> (h, cache or new latents [B, T, R+P], routing or None); the last two as in `MoE`."""
         attn_out, cache = self.attn(self.attn_norm(h), positions, cache)
         h = h + attn_out
         normed = self.ffn_norm(h)
         routing = None
         if isinstance(self.ffn, MoE):
-            ffn_out, routing = self.ffn(normed, execution, layer)
+            ffn_out, routing = self.ffn(normed, execution, layer_index, collect_expert_sums=collect_expert_sums)
         else:
             ffn_out = self.ffn(normed)
         return h + ffn_out, cache, routing
@@ -104,27 +104,33 @@ class DeepseekV3(nnx.Module):
         positions: jax.Array | None = None,
         cache: LatentCache | None = None,
         execution: Execution = DEFAULT_EXECUTION,
+        *,
+        collect_expert_sums: bool = False,
     ) -> ModelOutput:
         """tokens int [B, T] at positions [B, T] (default 0..T-1).
 
         Without `cache`: causal pass over the T tokens. With `cache`: the tokens' latents are written at
         their positions and each attends to the cache up to its own position (decode / chunked prefill).
-        execution: how the MoE layers run (static).
+        execution: how the MoE layers run (static). collect_expert_sums: each MoE layer's routing carries
+        its experts' output sums (`MoE`; calibration of `mean` compensation).
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         h = self.embed(tokens)
         dense_cache = None if cache is None else cache.dense
         moe_cache = None if cache is None else cache.moe
-        h, dense_cache, _ = _scan(self.dense_layers, h, positions, dense_cache, execution, self.config.latent_dim)
-        h, moe_cache, routing = _scan(self.moe_layers, h, positions, moe_cache, execution, self.config.latent_dim)
+        latent_dim = self.config.latent_dim
+        h, dense_cache, _ = _scan(self.dense_layers, h, positions, dense_cache, execution, latent_dim)
+        h, moe_cache, routing = _scan(
+            self.moe_layers, h, positions, moe_cache, execution, latent_dim, collect_expert_sums
+        )
         h = self.final_norm(h)
         head = self.embed.embedding[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
         return ModelOutput(logits, LatentCache(dense_cache, moe_cache), routing)
 
 
-def _scan(layers: DecoderLayer | None, h, positions, cache, execution: Execution, latent_dim: int):
+def _scan(layers: DecoderLayer | None, h, positions, cache, execution: Execution, latent_dim: int, collect_sums=False):
     """Runs a layer stack over h; cache [L, B, S, C] or None. Returns (h, cache or latents, routing)."""
     if layers is None:
         empty = jnp.zeros((0, *h.shape[:2], latent_dim), h.dtype) if cache is None else cache
@@ -136,7 +142,8 @@ def _scan(layers: DecoderLayer | None, h, positions, cache, execution: Execution
     def body(h, xs):
         layer_state, layer_cache, index = xs
         layer = nnx.merge(graphdef, experts, layer_state)
-        h, layer_cache, routing = layer(h, positions, layer_cache, execution, index if experts else None)
+        layer_index = index if experts else None
+        h, layer_cache, routing = layer(h, positions, layer_cache, execution, layer_index, collect_sums)
         return h, (layer_cache, routing)
 
     count = jax.tree.leaves(state)[0].shape[0]

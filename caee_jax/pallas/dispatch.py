@@ -12,7 +12,6 @@ Letters: N tokens, D hidden, E experts, F expert width, K top-k, P = N*K pairs, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -112,32 +111,28 @@ def run_pallas(
     keep_mask: jax.Array,
     weights,
     *,
-    layer: jax.Array | None = None,
+    layer_index: jax.Array | None = None,
     platform: Platform | None = None,
     interpret: bool | None = None,
     block_m: int | None = None,
     block_f: int | None = None,
     block_d: int | None = None,
-    probe: Callable | None = None,
 ) -> jax.Array:
     """x [N, D], topk_ids/topk_weights/keep_mask [N, K], weights (gate, up [E, D, F]; down [E, F, D]) -> [N, D].
 
-    layer: int scalar; the weights then carry a leading layer axis and the kernel reads [layer, expert]
+    layer_index: int scalar; the weights then carry a leading layer axis and the kernel reads [layer, expert]
       blocks straight from the stack (no copy of the layer).
     platform: kernel variant, "tpu" (Mosaic) or "gpu" (Triton); default from `jax.default_backend()`.
     interpret: run the kernel in Pallas interpret mode; default True on a CPU backend. A
       `pltpu.InterpretParams` selects the TPU interpreter (simulated HBM/VMEM copies).
     block_m, block_f, block_d: rows per tile, F and D columns per block (`default_blocks`).
-    probe: GPU variant in interpret mode only: probe(expert, column_block) per program that loads weights.
     """
     platform = platform or default_platform()
     if platform not in KERNELS:
         raise ValueError(f"unknown Pallas platform {platform!r}: 'tpu' or 'gpu'")
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
-    stacked = layer is not None
+    stacked = layer_index is not None
     check_inputs(x, topk_ids, topk_weights, keep_mask, weights, stacked)
-    if probe is not None and (platform != "gpu" or not interpret):
-        raise ValueError("probe needs platform='gpu' in interpret mode")
     n, d = x.shape
     k = topk_ids.shape[1]
     e, f = weights.gate.shape[-3], weights.gate.shape[-1]
@@ -146,15 +141,13 @@ def run_pallas(
     check_blocks(platform, bool(interpret), x.dtype, d, f, block_m, block_f, block_d)
 
     gate, up, down = weights if stacked else (w[None] for w in weights)  # [L, E, ...]
-    layer = jnp.asarray(layer if stacked else 0, jnp.int32).reshape(1)
+    layer = jnp.asarray(layer_index if stacked else 0, jnp.int32).reshape(1)
     layout = group_layout(topk_ids, keep_mask, e, block_m)
     token = layout.row_pair // k  # [M]
     kept_row = jnp.arange(token.shape[0]) < layout.num_kept  # [M]
     xs = jnp.where(kept_row[:, None], x[token], 0).astype(x.dtype)
 
     blocks = dict(block_m=block_m, block_f=block_f, block_d=block_d, interpret=interpret)
-    if platform == "gpu":
-        blocks["probe"] = probe
     kernel = KERNELS[platform]
     out = jax.lax.cond(
         layout.num_items[0] > 0,

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from caee_jax.experts.loop import expert_groups
+from caee_jax.routing.ops import expert_groups
 
 
 class GroupLayout(NamedTuple):

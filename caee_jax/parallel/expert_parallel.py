@@ -16,20 +16,55 @@ Letters: N tokens, D hidden, K top-k, E experts (E_l local), S expert shards, C 
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
+from caee_jax.choice import Choice
 from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
-from caee_jax.experts.loop import rank_in_group
+from caee_jax.parallel.rules import LOGICAL_RULES, partition_spec
+from caee_jax.routing.ops import capacity_slots, rank_in_group
+
+# The mesh axes the collectives run over, from the one rules table.
+EXPERT_AXIS, WIDTH_AXIS, BATCH_AXIS = (LOGICAL_RULES[role] for role in ("experts", "moe_ffw", "batch"))
+
+
+class Dispatch(Choice):
+    """How tokens reach the expert shards (module doc); AUTO: gather to decode, all_to_all otherwise."""
+
+    AUTO = "auto"
+    GATHER = "gather"
+    ALL_TO_ALL = "all_to_all"
 
 
 def expert_parallel_mesh():
     """The context mesh (`jax.set_mesh`) when it has more than one device, else None."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def execute(
+    x: jax.Array,
+    topk_ids: jax.Array,
+    topk_weights: jax.Array,
+    keep_mask: jax.Array,
+    weights: ExpertWeights,
+    backend: ExpertBackend,
+    *,
+    mesh,
+    dispatch: Dispatch,
+    capacity_factor: float | None,
+    layer_index: jax.Array | None,
+    decode: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """The execute stage: the routed experts on x [N, D] -> (y [N, D], dropped pairs: int32 scalar), on one
+    device (`mesh` None) or expert-parallel over `mesh` (AUTO: gather when `decode`, else all_to_all)."""
+    with jax.named_scope("execute"):
+        args = (x, topk_ids, topk_weights, keep_mask, weights, backend)
+        if mesh is None:
+            return run_experts(*args, layer_index=layer_index), jnp.zeros((), jnp.int32)
+        if dispatch is Dispatch.AUTO:
+            dispatch = Dispatch.GATHER if decode else Dispatch.ALL_TO_ALL
+        return run_experts_parallel(*args, dispatch=dispatch, capacity_factor=capacity_factor, layer_index=layer_index)
 
 
 def run_experts_parallel(
@@ -40,79 +75,79 @@ def run_experts_parallel(
     weights: ExpertWeights,
     backend: ExpertBackend,
     *,
-    dispatch: str,
+    dispatch: Dispatch | str,
     capacity_factor: float | None = None,
-    layer: jax.Array | None = None,
+    layer_index: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Like `run_experts` over the context mesh. Returns (y [N, D], dropped pairs: int32 scalar).
 
     x [N, D] and the routing [N, K] are sharded over `data` (N divisible by its size); weights as the
-    logical-axis rules shard them (experts over `expert`, width over `tensor`); dispatch "gather" or
-    "all_to_all"; layer: int scalar when weights hold every layer ([L, E, ...]).
+    logical-axis rules shard them (experts over `expert`, width over `tensor`); dispatch GATHER or
+    ALL_TO_ALL; layer_index: int scalar when weights hold every layer ([L, E, ...]).
     """
+    dispatch = Dispatch.parse(dispatch, "dispatch")
+    if dispatch is Dispatch.AUTO:
+        raise ValueError("run_experts_parallel needs a concrete dispatch: gather or all_to_all")
     mesh = jax.sharding.get_abstract_mesh()
     num_experts = weights.gate.shape[-3]
-    shards = mesh.shape["expert"]
+    shards = mesh.shape[EXPERT_AXIS]
     if num_experts % shards:
         raise ValueError(f"n_routed_experts={num_experts} does not divide the mesh's expert axis ({shards} devices)")
-    if x.shape[0] % mesh.shape["data"]:
-        raise ValueError(f"{x.shape[0]} tokens do not divide the mesh's data axis ({mesh.shape['data']} devices)")
-    lead = () if layer is None else (None,)
-    weight_specs = ExpertWeights(
-        P(*lead, "expert", None, "tensor"), P(*lead, "expert", None, "tensor"), P(*lead, "expert", "tensor", None)
-    )
-    rows = P("data", None)
+    if x.shape[0] % mesh.shape[BATCH_AXIS]:
+        raise ValueError(f"{x.shape[0]} tokens do not divide the mesh's data axis ({mesh.shape[BATCH_AXIS]} devices)")
+    lead = () if layer_index is None else ("layers",)
+    in_ffw, out_ffw = (*lead, "experts", "embed", "moe_ffw"), (*lead, "experts", "moe_ffw", "embed")
+    weight_specs = ExpertWeights(partition_spec(in_ffw), partition_spec(in_ffw), partition_spec(out_ffw))
+    tokens, routing, scalar = partition_spec(("batch", "embed")), partition_spec(("batch", "top_k")), partition_spec(())
 
-    def local(x, topk_ids, topk_weights, keep_mask, weights, layer):
-        layer = layer if lead else None
-        if dispatch == "gather":
-            y = _gather_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer)
+    def local(x, topk_ids, topk_weights, keep_mask, weights, layer_index):
+        layer_index = layer_index if lead else None
+        if dispatch is Dispatch.GATHER:
+            y = _gather_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer_index)
             return y, jnp.zeros((), jnp.int32)
-        if dispatch == "all_to_all":
-            return _all_to_all_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer, capacity_factor)
-        raise ValueError(f"unknown dispatch {dispatch!r}")
+        return _all_to_all_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer_index, capacity_factor)
 
     mapped = jax.shard_map(
         local,
-        in_specs=(rows, rows, rows, rows, weight_specs, P()),
-        out_specs=(rows, P()),
+        in_specs=(tokens, routing, routing, routing, weight_specs, scalar),
+        out_specs=(tokens, scalar),
         # The backends' loop carries start as unsharded zeros; varying-axis typing would reject them.
         check_vma=False,
     )
-    layer = jnp.zeros((), jnp.int32) if layer is None else layer
-    return mapped(x, topk_ids, topk_weights, keep_mask, weights, layer)
+    layer_index = jnp.zeros((), jnp.int32) if layer_index is None else layer_index
+    return mapped(x, topk_ids, topk_weights, keep_mask, weights, layer_index)
 
 
 def _local_ids(topk_ids, num_local: int):
     """Global expert ids -> (ids on this expert shard, mask of the pairs this shard holds)."""
-    local = topk_ids - jax.lax.axis_index("expert") * num_local
+    local = topk_ids - jax.lax.axis_index(EXPERT_AXIS) * num_local
     mine = (local >= 0) & (local < num_local)
     return jnp.where(mine, local, 0), mine
 
 
-def _gather_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer):
+def _gather_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer_index):
     num_local = weights.gate.shape[-3]
     local_ids, mine = _local_ids(topk_ids, num_local)
-    y = run_experts(x, local_ids, topk_weights, keep_mask & mine, weights, backend, layer=layer)
-    return jax.lax.psum(y, ("expert", "tensor"))
+    y = run_experts(x, local_ids, topk_weights, keep_mask & mine, weights, backend, layer_index=layer_index)
+    return jax.lax.psum(y, (EXPERT_AXIS, WIDTH_AXIS))
 
 
 def slots_per_shard(pairs: int, shards: int, capacity_factor: float | None) -> int:
     """all_to_all capacity C per (source, destination) shard pair for `pairs` = tokens x K at the source."""
     if capacity_factor is None:
         return pairs  # every pair of a source could go to one destination
-    return max(1, min(pairs, math.ceil(capacity_factor * pairs / shards)))
+    return max(1, min(pairs, capacity_slots(pairs, shards, capacity_factor)))
 
 
-def _all_to_all_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer, capacity_factor):
-    shards = jax.lax.axis_size("expert")
+def _all_to_all_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer_index, capacity_factor):
+    shards = jax.lax.axis_size(EXPERT_AXIS)
     num_local = weights.gate.shape[-3]
     num_tokens, k = topk_ids.shape
     dim = x.shape[-1]
     # This shard's share of the tokens (rows padded to a multiple of the shard count are never kept).
     per_shard = -(-num_tokens // shards)
     pad = per_shard * shards - num_tokens
-    start = jax.lax.axis_index("expert") * per_shard
+    start = jax.lax.axis_index(EXPERT_AXIS) * per_shard
 
     def mine(a, fill):
         a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
@@ -135,14 +170,17 @@ def _all_to_all_local(x, topk_ids, topk_weights, keep_mask, weights, backend, la
     send_x = jnp.zeros((shards * capacity, dim), x.dtype).at[slot].set(xs[token], mode="drop")
     send_id = jnp.zeros((shards * capacity,), jnp.int32).at[slot].set(ids.reshape(-1) % num_local, mode="drop")
     send_ok = jnp.zeros((shards * capacity,), bool).at[slot].set(True, mode="drop")
-    exchange = lambda a: jax.lax.all_to_all(a, "expert", 0, 0, tiled=True)  # noqa: E731
+
+    def exchange(a):
+        return jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=True)
+
     recv_x, recv_id, recv_ok = exchange(send_x), exchange(send_id), exchange(send_ok)
 
     ones = jnp.ones((shards * capacity, 1), jnp.float32)
-    out = run_experts(recv_x, recv_id[:, None], ones, recv_ok[:, None], weights, backend, layer=layer)
+    out = run_experts(recv_x, recv_id[:, None], ones, recv_ok[:, None], weights, backend, layer_index=layer_index)
     back = exchange(out)  # [S*C, D]: row dest*C + rank holds this shard's pair output
     contrib = back[jnp.minimum(slot, shards * capacity - 1)].astype(jnp.float32) * jnp.where(sent, pair_w, 0)[:, None]
     y = jnp.zeros((per_shard, dim), jnp.float32).at[token].add(contrib)
-    y = jax.lax.psum(y, "tensor")
-    y = jax.lax.all_gather(y, "expert", tiled=True)[:num_tokens]
-    return y.astype(x.dtype), jax.lax.psum(dropped, ("data", "expert"))
+    y = jax.lax.psum(y, WIDTH_AXIS)
+    y = jax.lax.all_gather(y, EXPERT_AXIS, tiled=True)[:num_tokens]
+    return y.astype(x.dtype), jax.lax.psum(dropped, (BATCH_AXIS, EXPERT_AXIS))

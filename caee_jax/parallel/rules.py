@@ -28,6 +28,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     "v_head": None,
     "sequence": None,
     "latent": None,
+    "top_k": None,
 }
 
 

@@ -10,20 +10,14 @@ back replicated, so every process sees all of them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from caee_jax.model.cache import LatentCache
-from caee_jax.model.execution import Execution
-from caee_jax.model.moe import routing_counts
-from caee_jax.parallel.placement import batch_sharding, check_batch, gather_replicated, mesh_context, to_mesh
-from caee_jax.runtime.sampling import sample
+from caee_jax.parallel.placement import batch_sharding, check_batch, mesh_context, to_mesh
+from caee_jax.runtime import steps
 
 PROMPT_BUCKET = 16
 CACHE_BUCKET = 64
@@ -31,40 +25,6 @@ CACHE_BUCKET = 64
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "execution"))
-def prefill(graphdef, state, tokens, lengths, seed, temperature, top_p, *, cache_len: int, execution: Execution):
-    """tokens [B, T] (right-padded), lengths [B] -> (first sampled ids [B], LatentCache with S = cache_len,
-    expert-parallel dropped pairs summed over MoE layers)."""
-    model = nnx.merge(graphdef, state)
-    out = model(tokens, execution=execution)
-    batch, length = tokens.shape
-    cache = LatentCache.zeros(model.config, batch, cache_len, out.cache.moe.dtype)
-    cache = jax.tree.map(lambda c, new: c.at[:, :, :length].set(new), cache, out.cache)
-    last = out.logits[jnp.arange(batch), lengths - 1]  # [B, V]
-    ids = sample(last, _key(seed, 0), temperature, top_p)
-    dropped = jnp.sum(out.routing.dropped_pairs) if out.routing is not None else jnp.zeros((), jnp.int32)
-    return gather_replicated(ids), cache, dropped
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "execution"), donate_argnames=("cache",))
-def decode_step(graphdef, state, cache, tokens, positions, seed, step, temperature, top_p, *, execution: Execution):
-    """tokens [B] at positions [B] -> (next ids [B], updated cache, routing counts [4] int32: routed pairs,
-    kept pairs, active experts before and after pruning, each summed over the MoE layers); step numbers
-    the sampling key."""
-    model = nnx.merge(graphdef, state)
-    out = model(tokens[:, None], positions[:, None], cache, execution=execution)
-    ids = sample(out.logits[:, 0], _key(seed, step), temperature, top_p)
-    counts = jnp.zeros(4, jnp.int32)
-    if out.routing is not None:
-        counts = routing_counts(out.routing, model.config.n_routed_experts, pruned=execution.pruning is not None)
-    return gather_replicated(ids), out.cache, gather_replicated(counts)
-
-
-def _key(seed, step):
-    """The sampling key of a step, derived inside jit (no host key array to place on a mesh)."""
-    return jax.random.fold_in(jax.random.key(seed), step)
 
 
 @dataclasses.dataclass
@@ -90,8 +50,8 @@ class Generation:
     @property
     def decode_s_per_token(self) -> float:
         """Median decode step time, skipping the first step (it may include compilation)."""
-        steps = self.decode_step_s[1:] or self.decode_step_s
-        return float(np.median(steps)) if steps else float("nan")
+        timed = self.decode_step_s[1:] or self.decode_step_s
+        return float(np.median(timed)) if timed else float("nan")
 
 
 def encode_prompts(model, prompts: Sequence) -> list[list[int]]:
@@ -159,7 +119,7 @@ def _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, 
         tokens, lengths = (to_mesh(a, batch_sharding(mesh, a.ndim)) for a in (tokens, lengths))
     temp, nucleus, seed = np.float32(temperature), np.float32(top_p), np.uint32(seed)
     start = time.perf_counter()
-    next_ids, cache, dropped = prefill(
+    next_ids, cache, dropped = steps.prefill(
         model.graphdef,
         model.state,
         jnp.asarray(tokens),
@@ -189,7 +149,7 @@ def _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, 
         if done.all() or step == max_new_tokens - 1:
             break
         start = time.perf_counter()
-        next_ids, cache, counts = decode_step(
+        next_ids, cache, counts = steps.decode_step(
             model.graphdef,
             model.state,
             cache,

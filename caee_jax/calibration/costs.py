@@ -30,10 +30,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from caee_jax.caee.cost_model import computed_rows, predict, row_tile
-from caee_jax.caee.cost_table import CostTable, DeviceCosts, FitQuality, block_placement, signature_of
+from caee_jax.caee.cost_model import computed_rows, predict
+from caee_jax.caee.cost_table import CostTable, DeviceCosts, FitQuality, block_placement
+from caee_jax.calibration.tables import signature_of
 from caee_jax.experts import ExpertWeights, run_experts
-from caee_jax.parallel.expert_parallel import run_experts_parallel
+from caee_jax.parallel.expert_parallel import EXPERT_AXIS, Dispatch, run_experts_parallel
 from caee_jax.parallel.placement import mesh_context, replicated, to_mesh
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64)
@@ -109,14 +110,16 @@ def fit_quality(predicted: np.ndarray, measured: np.ndarray) -> FitQuality:
 
 
 @functools.partial(jax.jit, static_argnames=("backend",))
-def _local_layer(x, topk_ids, topk_weights, keep_mask, gate, up, down, layer, *, backend):
-    return run_experts(x, topk_ids, topk_weights, keep_mask, ExpertWeights(gate, up, down), backend, layer=layer)
+def _local_layer(x, topk_ids, topk_weights, keep_mask, gate, up, down, layer_index, *, backend):
+    weights = ExpertWeights(gate, up, down)
+    return run_experts(x, topk_ids, topk_weights, keep_mask, weights, backend, layer_index=layer_index)
 
 
 @functools.partial(jax.jit, static_argnames=("backend",))
-def _parallel_layer(x, topk_ids, topk_weights, keep_mask, gate, up, down, layer, *, backend):
+def _parallel_layer(x, topk_ids, topk_weights, keep_mask, gate, up, down, layer_index, *, backend):
+    weights = ExpertWeights(gate, up, down)
     y, _ = run_experts_parallel(
-        x, topk_ids, topk_weights, keep_mask, ExpertWeights(gate, up, down), backend, dispatch="gather", layer=layer
+        x, topk_ids, topk_weights, keep_mask, weights, backend, dispatch=Dispatch.GATHER, layer_index=layer_index
     )
     return y
 
@@ -131,7 +134,7 @@ class Bench:
         self.repeats = repeats
         flat = dict(nnx.to_flat_state(model.state))
         self.weights = [flat[path].get_value() for path in EXPERT_PATHS]  # global [L, E, ...] arrays
-        self.num_shards = 1 if model.mesh is None else model.mesh.shape["expert"]
+        self.num_shards = 1 if model.mesh is None else model.mesh.shape[EXPERT_AXIS]
         self.per_shard = self.config.n_routed_experts // self.num_shards
         self.placement = block_placement(self.config.n_routed_experts, self.num_shards)
         self.rng = np.random.default_rng(0)
@@ -174,8 +177,7 @@ class Bench:
         """[S, 3]: (1, computed rows, active experts) of each expert shard."""
         kept = case.topk_ids[case.keep_mask]
         pairs = np.bincount(kept, minlength=self.config.n_routed_experts)
-        top_k = self.config.num_experts_per_tok
-        tile = row_tile(self.backend.value, case.num_tokens, top_k, self.per_shard)
+        tile = self.backend.row_tile(case.num_tokens * self.config.num_experts_per_tok, self.per_shard)
         rows = np.asarray(computed_rows(pairs, tile))
         placement = np.asarray(self.placement)
         per_rows = np.bincount(placement, weights=rows, minlength=self.num_shards)

@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from caee_jax.config import ModelConfig
 from caee_jax.model.cache import LatentCache
 from caee_jax.model.execution import Execution
 from caee_jax.parallel.mesh import describe
-from caee_jax.parallel.rules import LOGICAL_RULES, state_shardings
+from caee_jax.parallel.placement import batch_sharding
+from caee_jax.parallel.rules import partition_spec, state_shardings
+from caee_jax.runtime import steps
 from caee_jax.weights.hf_loader import abstract_model
 
 GIB = 1024**3
@@ -76,7 +77,7 @@ def plan_memory(
     """Per-device parameter and cache bytes of `config` on `mesh` at `batch` sequences of `context` tokens."""
     graphdef, state = nnx.split(abstract_model(config, dtype))
     shardings = state_shardings(state, mesh)
-    cache_sharding = NamedSharding(mesh, P(None, LOGICAL_RULES["batch"]))
+    cache_sharding = NamedSharding(mesh, partition_spec(("layers", "batch")))
     cache = LatentCache(
         *(
             jax.ShapeDtypeStruct((layers, batch, context, config.latent_dim), dtype, sharding=cache_sharding)
@@ -120,11 +121,7 @@ def _bytes_per_device(shape, dtype, sharding: NamedSharding, index: dict) -> np.
 def _lower_decode_step(graphdef, state, shardings, cache: LatentCache, mesh: Mesh) -> None:
     """Traces and lowers one sharded decode step (fails if the model cannot run on this mesh)."""
     abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings)
-    batch = cache.moe.shape[1]
-    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=NamedSharding(mesh, P(LOGICAL_RULES["batch"])))
-
-    def step(state, cache, tokens, positions):
-        return nnx.merge(graphdef, state)(tokens, positions, cache, execution=Execution()).logits
-
+    rows = jax.ShapeDtypeStruct(cache.moe.shape[1:2], jnp.int32, sharding=batch_sharding(mesh, 1))  # [B]
+    sampling = [jax.ShapeDtypeStruct((), dtype) for dtype in (jnp.uint32, jnp.int32, jnp.float32, jnp.float32)]
     with jax.set_mesh(mesh):
-        jax.jit(step).trace(abstract, cache, tokens, tokens).lower()
+        steps.decode_step.trace(graphdef, abstract, cache, rows, rows, *sampling, execution=Execution()).lower()

@@ -1,0 +1,129 @@
+"""Ranking and showing a sweep's records (one dict per (rule, knob, batch) case, `launch/eval.py`): the
+latency cut against the accuracy drop, the best cut within accuracy limits per rule, CAEE against the
+best peer rule, a Markdown table and a Pareto plot."""
+
+from __future__ import annotations
+
+from caee_jax.files import atomic_write
+
+
+def step_cut(r: dict) -> float:
+    return 1 - r["step_time_s"] / r["step_time_unpruned_s"]
+
+
+def top1_drop(r: dict) -> float:
+    return 1 - r["top1_acc"] / r["top1_acc_unpruned"]
+
+
+def top1_drop_error(r: dict) -> float:
+    """Two standard errors of the relative top-1 drop (paired over the same tokens)."""
+    return 2 * r["top1_diff_se"] / r["top1_acc_unpruned"]
+
+
+def ppl_rise(r: dict) -> float:
+    return r["ppl"] / r["ppl_unpruned"] - 1
+
+
+def rule_label(r: dict) -> str:
+    """The rule, with the settings that differ from the defaults."""
+    defaults = dict(compensation="none", k_min=1)
+    if r["rule"] == "caee":
+        defaults.update(target="floor", slack=0.0, refill=True)
+    changed = [f"{name}={r.get(name)}" for name, value in defaults.items() if r.get(name, value) != value]
+    return r["rule"] + (f" ({', '.join(changed)})" if changed else "")
+
+
+MAX_DROP, MAX_RISE = 0.01, 0.02  # the accuracy limits of the issue's targets (relative top-1 drop, ppl rise)
+MIN_PEER_CUT = 0.01  # below this the best peer's cut is within timing noise: no ratio is given
+
+
+def best_within(rows: list[dict], max_drop: float, max_rise: float) -> dict | None:
+    """The case with the largest step cut among those within both accuracy limits."""
+    within = [r for r in rows if top1_drop(r) <= max_drop and ppl_rise(r) <= max_rise]
+    return max(within, key=step_cut, default=None)
+
+
+def best_table(records: list[dict]) -> list[str]:
+    """Per (processes, batch) and rule: the best cut within the targets' limits, and within perplexity
+    limits alone (top-1 accuracy is the noisier measure); then CAEE's best against the best peer's (n/a
+    when the best peer cuts less than MIN_PEER_CUT)."""
+    limits = ((MAX_DROP, MAX_RISE), (1.0, 0.01), (1.0, MAX_RISE))
+    header = ("processes", "batch", "rule", "top-1 drop <= 1%, ppl rise <= 2%", "ppl rise <= 1%", "ppl rise <= 2%")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for processes, batch in sorted({(r["processes"], r["batch_size"]) for r in records}):
+        group = [r for r in records if (r["processes"], r["batch_size"]) == (processes, batch)]
+        best = {}
+        for label in sorted({rule_label(r) for r in group}):
+            rows = [r for r in group if rule_label(r) == label]
+            best[label] = [best_within(rows, *limit) for limit in limits]
+            cells = [f"{100 * step_cut(b):.1f}% (knob {b['knob']:g})" if b else "none" for b in best[label]]
+            lines.append("| " + " | ".join(map(str, (processes, batch, label, *cells))) + " |")
+        peers = [cuts for label, cuts in best.items() if not label.startswith("caee")]
+        for label, cuts in best.items():
+            if label.startswith("caee") and peers:
+                ratios = []
+                for i, b in enumerate(cuts):
+                    peer = max((step_cut(p[i]) for p in peers if p[i]), default=None)
+                    meaningful = b and peer is not None and peer >= MIN_PEER_CUT
+                    ratios.append(f"{step_cut(b) / peer:.2f}x" if meaningful else "n/a")
+                lines.append("| " + " | ".join(map(str, (processes, batch, f"{label} / best peer", *ratios))) + " |")
+    return lines
+
+
+def write_table(records: list[dict], path: str) -> None:
+    header = ("processes", "batch", "rule", "knob", "pruned pairs", "step cut", "top-1 drop (rel.) ± 2 s.e.")
+    header += ("ppl rise (rel.)", "agreement", "KL")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in sorted(records, key=lambda r: (r["processes"], r["batch_size"], rule_label(r), r["knob"])):
+        cells = (
+            r["processes"],
+            r["batch_size"],
+            rule_label(r),
+            f"{r['knob']:g}",
+            f"{100 * r['pruned_pair_fraction']:.1f}%",
+        )
+        cells += (f"{100 * step_cut(r):.1f}%", f"{100 * top1_drop(r):.2f} ± {100 * top1_drop_error(r):.2f}%")
+        cells += (f"{100 * ppl_rise(r):.2f}%", f"{100 * r['agreement']:.1f}%", f"{r['kl']:.4f}")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "Best decode step-time cut within accuracy limits (relative to the unpruned model):", ""]
+    lines += best_table(records)
+    with atomic_write(path) as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot_pareto(records: list[dict], path: str) -> None:
+    """Per (processes, batch): step-time cut against the top-1 drop (with 2 s.e. bars), and against the
+    perplexity rise; one curve per rule, points in order of pruned pairs; dashed: the targets' limits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["processes"], r["batch_size"]) for r in records})
+    labels = sorted({rule_label(r) for r in records})
+    colors = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}  # one color per rule
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.5 * len(groups), 8.5), squeeze=False)
+    for column, (processes, batch) in enumerate(groups):
+        top, bottom = axes[0][column], axes[1][column]
+        for label in labels:
+            rows = [r for r in records if (r["processes"], r["batch_size"], rule_label(r)) == (processes, batch, label)]
+            rows.sort(key=lambda r: r["pruned_pair_fraction"])
+            if rows:
+                cut = [100 * step_cut(r) for r in rows]
+                top.errorbar(
+                    [100 * top1_drop(r) for r in rows], cut, xerr=[100 * top1_drop_error(r) for r in rows],
+                    marker="o", ms=4, capsize=2, color=colors[label], alpha=0.85,
+                )  # fmt: skip
+                bottom.plot([100 * ppl_rise(r) for r in rows], cut, marker="o", ms=4, color=colors[label])
+        top.axvline(100 * MAX_DROP, color="grey", lw=0.8, ls="--")
+        bottom.axvline(100 * MAX_RISE, color="grey", lw=0.8, ls="--")
+        top.set(title=f"{processes} process(es), batch {batch}", xlabel="top-1 accuracy drop (%, relative)")
+        bottom.set(xlabel="perplexity rise (%, relative)")
+        for ax in (top, bottom):
+            ax.set_ylabel("decode step time cut (%)")
+    handles = [plt.Line2D([], [], color=colors[label], marker="o", label=label) for label in labels]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,111 @@
+"""Every jitted call of the model, in one place: split once, merge inside jit, call, reduce.
+
+Each function takes the static graph definition and the plan (`Execution`) as static arguments and the
+state of arrays as an argument (parameters are never constants in compiled code). Outputs that every
+process reads are replicated over the mesh (`gather_replicated`). Letters: B batch, T tokens, V vocab,
+L MoE layers, S devices (expert shards), K top-k, E experts, D hidden.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from caee_jax.caee.cost_model import predict
+from caee_jax.caee.cost_table import CostTable
+from caee_jax.model.cache import LatentCache
+from caee_jax.model.execution import Execution
+from caee_jax.model.moe import routing_counts
+from caee_jax.parallel.placement import gather_replicated
+from caee_jax.routing.ops import expert_load
+from caee_jax.runtime.sampling import sample
+
+
+def sampling_key(seed, step):
+    """The sampling key of a step, derived inside jit (no host key array to place on a mesh)."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "execution"))
+def logits(graphdef, state, tokens, *, execution: Execution) -> jax.Array:
+    """tokens [B, T] -> full-sequence logits [B, T, V] f32."""
+    return nnx.merge(graphdef, state)(tokens, execution=execution).logits
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "execution"))
+def prefill(graphdef, state, tokens, lengths, seed, temperature, top_p, *, cache_len: int, execution: Execution):
+    """tokens [B, T] (right-padded), lengths [B] -> (first sampled ids [B], LatentCache with S = cache_len,
+    expert-parallel dropped pairs summed over MoE layers)."""
+    model = nnx.merge(graphdef, state)
+    out = model(tokens, execution=execution)
+    batch, length = tokens.shape
+    cache = LatentCache.zeros(model.config, batch, cache_len, out.cache.moe.dtype)
+    cache = jax.tree.map(lambda c, new: c.at[:, :, :length].set(new), cache, out.cache)
+    last = out.logits[jnp.arange(batch), lengths - 1]  # [B, V]
+    ids = sample(last, sampling_key(seed, 0), temperature, top_p)
+    dropped = jnp.sum(out.routing.dropped_pairs) if out.routing is not None else jnp.zeros((), jnp.int32)
+    return gather_replicated(ids), cache, dropped
+
+
+def _decode(graphdef, state, cache, tokens, positions, execution: Execution):
+    """One decode step of the model: tokens [B] at positions [B] -> (model, ModelOutput)."""
+    model = nnx.merge(graphdef, state)
+    return model, model(tokens[:, None], positions[:, None], cache, execution=execution)
+
+
+def _counts(model, out, execution: Execution) -> jax.Array:
+    """Routing counts [4] int32 of a step (`routing_counts`), zeros for a model without MoE layers."""
+    if out.routing is None:
+        return jnp.zeros(4, jnp.int32)
+    return routing_counts(out.routing, model.config.n_routed_experts, pruned=execution.pruning is not None)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "execution"), donate_argnames=("cache",))
+def decode_step(graphdef, state, cache, tokens, positions, seed, step, temperature, top_p, *, execution: Execution):
+    """tokens [B] at positions [B] -> (next ids [B], updated cache, routing counts [4] int32: routed pairs,
+    kept pairs, active experts before and after pruning, each summed over the MoE layers); step numbers
+    the sampling key."""
+    model, out = _decode(graphdef, state, cache, tokens, positions, execution)
+    ids = sample(out.logits[:, 0], sampling_key(seed, step), temperature, top_p)
+    return gather_replicated(ids), out.cache, gather_replicated(_counts(model, out, execution))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "execution", "table"), donate_argnames=("cache",))
+def teacher_forced_step(graphdef, state, cache, tokens, positions, *, execution: Execution, table: CostTable | None):
+    """tokens [B] at positions [B] -> (log-probabilities [B, V], cache, routing counts [4] (`routing_counts`),
+    predicted MoE time per layer and device [2, L, S]: unpruned, as run (s; 0 without table))."""
+    model, out = _decode(graphdef, state, cache, tokens, positions, execution)
+    logprobs = jax.nn.log_softmax(out.logits[:, 0], axis=-1)
+    routing = out.routing
+    predicted = jnp.zeros((2, 1, 1))
+    if table is not None:
+        device_s = jax.vmap(lambda ids, keep: predict(table, ids[:, 0], keep[:, 0]).device_s)
+        everything = jnp.ones_like(routing.keep_mask)
+        predicted = jnp.stack([device_s(routing.topk_ids, everything), device_s(routing.topk_ids, routing.keep_mask)])
+    replicated = [gather_replicated(a) for a in (logprobs, _counts(model, out, execution), predicted)]
+    return replicated[0], out.cache, *replicated[1:]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "execution"))
+def score_windows(graphdef, state, windows, *, execution: Execution):
+    """windows [B, T + 1] -> (nll [B, T], correct [B, T], topk_ids [L, B, T, K], topk_weights [L, B, T, K]):
+    each token after a window's first predicted from the ones before it."""
+    out = nnx.merge(graphdef, state)(windows[:, :-1], execution=execution)
+    logprobs = jax.nn.log_softmax(out.logits, axis=-1)
+    targets = windows[:, 1:]
+    nll = -jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    correct = jnp.argmax(out.logits, axis=-1) == targets
+    return nll, correct, out.routing.topk_ids, out.routing.topk_weights
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "execution"))
+def expert_sums(graphdef, state, tokens, *, execution: Execution):
+    """tokens [B, T] -> (expert output sums [L, E, D] f32, routed pairs per expert [L, E] int32)."""
+    model = nnx.merge(graphdef, state)
+    routing = model(tokens, execution=execution, collect_expert_sums=True).routing
+    everything = jnp.ones_like(routing.keep_mask)
+    counts = jax.vmap(lambda ids: expert_load(ids, everything[0], model.config.n_routed_experts).pairs)
+    return gather_replicated(routing.expert_sums), gather_replicated(counts(routing.topk_ids))
