@@ -1,13 +1,15 @@
-"""How each model parameter is built from HF DeepseekV3 tensors (the one place that knows HF names).
+"""How each model parameter is built from HF DeepseekV3 tensors and back (the one place that knows HF names).
 
 HF stores linear weights [out, in], one tensor per expert and per layer; the model stores [in, out],
-experts stacked [E, ...] and layers stacked [L, ...]. A `Recipe` names the HF tensors a parameter needs
-and how to assemble them; loading, conversion and verification all reuse the recipes.
+experts stacked [E, ...] and layers stacked [L, ...]. A `Recipe` names the HF tensors a parameter needs,
+how to assemble them and how to split the parameter back into them; loading, conversion, verification and
+export (`hf_export`) all reuse the recipes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 
@@ -16,48 +18,60 @@ import numpy as np
 from caee_jax.config import ModelConfig
 
 Getter = Callable[..., np.ndarray]  # get(name) -> the HF tensor; get(name, transpose=True) -> its 2-D transpose
+Exporter = Callable[[np.ndarray, dict[str, np.ndarray]], None]  # export(value, hf): writes value's HF tensors
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """target: the parameter's path in the model state; sources: HF tensor names it reads;
-    build(get): the parameter as a numpy array, reading tensors through `get`."""
+    build(get): the parameter as a numpy array, reading tensors through `get`;
+    export(value, hf): the inverse, writing the HF tensors of the parameter `value` into the dict `hf`
+    (kv_b_proj is shared by two recipes, each filling its part)."""
 
     target: tuple[str, ...]
     sources: tuple[str, ...]
     build: Callable[[Getter], np.ndarray]
+    export: Exporter
 
 
-LayerEntry = tuple[tuple[str, ...], tuple[str, ...], Callable[[Getter], np.ndarray]]
-
-
-def _linear(path: tuple[str, ...], name: str, *shape: int) -> LayerEntry:
-    """HF [out, in] -> [in, out], then reshaped to `shape` (e.g. splitting heads) when given."""
+def _linear(path: tuple[str, ...], name: str, *shape: int, in_axes: int = 1) -> Recipe:
+    """HF [out, in] -> [in, out], then reshaped to `shape` (e.g. splitting heads) when given; the first
+    `in_axes` axes of `shape` hold HF's `in` dimension."""
 
     def build(get: Getter) -> np.ndarray:
         w = get(name, transpose=True)
         return w.reshape(shape) if shape else w
 
-    return path, (name,), build
+    def export(value: np.ndarray, hf: dict[str, np.ndarray]) -> None:
+        hf[name] = value.reshape(math.prod(value.shape[:in_axes]), -1).T  # [in..., out...] -> [out, in]
+
+    return Recipe(path, (name,), build, export)
 
 
-def _copy(path: tuple[str, ...], name: str) -> LayerEntry:
-    return path, (name,), lambda get: get(name)
+def _copy(path: tuple[str, ...], name: str) -> Recipe:
+    def export(value: np.ndarray, hf: dict[str, np.ndarray]) -> None:
+        hf[name] = value
+
+    return Recipe(path, (name,), lambda get: get(name), export)
 
 
-def _kv_b(path: tuple[str, ...], name: str, config: ModelConfig, part: str) -> LayerEntry:
+def _kv_b(path: tuple[str, ...], name: str, config: ModelConfig, part: str) -> Recipe:
     """kv_b_proj [H*(N+C), R] -> key part [R, H, N] or value part [R, H, C]."""
-    h, n, r = config.num_attention_heads, config.qk_nope_head_dim, config.kv_lora_rank
+    h, n, c, r = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim, config.kv_lora_rank
+    columns = slice(None, n) if part == "key" else slice(n, None)
 
     def build(get: Getter) -> np.ndarray:
-        w = get(name).reshape(h, -1, r)
-        w = w[:, :n] if part == "key" else w[:, n:]
+        w = get(name).reshape(h, n + c, r)[:, columns]
         return np.transpose(w, (2, 0, 1))
 
-    return path, (name,), build
+    def export(value: np.ndarray, hf: dict[str, np.ndarray]) -> None:
+        w = hf.setdefault(name, np.empty((h * (n + c), r), value.dtype))
+        w.reshape(h, n + c, r)[:, columns] = np.transpose(value, (1, 2, 0))  # a view: fills this part of w
+
+    return Recipe(path, (name,), build, export)
 
 
-def _experts(path: tuple[str, ...], names: tuple[str, ...]) -> LayerEntry:
+def _experts(path: tuple[str, ...], names: tuple[str, ...]) -> Recipe:
     """Per-expert HF [out, in] tensors -> one stacked [E, in, out], filled expert by expert (no list of copies)."""
 
     def build(get: Getter) -> np.ndarray:
@@ -68,11 +82,15 @@ def _experts(path: tuple[str, ...], names: tuple[str, ...]) -> LayerEntry:
             out[e] = get(name, transpose=True)
         return out
 
-    return path, names, build
+    def export(value: np.ndarray, hf: dict[str, np.ndarray]) -> None:
+        hf.update((name, value[e].T) for e, name in enumerate(names))
+
+    return Recipe(path, names, build, export)
 
 
-def _layer_entries(config: ModelConfig, layer: int) -> list[LayerEntry]:
-    """(path inside a DecoderLayer, HF names, build) for HF decoder layer `layer`; MoE from first_k_dense_replace on."""
+def layer_recipes(config: ModelConfig, layer: int) -> list[Recipe]:
+    """HF decoder layer `layer` (`model.layers.{layer}.`) as Recipes whose targets are paths inside one
+    DecoderLayer (no layer axis); MoE from first_k_dense_replace on."""
     h, d = config.num_attention_heads, config.hidden_size
     qk, c = config.qk_head_dim, config.v_head_dim
     prefix = f"model.layers.{layer}."
@@ -84,7 +102,7 @@ def _layer_entries(config: ModelConfig, layer: int) -> list[LayerEntry]:
         _copy(("attn", "kv_norm", "weight"), a + "kv_a_layernorm.weight"),
         _kv_b(("attn", "wk_b"), a + "kv_b_proj.weight", config, "key"),
         _kv_b(("attn", "wv_b"), a + "kv_b_proj.weight", config, "value"),
-        _linear(("attn", "wo"), a + "o_proj.weight", h, c, d),
+        _linear(("attn", "wo"), a + "o_proj.weight", h, c, d, in_axes=2),
     ]
     if config.q_lora_rank is None:
         out.append(_linear(("attn", "wq"), a + "q_proj.weight", d, h, qk))
@@ -109,12 +127,6 @@ def _layer_entries(config: ModelConfig, layer: int) -> list[LayerEntry]:
     return out
 
 
-def layer_recipes(config: ModelConfig, layer: int) -> list[Recipe]:
-    """HF decoder layer `layer` (`model.layers.{layer}.`) as Recipes whose targets are paths inside one
-    DecoderLayer (no layer axis)."""
-    return [Recipe(*entry) for entry in _layer_entries(config, layer)]
-
-
 def top_recipes(config: ModelConfig) -> list[Recipe]:
     """The parameters outside the decoder layers: embedding, final norm, LM head (when untied)."""
     top = [
@@ -123,7 +135,7 @@ def top_recipes(config: ModelConfig) -> list[Recipe]:
     ]
     if not config.tie_word_embeddings:
         top.append(_linear(("lm_head",), "lm_head.weight"))
-    return [Recipe(*entry) for entry in top]
+    return top
 
 
 def mtp_recipes(config: ModelConfig, k: int) -> list[Recipe]:
@@ -131,7 +143,7 @@ def mtp_recipes(config: ModelConfig, k: int) -> list[Recipe]:
     `MTPLayer`. Its embedding and head are the release's own copies of the main model's."""
     layer = config.num_hidden_layers + k
     p = f"model.layers.{layer}."
-    entries = [
+    own = [
         _copy(("embed", "embedding"), p + "embed_tokens.weight"),
         _copy(("enorm", "weight"), p + "enorm.weight"),
         _copy(("hnorm", "weight"), p + "hnorm.weight"),
@@ -139,8 +151,7 @@ def mtp_recipes(config: ModelConfig, k: int) -> list[Recipe]:
         _copy(("head_norm", "weight"), p + "shared_head.norm.weight"),
         _linear(("head",), p + "shared_head.head.weight"),
     ]
-    entries += [(("layer", *path), names, build) for path, names, build in _layer_entries(config, layer)]
-    return [Recipe(*entry) for entry in entries]
+    return own + [dataclasses.replace(r, target=("layer", *r.target)) for r in layer_recipes(config, layer)]
 
 
 def stacks(config: ModelConfig) -> tuple[tuple[str, range], ...]:
@@ -155,18 +166,23 @@ def recipes(config: ModelConfig) -> list[Recipe]:
     """Every parameter of `DeepseekV3(config)` as a Recipe over HF tensor names (layers stacked)."""
     result = top_recipes(config)
     for stack, layer_ids in stacks(config):
-        if not layer_ids:
-            continue
-        per_layer = [_layer_entries(config, i) for i in layer_ids]
-        for j, (path, _, _) in enumerate(per_layer[0]):
-            builds = [layer[j][2] for layer in per_layer]
-            sources = tuple(name for layer in per_layer for name in layer[j][1])
-            result.append(Recipe((stack, *path), sources, _stack_layers(builds)))
+        per_layer = [layer_recipes(config, i) for i in layer_ids]
+        result += [_stack_layers(stack, layers) for layers in zip(*per_layer, strict=True)]
     return result
 
 
-def _stack_layers(builds: list[Callable[[Getter], np.ndarray]]) -> Callable[[Getter], np.ndarray]:
-    return lambda get: np.stack([build(get) for build in builds])
+def _stack_layers(stack: str, layers: tuple[Recipe, ...]) -> Recipe:
+    """One parameter's recipes for consecutive layers -> its recipe in `stack`, value [L, ...]."""
+
+    def build(get: Getter) -> np.ndarray:
+        return np.stack([recipe.build(get) for recipe in layers])
+
+    def export(value: np.ndarray, hf: dict[str, np.ndarray]) -> None:
+        for layer_value, recipe in zip(value, layers, strict=True):
+            recipe.export(layer_value, hf)
+
+    sources = tuple(name for recipe in layers for name in recipe.sources)
+    return Recipe((stack, *layers[0].target), sources, build, export)
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
