@@ -129,6 +129,28 @@ def test_bad_table_files_name_the_file(tmp_path, content, message):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["devices"][1].update(pair_s=float("nan")), r"devices\[1\]\.pair_s is nan; costs are finite"),
+        (lambda d: d["devices"][0].update(activation_s=-1e-3), r"devices\[0\]\.activation_s is -0.001"),
+        (lambda d: d["devices"][0].update(fetch_s=[0.0, 1e-3]), r"devices\[0\]\.fetch_s has 2 entries"),
+        (lambda d: d["devices"][0].update(fixed_s="1e-4"), r"devices\[0\]\.fixed_s is '1e-4'"),
+        (lambda d: d.update(devices=[]), "devices is empty"),
+    ],
+    ids=["nan", "negative", "tiers", "string", "no-devices"],
+)
+def test_impossible_costs_are_refused_naming_file_and_field(tmp_path, change, message):
+    """A NaN or negative cost would silently change every pruning decision: refused on reading."""
+    data = two_device_table().to_json()
+    change(data)
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CostTableError, match=message) as info:
+        load_table(str(path))
+    assert str(info.value).startswith(f"{path}: ")
+
+
 def test_missing_table_and_bad_placement_are_errors(tmp_path):
     with pytest.raises(CostTableError, match="no such cost table"):
         table_for(two_device_table().signature, str(tmp_path))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import jax
@@ -77,6 +78,17 @@ class DeviceCosts:
     fetch_s: tuple[float, float, float]
     comm_token_s: float
 
+    def __post_init__(self):
+        """Every figure a finite, non-negative number of seconds: a NaN or negative cost would silently
+        change every pruning decision."""
+        if len(self.fetch_s) != len(TIERS):
+            raise CostTableError(f"fetch_s has {len(self.fetch_s)} entries; one per tier {TIERS} is needed")
+        for field in dataclasses.fields(self):
+            values = getattr(self, field.name)
+            for value in values if isinstance(values, tuple) else (values,):
+                if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                    raise CostTableError(f"{field.name} is {value!r}; costs are finite seconds >= 0")
+
 
 @dataclasses.dataclass(frozen=True)
 class FitQuality:
@@ -99,6 +111,8 @@ class CostTable:
     fit: FitQuality
 
     def __post_init__(self):
+        if not self.devices:
+            raise CostTableError("devices is empty; a table has one entry per expert shard")
         if len(self.placement) != self.signature.n_routed_experts:
             raise CostTableError(
                 f"placement has {len(self.placement)} entries for {self.signature.n_routed_experts} experts"
@@ -128,19 +142,26 @@ class CostTable:
 
     @classmethod
     def from_json(cls, data: dict, where: str = "cost table") -> CostTable:
-        if data.get("format") != FORMAT:
-            raise CostTableError(f"{where}: format {data.get('format')!r} is not {FORMAT!r}")
+        """A table from its JSON form; CostTableError names `where` and the field at fault."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise CostTableError(f"{where}: format {found!r} is not {FORMAT!r}")
         try:
-            devices = tuple(
-                DeviceCosts(**{**d, "fetch_s": tuple(float(v) for v in d["fetch_s"])}) for d in data["devices"]
-            )
+            devices = []
+            for i, device in enumerate(data["devices"]):
+                try:
+                    devices.append(DeviceCosts(**{**device, "fetch_s": tuple(device["fetch_s"])}))
+                except CostTableError as error:
+                    raise CostTableError(f"devices[{i}].{error}") from None
             return cls(
                 signature=MeshSignature(**data["signature"]),
-                devices=devices,
+                devices=tuple(devices),
                 placement=tuple(int(p) for p in data["placement"]),
                 fit=FitQuality(**data["fit"]),
             )
-        except (KeyError, TypeError) as error:
+        except CostTableError as error:
+            raise CostTableError(f"{where}: {error}") from None
+        except (KeyError, TypeError, ValueError) as error:
             raise CostTableError(f"{where}: malformed ({error})") from error
 
 
