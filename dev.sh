@@ -2,7 +2,7 @@
 # One entry point for a fresh machine with Python 3.11 and pip:
 #   bash dev.sh run [launch/run.py args]   set up .venv (runtime deps) and run the main job
 #   bash dev.sh test [pytest args]         set up .venv (runtime + test deps) and run the whole test suite
-#   bash dev.sh lint                       ruff over the repo
+#   bash dev.sh lint                       ruff over the repo, and the package's layering contract
 # The virtual environment lives in .venv and is reused; it is re-synced when pyproject.toml changes.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,6 +27,6 @@ cmd="${1:-}"; shift || true
 case "$cmd" in
     run)  setup ""; exec .venv/bin/python launch/run.py "$@" ;;
     test) setup test; exec .venv/bin/python -m pytest "$@" ;;
-    lint) setup test; .venv/bin/ruff check . && exec .venv/bin/ruff format --check . ;;
+    lint) setup test; .venv/bin/ruff check . && .venv/bin/ruff format --check . && exec .venv/bin/lint-imports ;;
     *) echo "usage: bash dev.sh run|test|lint [args]" >&2; exit 2 ;;
 esac
