@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -14,6 +15,8 @@ from caee_jax.config import ModelConfig, preset
 from caee_jax.model.execution import Execution
 from caee_jax.model.layers import random_state
 from caee_jax.model.transformer import DeepseekV3
+from caee_jax.offload.cache import ExpertCache, Offload
+from caee_jax.offload.store import HostStore, without_routed_experts
 from caee_jax.parallel.mesh import make_mesh
 from caee_jax.parallel.placement import batch_sharding, check_batch, mesh_context, place_state, to_mesh
 from caee_jax.routing.backend import ExpertBackend
@@ -58,6 +61,7 @@ class Model:
         tokenizer: Tokenizer | None = None,
         execution: Execution | ExpertBackend | str = "loop",
         mesh: Mesh | str | None = None,
+        offload: Offload | None = None,
     ):
         self.module = module
         self.config: ModelConfig = module.config
@@ -67,6 +71,20 @@ class Model:
         self.graphdef, self.state = nnx.split(module)
         if self.mesh is not None:
             self.state = place_state(self.state, self.mesh)
+        self.expert_cache: ExpertCache | None = None
+        if offload is not None:
+            self._offload(offload)
+
+    def _offload(self, offload: Offload) -> None:
+        """Moves the routed experts into an expert store behind a device cache (`offload/`)."""
+        if self.mesh is not None:
+            raise ValueError("offloaded experts run on one device for now; load without a mesh")
+        store = HostStore.from_state(self.config, self.state)
+        manager = offload.manager(store, self.execution.cost_table)
+        self.execution = dataclasses.replace(self.execution, offload=manager)
+        self.state = without_routed_experts(self.state)
+        self.module = nnx.merge(self.graphdef, self.state)
+        self.expert_cache = manager.empty_cache()
 
     def set_expert_means(self, means) -> None:
         """Sets calibrated mean expert outputs [L_moe, E, D] for `mean` compensation (usually through
@@ -107,10 +125,13 @@ class Model:
         with mesh_context(self.mesh):
             if self.mesh is not None:
                 tokens = to_mesh(tokens, batch_sharding(self.mesh, 2))
-            return steps.logits(self.graphdef, self.state, jnp.asarray(tokens), execution=self.execution)
+            logits, self.expert_cache = steps.logits(
+                self.graphdef, self.state, jnp.asarray(tokens), self.expert_cache, execution=self.execution
+            )
+            return logits
 
 
-def load(path: str | os.PathLike | None = None, *, dtype=None, execution="loop", mesh=None) -> Model:
+def load(path: str | os.PathLike | None = None, *, dtype=None, execution="loop", mesh=None, offload=None) -> Model:
     """Loads a checkpoint directory; without a path, the bundled small model (`docs/MODEL_CARD.md`).
 
     Either HF format (config.json + *.safetensors, sharded index and DeepSeek's FP8 block-scaled weights
@@ -118,7 +139,8 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, execution="loop",
     (Orbax; every parameter restored straight onto its sharding on `mesh`, whatever mesh it was written from).
     dtype: parameter dtype, "float32" (parity) or "bfloat16" (speed); default float32 for HF directories
     and the stored dtype for converted ones. execution: as in `Model` (an `Execution` with pruning and
-    cost table, or a backend: "loop", the CPU default, "dense", "pallas"). mesh: as in `Model`.
+    cost table, or a backend: "loop", the CPU default, "dense", "pallas"). mesh: as in `Model`. offload: an
+    `Offload` (experts in a store behind a device cache; `offload/`), or None (every expert on device).
     """
     if path is None:
         if not os.path.isdir(BUNDLED_MODEL):
@@ -136,14 +158,16 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, execution="loop",
         module = restore_model(path, config, dtype or _dtype(read_metadata(path)["dtype"]), mesh)
     else:
         module = load_hf_model(path, config, dtype or jnp.float32)
-    return Model(module, Tokenizer.from_dir(path, config.eos_ids), execution, mesh)
+    return Model(module, Tokenizer.from_dir(path, config.eos_ids), execution, mesh, offload)
 
 
-def init_random(config: ModelConfig | str, *, seed: int = 0, dtype="float32", execution="loop", mesh=None) -> Model:
+def init_random(
+    config: ModelConfig | str, *, seed: int = 0, dtype="float32", execution="loop", mesh=None, offload=None
+) -> Model:
     """A model with random weights (normal(0, 0.02)) for a config or preset name: tests, demos, benchmarks."""
     if isinstance(config, str):
         config = preset(config)
     dtype = _dtype(dtype)
     abstract = nnx.eval_shape(lambda: DeepseekV3(config, dtype=dtype, rngs=nnx.Rngs(seed)))
     graphdef = nnx.graphdef(abstract)
-    return Model(nnx.merge(graphdef, random_state(abstract, seed)), None, execution, mesh)
+    return Model(nnx.merge(graphdef, random_state(abstract, seed)), None, execution, mesh, offload)

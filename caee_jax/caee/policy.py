@@ -5,9 +5,9 @@ Pure jnp with static shapes, run inside the MoE layer between the router and exp
 1. Candidates: a token's native top-k slots, except its `k_min` highest-weight slots (never pruned).
 2. Importance: the slot's share of the token's gate mass, times K (1 = an average slot).
 3. Cost: the slot's marginal cost on the device holding its expert (cost table): pair cost plus the
-   expert's activation cost shared among the tokens that use the expert in this batch; relative to the
-   batch's mean slot cost (1 = an average slot). An expert used by one token costs that token its whole
-   activation; one used by twenty, a twentieth.
+   expert's activation cost (and, offloaded and not resident, its fetch cost) shared among the tokens
+   that use the expert in this batch; relative to the batch's mean slot cost (1 = an average slot). An
+   expert used by one token costs that token its whole activation; one used by twenty, a twentieth.
 4. Straggler-aware: the predicted load of each device (cost model); only devices above the target
    prune, in increasing order of score = importance / cost, while the score is below `theta` and the
    device's load, minus what it already pruned, is still above the target. Targets: "floor", the
@@ -96,18 +96,27 @@ def refill(prune: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, num_e
     return prune & ~restore.reshape(prune.shape)
 
 
-def caee_prune(table: CostTable, config: CAEEConfig, topk_ids: jax.Array, topk_weights: jax.Array) -> Decision:
-    """The CAEE decision for one MoE layer. topk_ids, topk_weights [N, K]."""
+def caee_prune(
+    table: CostTable,
+    config: CAEEConfig,
+    topk_ids: jax.Array,
+    topk_weights: jax.Array,
+    residency: jax.Array | None = None,
+) -> Decision:
+    """The CAEE decision for one MoE layer. topk_ids, topk_weights [N, K]; residency [E] int tier of each
+    expert (0 resident, 1 host RAM, 2 disk; None: all resident): a miss costs its tier's fetch time."""
     num_tokens, top_k = topk_ids.shape
     num_experts = len(table.placement)
     placement = table.placement_array()
     everything = jnp.ones(topk_ids.shape, bool)
-    before = predict(table, topk_ids, everything)
+    before = predict(table, topk_ids, everything, residency)
 
     # Importance and marginal cost of every slot.
     importance = top_k * topk_weights / jnp.maximum(topk_weights.sum(-1, keepdims=True), 1e-30)
     device = placement[topk_ids]  # [N, K]
     per_expert = table.per_device("activation_s")[placement]  # [E]
+    if residency is not None:
+        per_expert = per_expert + table.per_device("fetch_s")[placement, residency]
     users = expert_load(topk_ids, everything, num_experts).pairs  # [E]
     cost = table.per_device("pair_s")[device] + per_expert[topk_ids] / jnp.maximum(users[topk_ids], 1)
     mean_cost = jnp.mean(cost)
@@ -117,7 +126,7 @@ def caee_prune(table: CostTable, config: CAEEConfig, topk_ids: jax.Array, topk_w
     candidates = (weight_rank(topk_weights) >= config.k_min) & (score < config.theta)
     load = before.device_s
     if config.target is Target.FLOOR or table.num_devices == 1:
-        floor = predict(table, topk_ids, ~candidates).device_s  # every candidate pruned
+        floor = predict(table, topk_ids, ~candidates, residency).device_s  # every candidate pruned
         # The device left heaviest prunes all its candidates; the others come down to its load.
         excess = jnp.where(floor >= jnp.max(floor), jnp.inf, load - jnp.max(floor))
     elif config.target is Target.NEXT:

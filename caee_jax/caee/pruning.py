@@ -20,12 +20,14 @@ def decide(
     topk_weights: jax.Array,
     num_experts: int,
     num_shards: int = 1,
+    residency: jax.Array | None = None,
 ) -> Decision:
     """topk_ids, topk_weights [N, K] -> Decision (keep_mask [N, K] bool, combine weights [N, K]).
 
     No rule, or a disabled CAEEConfig, keeps every slot with its weight unchanged. CAEE needs the cost
     table of the mesh it runs on (`num_shards` expert shards). With `mean` compensation the weights are
-    `none`'s; the combine stage adds the pruned slots' mean outputs (`uses_mean`).
+    `none`'s; the combine stage adds the pruned slots' mean outputs (`uses_mean`). residency [E] int
+    (offloaded experts: 0 resident, else the store's tier) prices CAEE's misses; peer rules ignore it.
     """
     with jax.named_scope("decide"):
         if not is_active(rule):
@@ -40,7 +42,7 @@ def decide(
                 f"the cost table covers {len(table.placement)} experts on {table.num_devices} device(s); this layer "
                 f"has {num_experts} experts on {num_shards} expert shard(s)"
             )
-        return caee_prune(table, rule, topk_ids, topk_weights)
+        return caee_prune(table, rule, topk_ids, topk_weights, residency)
 
 
 def uses_mean(rule: Pruning | None) -> bool:

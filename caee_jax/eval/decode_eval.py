@@ -93,7 +93,7 @@ def compare(
         lengths = put(np.full(batch, prefix, np.int32))
         greedy = (np.uint32(0), np.float32(0), np.float32(1))  # seed, temperature, top_p: the sample is unused
         prompts = put(windows[:, :prefix])
-        _, base_cache, _ = steps.prefill(
+        _, base_cache, _, _ = steps.prefill(
             model.graphdef, model.state, prompts, lengths, *greedy, cache_len=length, execution=baseline
         )
         cand_cache = jax.tree.map(jnp.copy, base_cache)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from caee_jax.routing.backend import default_tile_rows
+from caee_jax.routing.backend import ExpertWeights, default_tile_rows
 from caee_jax.routing.ops import expert_groups
 
 
@@ -20,9 +20,24 @@ def run_loop(x, topk_ids, topk_weights, keep_mask, weights, tile_rows: int | Non
 
     With `layer_index` (int scalar), weights carry a leading layer axis and experts are read as [layer, expert].
     """
-    num_tokens, k = topk_ids.shape
     num_experts = weights.gate.shape[0 if layer_index is None else 1]
 
+    def read_expert(expert, state):
+        where = expert if layer_index is None else (layer_index, expert)
+        return ExpertWeights(*(w[where] for w in weights)), state
+
+    out, _ = loop_over_experts(x, topk_ids, topk_weights, keep_mask, num_experts, read_expert, None, tile_rows)
+    return out
+
+
+def loop_over_experts(x, topk_ids, topk_weights, keep_mask, num_experts: int, read_expert, state, tile_rows=None):
+    """The loop itself, with where an expert's weights come from left to the caller.
+
+    read_expert(expert, state) -> (ExpertWeights of that expert: gate, up [D, F], down [F, D], state) is
+    called once per active expert, in increasing expert id; `state` (any pytree, e.g. a device expert cache)
+    is threaded through the loop. Returns (y [N, D] in x's dtype, final state).
+    """
+    num_tokens, k = topk_ids.shape
     num_pairs = num_tokens * k
     tile = tile_rows or default_tile_rows(num_pairs, num_experts)
     order, counts, starts = expert_groups(topk_ids, keep_mask, num_experts)
@@ -32,11 +47,11 @@ def run_loop(x, topk_ids, topk_weights, keep_mask, weights, tile_rows: int | Non
     num_active = jnp.sum(counts > 0)
     tile_offsets = jnp.arange(tile)
 
-    def one_expert(i, out):
+    def one_expert(i, carry):
+        out, state = carry
         expert = active[i]
         start, count = starts[expert], counts[expert]
-        where = expert if layer_index is None else (layer_index, expert)
-        gate, up, down = (w[where] for w in weights)
+        (gate, up, down), state = read_expert(expert, state)
 
         def one_tile(j, out):
             rows = start + j * tile + tile_offsets
@@ -48,7 +63,7 @@ def run_loop(x, topk_ids, topk_weights, keep_mask, weights, tile_rows: int | Non
             scale = jnp.where(valid, weight_of_row[rows], 0.0)
             return out.at[tokens].add((hidden @ down).astype(jnp.float32) * scale[:, None])
 
-        return jax.lax.fori_loop(0, (count + tile - 1) // tile, one_tile, out)
+        return jax.lax.fori_loop(0, (count + tile - 1) // tile, one_tile, out), state
 
-    out = jax.lax.fori_loop(0, num_active, one_expert, jnp.zeros(x.shape, jnp.float32))
-    return out.astype(x.dtype)
+    out, state = jax.lax.fori_loop(0, num_active, one_expert, (jnp.zeros(x.shape, jnp.float32), state))
+    return out.astype(x.dtype), state

@@ -11,6 +11,7 @@ import dataclasses
 
 from caee_jax.caee.cost_table import CostTable
 from caee_jax.caee.pruning import Pruning
+from caee_jax.offload.cache import CacheManager
 from caee_jax.parallel.expert_parallel import Dispatch
 from caee_jax.routing.backend import ExpertBackend
 
@@ -28,6 +29,8 @@ class Execution:
       are counted in `Routing.dropped_pairs`.
     pruning: a CAEEConfig or PeerRule applied to every MoE layer before its experts run (None: off).
     cost_table: the mesh's calibrated cost table (CAEE needs it), for this backend; compiled in as constants.
+    offload: the host side of the model's device expert cache (`offload/cache.py`) when the routed experts
+      live in an expert store; the step then reads them through the cache (`loop` backend, one device).
     """
 
     backend: ExpertBackend = ExpertBackend.LOOP
@@ -35,12 +38,15 @@ class Execution:
     ep_capacity_factor: float | None = None
     pruning: Pruning | None = None
     cost_table: CostTable | None = None
+    offload: CacheManager | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "backend", ExpertBackend(self.backend))
         object.__setattr__(self, "dispatch", Dispatch.parse(self.dispatch, "dispatch"))
         if self.ep_capacity_factor is not None and not self.ep_capacity_factor > 0:
             raise ValueError(f"ep_capacity_factor must be > 0, got {self.ep_capacity_factor}")
+        if self.offload is not None and self.backend is not ExpertBackend.LOOP:
+            raise ValueError(f"offloaded experts run on the 'loop' backend; this plan runs {self.backend.value!r}")
         if self.cost_table is not None and self.cost_table.backend is not self.backend:
             raise ValueError(
                 f"the cost table prices backend {self.cost_table.backend.value!r}; this plan runs "

@@ -24,6 +24,8 @@ from caee_jax.config import ModelConfig
 from caee_jax.model.execution import Execution
 from caee_jax.model.layers import MLP, param
 from caee_jax.model.router import route
+from caee_jax.offload.cache import ExpertCache
+from caee_jax.offload.execute import residency, run_offloaded
 from caee_jax.parallel.expert_parallel import EXPERT_AXIS, execute, expert_parallel_mesh
 from caee_jax.routing.backend import ExpertWeights
 from caee_jax.routing.ops import expert_load
@@ -99,25 +101,46 @@ class MoE(nnx.Module):
           output summed over its (token, expert) pairs, pruned or not: the calibration of `mean`
           compensation (`calibration/expert_means.py`). Runs the routed experts a second time.
         """
+        y, routing, _ = self._stages(x, execution, layer_index, collect_expert_sums, None)
+        return y, routing
+
+    def offloaded(
+        self, x: jax.Array, execution: Execution, layer_index: jax.Array, expert_cache: ExpertCache
+    ) -> tuple[jax.Array, Routing, ExpertCache]:
+        """Like `__call__` with the routed experts in an expert store behind the device cache
+        (`execution.offload`): decide sees each expert's residency, execute fetches kept misses."""
+        return self._stages(x, execution, layer_index, False, expert_cache)
+
+    def _stages(self, x, execution: Execution, layer_index, collect_expert_sums: bool, expert_cache):
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         num_experts = self.config.n_routed_experts
         topk_ids, topk_weights = route(flat, self.router[...], self.router_bias[...], self.config)
         mesh = expert_parallel_mesh()
         shards = 1 if mesh is None else mesh.shape[EXPERT_AXIS]
-        decision = decide(execution.pruning, execution.cost_table, topk_ids, topk_weights, num_experts, shards)
+        manager = execution.offload
+        tiers = None if expert_cache is None else residency(expert_cache, layer_index, manager)
+        rule, table = execution.pruning, execution.cost_table
+        decision = decide(rule, table, topk_ids, topk_weights, num_experts, shards, tiers)
         placed = dict(mesh=mesh, layer_index=layer_index, decode=t == 1)
-        y, dropped = execute(
-            flat,
-            topk_ids,
-            decision.weights,
-            decision.keep_mask,
-            self.expert_weights,
-            execution.backend,
-            dispatch=execution.dispatch,
-            capacity_factor=execution.ep_capacity_factor,
-            **placed,
-        )
+        if expert_cache is None:
+            y, dropped = execute(
+                flat,
+                topk_ids,
+                decision.weights,
+                decision.keep_mask,
+                self.expert_weights,
+                execution.backend,
+                dispatch=execution.dispatch,
+                capacity_factor=execution.ep_capacity_factor,
+                **placed,
+            )
+        else:
+            if mesh is not None:
+                raise ValueError("offloaded experts run on one device; this call has a mesh")
+            args = (flat, topk_ids, decision.weights, decision.keep_mask, expert_cache, layer_index, manager)
+            y, expert_cache = run_offloaded(*args)
+            dropped = jnp.zeros((), jnp.int32)
         with jax.named_scope("combine"):
             if uses_mean(execution.pruning):
                 y = self._add_mean_outputs(y, topk_ids, topk_weights, decision.keep_mask)
@@ -127,7 +150,7 @@ class MoE(nnx.Module):
         sums = self._expert_sums(flat, topk_ids, execution, placed) if collect_expert_sums else None
         k = topk_ids.shape[-1]
         routing = (topk_ids, topk_weights, decision.keep_mask)
-        return y, Routing(*(a.reshape(b, t, k) for a in routing), dropped, sums)
+        return y, Routing(*(a.reshape(b, t, k) for a in routing), dropped, sums), expert_cache
 
     def _add_mean_outputs(self, y, topk_ids, topk_weights, keep_mask) -> jax.Array:
         """y [N, D] plus each pruned slot's calibrated mean output, weighted by its gate weight."""

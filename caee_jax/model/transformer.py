@@ -18,6 +18,7 @@ from caee_jax.model.cache import LatentCache
 from caee_jax.model.execution import DEFAULT_EXECUTION, Execution
 from caee_jax.model.layers import MLP, Embed, RMSNorm, param
 from caee_jax.model.moe import ExpertMeans, MoE, Routing
+from caee_jax.offload.cache import ExpertCache
 
 
 class DecoderLayer(nnx.Module):
@@ -33,17 +34,23 @@ class DecoderLayer(nnx.Module):
         else:
             self.ffn = MLP(d, config.intermediate_size, dtype, rngs=rngs)
 
-    def __call__(self, h, positions, cache, execution: Execution, layer_index=None, collect_expert_sums=False):
-        """h [B, T, D] -> (h, cache or new latents [B, T, R+P], routing or None); the last two as in `MoE`."""
+    def __call__(
+        self, h, positions, cache, execution: Execution, layer_index=None, collect_expert_sums=False, expert_cache=None
+    ):
+        """h [B, T, D] -> (h, cache or new latents [B, T, R+P], routing or None, expert_cache); layer_index,
+        collect_expert_sums as in `MoE`; expert_cache: the device expert cache when the experts are
+        offloaded (`MoE.offloaded`), returned updated."""
         attn_out, cache = self.attn(self.attn_norm(h), positions, cache)
         h = h + attn_out
         normed = self.ffn_norm(h)
         routing = None
-        if isinstance(self.ffn, MoE):
+        if isinstance(self.ffn, MoE) and expert_cache is not None:
+            ffn_out, routing, expert_cache = self.ffn.offloaded(normed, execution, layer_index, expert_cache)
+        elif isinstance(self.ffn, MoE):
             ffn_out, routing = self.ffn(normed, execution, layer_index, collect_expert_sums=collect_expert_sums)
         else:
             ffn_out = self.ffn(normed)
-        return h + ffn_out, cache, routing
+        return h + ffn_out, cache, routing, expert_cache
 
 
 def stacked_layers(config: ModelConfig, dtype, *, moe: bool, count: int, rngs: nnx.Rngs) -> DecoderLayer | None:
@@ -65,11 +72,13 @@ def stacked_layers(config: ModelConfig, dtype, *, moe: bool, count: int, rngs: n
 
 class ModelOutput(NamedTuple):
     """logits [B, T, V] f32; cache: updated LatentCache (decode) or the new latents [L, B, T, R+P] (no cache);
-    routing: Routing with a leading MoE-layer axis [L_moe, B, T, K]."""
+    routing: Routing with a leading MoE-layer axis [L_moe, B, T, K]; expert_cache: the updated device
+    expert cache of an offloaded model, else None."""
 
     logits: jax.Array
     cache: LatentCache
     routing: Routing | None
+    expert_cache: ExpertCache | None = None
 
 
 class DeepseekV3(nnx.Module):
@@ -106,13 +115,15 @@ class DeepseekV3(nnx.Module):
         execution: Execution = DEFAULT_EXECUTION,
         *,
         collect_expert_sums: bool = False,
+        expert_cache: ExpertCache | None = None,
     ) -> ModelOutput:
         """tokens int [B, T] at positions [B, T] (default 0..T-1).
 
         Without `cache`: causal pass over the T tokens. With `cache`: the tokens' latents are written at
         their positions and each attends to the cache up to its own position (decode / chunked prefill).
         execution: how the MoE layers run (static). collect_expert_sums: each MoE layer's routing carries
-        its experts' output sums (`MoE`; calibration of `mean` compensation).
+        its experts' output sums (`MoE`; calibration of `mean` compensation). expert_cache: with offloaded
+        experts (`execution.offload`), the device expert cache, threaded through the MoE layers.
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -120,35 +131,48 @@ class DeepseekV3(nnx.Module):
         dense_cache = None if cache is None else cache.dense
         moe_cache = None if cache is None else cache.moe
         latent_dim = self.config.latent_dim
-        h, dense_cache, _ = _scan(self.dense_layers, h, positions, dense_cache, execution, latent_dim)
-        h, moe_cache, routing = _scan(
-            self.moe_layers, h, positions, moe_cache, execution, latent_dim, collect_expert_sums
+        h, dense_cache, _, _ = _scan(self.dense_layers, h, positions, dense_cache, execution, latent_dim)
+        h, moe_cache, routing, expert_cache = _scan(
+            self.moe_layers, h, positions, moe_cache, execution, latent_dim, collect_expert_sums, expert_cache
         )
         h = self.final_norm(h)
         head = self.embed.embedding[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
-        return ModelOutput(logits, LatentCache(dense_cache, moe_cache), routing)
+        return ModelOutput(logits, LatentCache(dense_cache, moe_cache), routing, expert_cache)
 
 
-def _scan(layers: DecoderLayer | None, h, positions, cache, execution: Execution, latent_dim: int, collect_sums=False):
-    """Runs a layer stack over h; cache [L, B, S, C] or None. Returns (h, cache or latents, routing)."""
+def _scan(
+    layers: DecoderLayer | None,
+    h,
+    positions,
+    cache,
+    execution: Execution,
+    latent_dim: int,
+    collect_sums=False,
+    expert_cache=None,
+):
+    """Runs a layer stack over h; cache [L, B, S, C] or None; expert_cache carried (updated in place) when
+    given. Returns (h, cache or latents, routing, expert_cache)."""
     if layers is None:
         empty = jnp.zeros((0, *h.shape[:2], latent_dim), h.dtype) if cache is None else cache
-        return h, empty, None
+        return h, empty, None, expert_cache
     # Routed-expert stacks stay whole (closed over, indexed [layer, expert] by the backend): as scan
     # inputs, XLA would copy every expert of the layer each step, whichever experts are active.
     graphdef, experts, state = nnx.split(layers, _is_routed_expert, ...)
 
-    def body(h, xs):
+    def body(carry, xs):
+        h, expert_cache = carry
         layer_state, layer_cache, index = xs
         layer = nnx.merge(graphdef, experts, layer_state)
         layer_index = index if experts else None
-        h, layer_cache, routing = layer(h, positions, layer_cache, execution, layer_index, collect_sums)
-        return h, (layer_cache, routing)
+        h, layer_cache, routing, expert_cache = layer(
+            h, positions, layer_cache, execution, layer_index, collect_sums, expert_cache
+        )
+        return (h, expert_cache), (layer_cache, routing)
 
     count = jax.tree.leaves(state)[0].shape[0]
-    h, (cache, routing) = jax.lax.scan(body, h, (state, cache, jnp.arange(count)))
-    return h, cache, routing
+    (h, expert_cache), (cache, routing) = jax.lax.scan(body, (h, expert_cache), (state, cache, jnp.arange(count)))
+    return h, cache, routing, expert_cache
 
 
 def _is_routed_expert(path, value) -> bool:

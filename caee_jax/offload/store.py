@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -81,3 +82,13 @@ class HostStore(ExpertStore):
 
     def read(self, layer: int, expert: int) -> ExpertWeights:
         return ExpertWeights(*(w[layer, expert] for w in self.weights))
+
+
+def without_routed_experts(state: nnx.State) -> nnx.State:
+    """The model state with each routed-expert stack [L, E, ...] replaced by an empty [L, 0, ...] array: an
+    offloaded model keeps its experts in a store, not among its parameters."""
+    flat = dict(nnx.to_flat_state(state))
+    for path in EXPERT_PATHS.values():
+        value = flat[path].get_value()
+        flat[path] = flat[path].replace(jnp.zeros((value.shape[0], 0, *value.shape[2:]), value.dtype))
+    return nnx.from_flat_state(flat)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from caee_jax.offload.cache import StepStats
 from caee_jax.parallel.placement import batch_sharding, check_batch, mesh_context, to_mesh
 from caee_jax.runtime import steps
 
@@ -33,13 +34,16 @@ class Generation:
     (compilation included on first use); decode_step_s: wall time of each decode step (seconds);
     dropped_pairs: routed pairs expert-parallel prefill had no capacity for (0 unless a capacity is set);
     decode_routing: routed pairs, kept pairs (pruning), active experts before and after pruning, each
-    summed over decode steps and MoE layers."""
+    summed over decode steps and MoE layers; prefill_offload, decode_offload: an offloaded model's expert
+    cache statistics of the prefill and of each decode step (`offload.cache.StepStats`)."""
 
     tokens: list[list[int]]
     prefill_s: float
     decode_step_s: list[float]
     dropped_pairs: int = 0
     decode_routing: tuple[int, int, int, int] = (0, 0, 0, 0)
+    prefill_offload: StepStats | None = None
+    decode_offload: list[StepStats] = dataclasses.field(default_factory=list)
 
     @property
     def pruned_pair_fraction(self) -> float:
@@ -115,11 +119,25 @@ def generate_with_stats(
 
 
 def _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len):
+    """The decode loop; an offloaded model's expert cache is threaded through and left updated on the model
+    (or emptied, matching its host side, if a step fails: its buffer was donated)."""
+    manager = model.execution.offload
+    try:
+        return _decode_loop(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len)
+    except BaseException:
+        if manager is not None:
+            model.expert_cache = manager.empty_cache()
+        raise
+
+
+def _decode_loop(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len):
+    manager = model.execution.offload
+    offload_steps = []
     if mesh is not None:
         tokens, lengths = (to_mesh(a, batch_sharding(mesh, a.ndim)) for a in (tokens, lengths))
     temp, nucleus, seed = np.float32(temperature), np.float32(top_p), np.uint32(seed)
     start = time.perf_counter()
-    next_ids, cache, dropped = steps.prefill(
+    next_ids, cache, dropped, model.expert_cache = steps.prefill(
         model.graphdef,
         model.state,
         jnp.asarray(tokens),
@@ -127,11 +145,13 @@ def _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, 
         seed,
         temp,
         nucleus,
+        model.expert_cache,
         cache_len=cache_len,
         execution=model.execution,
     )
     next_host = np.asarray(next_ids)
     prefill_s = time.perf_counter() - start
+    prefill_offload = manager.take_step_stats() if manager is not None else None
 
     positions = jnp.asarray(lengths)
     generated: list[list[int]] = [[] for _ in next_host]
@@ -149,7 +169,7 @@ def _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, 
         if done.all() or step == max_new_tokens - 1:
             break
         start = time.perf_counter()
-        next_ids, cache, counts = steps.decode_step(
+        next_ids, cache, counts, model.expert_cache = steps.decode_step(
             model.graphdef,
             model.state,
             cache,
@@ -159,13 +179,17 @@ def _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, 
             np.int32(step + 1),
             temp,
             nucleus,
+            model.expert_cache,
             execution=model.execution,
         )
         next_host = np.asarray(next_ids)
         step_times.append(time.perf_counter() - start)
         routing_counts += np.asarray(counts)
         positions = positions + 1
-    return Generation(generated, prefill_s, step_times, int(dropped), tuple(int(c) for c in routing_counts))
+        if manager is not None:
+            offload_steps.append(manager.take_step_stats())
+    counts = tuple(int(c) for c in routing_counts)
+    return Generation(generated, prefill_s, step_times, int(dropped), counts, prefill_offload, offload_steps)
 
 
 def generate(

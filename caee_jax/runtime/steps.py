@@ -2,8 +2,9 @@
 
 Each function takes the static graph definition and the plan (`Execution`) as static arguments and the
 state of arrays as an argument (parameters are never constants in compiled code). Outputs that every
-process reads are replicated over the mesh (`gather_replicated`). Letters: B batch, T tokens, V vocab,
-L MoE layers, S devices (expert shards), K top-k, E experts, D hidden.
+process reads are replicated over the mesh (`gather_replicated`). `expert_cache` is the device expert
+cache of a model whose experts are offloaded (`offload/`), None otherwise: donated and returned updated.
+Letters: B batch, T tokens, V vocab, L MoE layers, S devices (expert shards), K top-k, E experts, D hidden.
 """
 
 from __future__ import annotations
@@ -29,31 +30,34 @@ def sampling_key(seed, step):
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "execution"))
-def logits(graphdef, state, tokens, *, execution: Execution) -> jax.Array:
-    """tokens [B, T] -> full-sequence logits [B, T, V] f32."""
-    return nnx.merge(graphdef, state)(tokens, execution=execution).logits
+@functools.partial(jax.jit, static_argnames=("graphdef", "execution"), donate_argnames=("expert_cache",))
+def logits(graphdef, state, tokens, expert_cache=None, *, execution: Execution):
+    """tokens [B, T] -> (full-sequence logits [B, T, V] f32, expert_cache)."""
+    out = nnx.merge(graphdef, state)(tokens, execution=execution, expert_cache=expert_cache)
+    return out.logits, out.expert_cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "execution"))
-def prefill(graphdef, state, tokens, lengths, seed, temperature, top_p, *, cache_len: int, execution: Execution):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "execution"), donate_argnames=("expert_cache",))
+def prefill(
+    graphdef, state, tokens, lengths, seed, temperature, top_p, expert_cache=None, *, cache_len: int, execution
+):
     """tokens [B, T] (right-padded), lengths [B] -> (first sampled ids [B], LatentCache with S = cache_len,
-    expert-parallel dropped pairs summed over MoE layers)."""
+    expert-parallel dropped pairs summed over MoE layers, expert_cache)."""
     model = nnx.merge(graphdef, state)
-    out = model(tokens, execution=execution)
+    out = model(tokens, execution=execution, expert_cache=expert_cache)
     batch, length = tokens.shape
     cache = LatentCache.zeros(model.config, batch, cache_len, out.cache.moe.dtype)
     cache = jax.tree.map(lambda c, new: c.at[:, :, :length].set(new), cache, out.cache)
     last = out.logits[jnp.arange(batch), lengths - 1]  # [B, V]
     ids = sample(last, sampling_key(seed, 0), temperature, top_p)
     dropped = jnp.sum(out.routing.dropped_pairs) if out.routing is not None else jnp.zeros((), jnp.int32)
-    return gather_replicated(ids), cache, dropped
+    return gather_replicated(ids), cache, dropped, out.expert_cache
 
 
-def _decode(graphdef, state, cache, tokens, positions, execution: Execution):
+def _decode(graphdef, state, cache, tokens, positions, execution: Execution, expert_cache=None):
     """One decode step of the model: tokens [B] at positions [B] -> (model, ModelOutput)."""
     model = nnx.merge(graphdef, state)
-    return model, model(tokens[:, None], positions[:, None], cache, execution=execution)
+    return model, model(tokens[:, None], positions[:, None], cache, execution=execution, expert_cache=expert_cache)
 
 
 def _counts(model, out, execution: Execution) -> jax.Array:
@@ -63,14 +67,17 @@ def _counts(model, out, execution: Execution) -> jax.Array:
     return routing_counts(out.routing, model.config.n_routed_experts, pruned=execution.pruning is not None)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "execution"), donate_argnames=("cache",))
-def decode_step(graphdef, state, cache, tokens, positions, seed, step, temperature, top_p, *, execution: Execution):
+@functools.partial(jax.jit, static_argnames=("graphdef", "execution"), donate_argnames=("cache", "expert_cache"))
+def decode_step(
+    graphdef, state, cache, tokens, positions, seed, step, temperature, top_p, expert_cache=None, *, execution
+):
     """tokens [B] at positions [B] -> (next ids [B], updated cache, routing counts [4] int32: routed pairs,
-    kept pairs, active experts before and after pruning, each summed over the MoE layers); step numbers
-    the sampling key."""
-    model, out = _decode(graphdef, state, cache, tokens, positions, execution)
+    kept pairs, active experts before and after pruning, each summed over the MoE layers, expert_cache);
+    step numbers the sampling key."""
+    model, out = _decode(graphdef, state, cache, tokens, positions, execution, expert_cache)
     ids = sample(out.logits[:, 0], sampling_key(seed, step), temperature, top_p)
-    return gather_replicated(ids), out.cache, gather_replicated(_counts(model, out, execution))
+    counts = gather_replicated(_counts(model, out, execution))
+    return gather_replicated(ids), out.cache, counts, out.expert_cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "execution", "table"), donate_argnames=("cache",))

@@ -1,0 +1,223 @@
+"""The device expert cache: S fixed slots per MoE layer, filled from an expert store on demand.
+
+Device state (`ExpertCache`, a pytree threaded through every step and donated): the slots' weights
+[L, S, ...] and `slot_of` [L, E] (the slot holding each expert, -1 when not resident). Shapes never
+change, so residency is data and nothing recompiles as experts come and go.
+
+Host state (`CacheManager`): which expert sits in which slot, use statistics, the eviction policy and
+per-step counters. The compiled step talks to it through ordered host callbacks (`execute.py`): once
+per layer to announce which experts the layer will run (hits are recorded, misses start reading in the
+background) and once per miss, when the loop reaches that expert, to get its weights and a slot. The
+host decides; the device applies, so the two always agree.
+
+Policies (which resident expert leaves when a slot is needed), never an expert the current layer still
+needs while another choice exists:
+  lru    least recently used
+  lfu    least often used (ties: least recently)
+  cost   lowest expected refetch cost: an exponentially decayed use count (recent use weighs more)
+         times the fetch time of the store's tier from the cost table; with one store this ranks like
+         a decayed LFU, and it is the policy that lets a tier's price enter eviction.
+Letters: L MoE layers, E experts, S slots, D hidden, F expert width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from caee_jax.caee.cost_table import CostTable
+from caee_jax.choice import Choice
+from caee_jax.offload.store import ExpertStore
+
+DECAY = 0.9  # per layer-step, the weight an older use keeps in the `cost` policy's count
+
+
+class Policy(Choice):
+    LRU = "lru"
+    LFU = "lfu"
+    COST = "cost"
+
+
+class ExpertCache(NamedTuple):
+    """gate, up [L, S, D, F]; down [L, S, F, D] (the model's dtype); slot_of [L, E] int32 (-1: not resident)."""
+
+    gate: jnp.ndarray
+    up: jnp.ndarray
+    down: jnp.ndarray
+    slot_of: jnp.ndarray
+
+
+@dataclasses.dataclass
+class StepStats:
+    """One decode step (or prefill), summed over MoE layers: routed experts that were resident (hits) or not
+    (misses); misses the rule pruned (never loaded); fetches, split into blocking (read while the step
+    waited) and prefetched (already read in the background); bytes read from the store."""
+
+    hits: int = 0
+    misses: int = 0
+    pruned_misses: int = 0
+    fetches: int = 0
+    blocking_fetches: int = 0
+    prefetched_fetches: int = 0
+    bytes_read: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(self.hits + self.misses, 1)
+
+
+def slots_for(store: ExpertStore, *, experts: int | None = None, fraction: float | None = None, nbytes=None) -> int:
+    """Slots per layer from exactly one budget: a count of experts, a fraction of the layer's experts, or a
+    byte budget for the whole cache (every layer). At least 1 (a layer runs one expert at a time)."""
+    given = [b is not None for b in (experts, fraction, nbytes)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one cache budget: experts, fraction or bytes")
+    num_layers, num_experts = store.config.num_moe_layers, store.config.n_routed_experts
+    if experts is not None:
+        slots = int(experts)
+    elif fraction is not None:
+        slots = math.floor(fraction * num_experts)
+    else:
+        slots = int(nbytes) // (num_layers * store.expert_bytes)
+    if slots < 1:
+        minimum = f"{num_layers * store.expert_bytes} bytes (one expert per MoE layer)"
+        raise ValueError(f"a cache budget of {slots} slot(s) per layer holds nothing; the minimum is {minimum}")
+    return min(slots, num_experts)
+
+
+class CacheManager:
+    """Host side of the expert cache of one model. Compared and hashed by identity: it is part of the static
+    plan (`Execution.offload`), and the compiled step calls back into this very object."""
+
+    def __init__(
+        self, store: ExpertStore, slots: int, policy: Policy | str = Policy.LRU, table: CostTable | None = None
+    ):
+        self.store = store
+        self.slots = slots
+        self.policy = Policy.parse(policy, "eviction policy")
+        config = store.config
+        self.num_layers, self.num_experts = config.num_moe_layers, config.n_routed_experts
+        fetch_s = table.devices[0].fetch_s[store.tier_index] if table is not None else 1.0
+        self.fetch_s = fetch_s
+        self.slot_expert = np.full((self.num_layers, slots), -1, np.int64)  # expert in each slot
+        self.slot_of = np.full((self.num_layers, self.num_experts), -1, np.int64)
+        self.last_use = np.zeros((self.num_layers, self.num_experts), np.int64)
+        self.uses = np.zeros((self.num_layers, self.num_experts), np.int64)
+        self.decayed = np.zeros((self.num_layers, self.num_experts))
+        self.clock = 0
+        self.needed = np.zeros((self.num_layers, self.num_experts), bool)
+        self.step = StepStats()
+
+    __hash__ = object.__hash__
+
+    def __eq__(self, other) -> bool:
+        return self is other
+
+    def empty_cache(self) -> ExpertCache:
+        """The device state of an empty cache (and resets the host side to match)."""
+        c, dtype = self.store.config, self.store.dtype
+        self.slot_expert[:] = -1
+        self.slot_of[:] = -1
+        d, f, shape = c.hidden_size, c.moe_intermediate_size, (self.num_layers, self.slots)
+        zeros = [jnp.zeros((*shape, *s), dtype) for s in ((d, f), (d, f), (f, d))]
+        return ExpertCache(*zeros, jnp.full((self.num_layers, self.num_experts), -1, jnp.int32))
+
+    def take_step_stats(self) -> StepStats:
+        """The counters since the last call, then zeroed."""
+        step, self.step = self.step, StepStats()
+        return step
+
+    # Host callbacks, called by the compiled step in program order (`execute.py`).
+
+    def announce(self, layer, kept: np.ndarray, routed: np.ndarray) -> None:
+        """Layer `layer` will run the experts `kept` [E] bool (routed [E]: before pruning). Records hits and
+        use, counts misses, and starts reading the misses in the background."""
+        layer = int(layer)
+        kept, routed = np.asarray(kept, bool), np.asarray(routed, bool)
+        resident = self.slot_of[layer] >= 0
+        self.clock += 1
+        self.decayed[layer] *= DECAY
+        self.decayed[layer, kept] += 1
+        self.uses[layer, kept] += 1
+        self.last_use[layer, kept] = self.clock
+        self.needed[layer] = kept
+        self.step.hits += int(np.sum(kept & resident))
+        self.step.misses += int(np.sum(kept & ~resident))
+        self.step.pruned_misses += int(np.sum(routed & ~kept & ~resident))
+        prefetch = getattr(self.store, "prefetch", None)
+        if prefetch is not None:
+            prefetch(layer, np.flatnonzero(kept & ~resident).tolist())
+
+    def fetch(self, layer, expert):
+        """Expert `expert` of layer `layer`, not resident: reads it and gives it a slot. Returns (slot int32,
+        evicted expert int32 or E when the slot was empty, gate, up [D, F], down [F, D])."""
+        layer, expert = int(layer), int(expert)
+        prefetched = getattr(self.store, "is_prefetched", lambda *_: False)(layer, expert)
+        weights = self.store.read(layer, expert)
+        slot = self._victim(layer)
+        evicted = int(self.slot_expert[layer, slot])
+        if evicted >= 0:
+            self.slot_of[layer, evicted] = -1
+        self.slot_expert[layer, slot] = expert
+        self.slot_of[layer, expert] = slot
+        self.step.fetches += 1
+        self.step.prefetched_fetches += int(prefetched)
+        self.step.blocking_fetches += int(not prefetched)
+        self.step.bytes_read += self.store.expert_bytes
+        evicted = evicted if evicted >= 0 else self.num_experts
+        return (np.int32(slot), np.int32(evicted), *(np.asarray(w, self.store.dtype) for w in weights))
+
+    def _victim(self, layer: int) -> int:
+        """The slot to fill: an empty one, else the policy's choice among experts this layer does not need
+        (among all resident ones when every slot holds a needed expert)."""
+        experts = self.slot_expert[layer]
+        empty = np.flatnonzero(experts < 0)
+        if empty.size:
+            return int(empty[0])
+        candidates = np.flatnonzero(~self.needed[layer, experts])
+        if candidates.size == 0:
+            candidates = np.arange(self.slots)
+        owners = experts[candidates]
+        if self.policy is Policy.LRU:
+            keys = (self.last_use[layer, owners],)
+        elif self.policy is Policy.LFU:
+            keys = (self.last_use[layer, owners], self.uses[layer, owners])
+        else:
+            keys = (self.last_use[layer, owners], self.decayed[layer, owners] * self.fetch_s)
+        return int(candidates[np.lexsort(keys)[0]])
+
+
+@dataclasses.dataclass(frozen=True)
+class Offload:
+    """How a model runs with offloaded experts: where they live, and how many the device keeps.
+
+    store: "host" (host RAM) or "disk" (`directory`, an expert store written by
+      `python -m checkpoints_tools.expert_store`). Cache budget, one of: `experts` slots per MoE layer,
+      `fraction` of each layer's experts (default 0.25 when none is given), or `nbytes` for the whole
+      cache. policy: eviction (module doc).
+    """
+
+    store: str = "host"
+    directory: str | None = None
+    experts: int | None = None
+    fraction: float | None = None
+    nbytes: int | None = None
+    policy: Policy = Policy.LRU
+
+    def __post_init__(self):
+        if self.store not in ("host", "disk"):
+            raise ValueError(f"offload store {self.store!r} is not 'host' or 'disk'")
+        if (self.store == "disk") != (self.directory is not None):
+            raise ValueError("a disk store needs its directory, and only a disk store takes one")
+        object.__setattr__(self, "policy", Policy.parse(self.policy, "eviction policy"))
+
+    def manager(self, store: ExpertStore, table: CostTable | None = None) -> CacheManager:
+        """The host side of a cache of this budget over `store`."""
+        budget = dict(experts=self.experts, fraction=self.fraction, nbytes=self.nbytes)
+        if all(value is None for value in budget.values()):
+            budget["fraction"] = 0.25
+        return CacheManager(store, slots_for(store, **budget), self.policy, table)

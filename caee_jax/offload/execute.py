@@ -1,0 +1,69 @@
+"""The execute stage of an offloaded MoE layer: the `loop` backend, reading each active expert from the
+device cache and fetching a miss from the store when the loop reaches it.
+
+The loop visits active experts in increasing id, as for resident experts, and computes with the same
+weights, so outputs are bit-identical to the all-resident model whatever the cache size (one slot is
+enough: an expert is used once per layer and step). Letters: N tokens, K top-k, E experts, D hidden.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import io_callback
+
+from caee_jax.experts.loop import loop_over_experts
+from caee_jax.offload.cache import CacheManager, ExpertCache
+from caee_jax.routing.backend import ExpertWeights
+from caee_jax.routing.ops import expert_load
+
+
+def residency(cache: ExpertCache, layer_index: jax.Array, manager: CacheManager) -> jax.Array:
+    """[E] int32 tier of each expert of the layer for the cost model: 0 resident, else the store's tier."""
+    return jnp.where(cache.slot_of[layer_index] >= 0, 0, manager.store.tier_index).astype(jnp.int32)
+
+
+def run_offloaded(
+    x: jax.Array,
+    topk_ids: jax.Array,
+    topk_weights: jax.Array,
+    keep_mask: jax.Array,
+    cache: ExpertCache,
+    layer_index: jax.Array,
+    manager: CacheManager,
+) -> tuple[jax.Array, ExpertCache]:
+    """x [N, D], routing [N, K] -> (y [N, D], updated cache). Only kept pairs' experts are fetched: a pruned
+    miss is never loaded."""
+    num_experts = manager.num_experts
+    with jax.named_scope("execute_offloaded"):
+        kept = expert_load(topk_ids, keep_mask, num_experts).active
+        routed = expert_load(topk_ids, jnp.ones_like(keep_mask), num_experts).active
+        io_callback(manager.announce, None, layer_index, kept, routed, ordered=True)
+        y, cache = loop_over_experts(
+            x, topk_ids, topk_weights, keep_mask, num_experts, _reader(layer_index, manager), cache
+        )
+    return y, cache
+
+
+def _reader(layer_index, manager: CacheManager):
+    """read_expert(expert, cache) for `loop_over_experts`: the slot's weights, after a fetch on a miss."""
+    store = manager.store
+    d, f = store.config.hidden_size, store.config.moe_intermediate_size
+    shapes = (
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+        *(jax.ShapeDtypeStruct(s, store.dtype) for s in ((d, f), (d, f), (f, d))),
+    )
+
+    def fetch(cache: ExpertCache, expert) -> ExpertCache:
+        slot, evicted, gate, up, down = io_callback(manager.fetch, shapes, layer_index, expert, ordered=True)
+        slot_of = cache.slot_of.at[layer_index, evicted].set(-1, mode="drop").at[layer_index, expert].set(slot)
+        written = (w.at[layer_index, slot].set(new) for w, new in zip(cache[:3], (gate, up, down), strict=True))
+        return ExpertCache(*written, slot_of)
+
+    def read_expert(expert, cache: ExpertCache):
+        cache = jax.lax.cond(cache.slot_of[layer_index, expert] < 0, fetch, lambda c, _: c, cache, expert)
+        slot = cache.slot_of[layer_index, expert]
+        return ExpertWeights(*(w[layer_index, slot] for w in cache[:3])), cache
+
+    return read_expert
