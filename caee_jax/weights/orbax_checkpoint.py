@@ -129,15 +129,44 @@ def restore_unit(path: str, targets: dict[Path, jax.ShapeDtypeStruct], partial: 
     return traverse_util.flatten_dict(restored)
 
 
+def check_unit(path: str, abstract: dict[Path, jax.ShapeDtypeStruct]) -> None:
+    """Raises CheckpointError naming the item and parameter unless the item at `path` holds exactly the
+    parameters of `abstract`, with their shapes and dtypes. Orbax keeps this metadata inside the item's
+    OCDBT database, so an item cut short, or one whose data another process removed, fails here without
+    the arrays being read: cheap enough to run on every unit before a conversion is published."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: missing item (incomplete or damaged conversion)")
+    try:
+        metadata = _checkpointer().metadata(path).item_metadata
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable Orbax item ({e})") from None
+    if metadata is None:
+        raise CheckpointError(f"{path}: damaged Orbax item (its metadata or data is missing)")
+    stored = traverse_util.flatten_dict(dict(metadata.tree))
+    for target, expected in abstract.items():
+        where = f"{path}: parameter {'.'.join(target)}"
+        if target not in stored:
+            raise CheckpointError(f"{where} is missing")
+        shape, dtype = tuple(stored[target].shape), np.dtype(stored[target].dtype)
+        if (shape, dtype) != (expected.shape, np.dtype(expected.dtype)):
+            raise CheckpointError(f"{where} is {dtype} {shape}, expected {np.dtype(expected.dtype)} {expected.shape}")
+    extra = sorted(".".join(target) for target in set(stored) - set(abstract))
+    if extra:
+        raise CheckpointError(f"{path}: unexpected parameter(s) {', '.join(extra)}")
+
+
 def is_converted(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, METADATA))
 
 
 def read_metadata(directory: str) -> dict:
     path = os.path.join(directory, METADATA)
-    with open(path) as f:
-        metadata = json.load(f)
-    if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
+    try:
+        with open(path) as f:
+            metadata = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
         raise CheckpointError(f"{path}: not a {FORMAT} version {VERSION} checkpoint")
     return metadata
 
