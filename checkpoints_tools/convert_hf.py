@@ -35,6 +35,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from caee_jax.caee import expert_means
 from caee_jax.config import ConfigError, ModelConfig
 from caee_jax.files import LockedError, atomic_write, exclusive_lock
 from caee_jax.weights.hf_layout import is_buffer, mtp_module
@@ -67,6 +68,7 @@ COPIED = (
     "merges.txt",
     "chat_template.jinja",
     "generation_config.json",
+    expert_means.FILENAME,  # calibrated per-expert means: `--compensation mean` needs them beside the weights
 )
 
 
@@ -104,6 +106,13 @@ def _write_durably(path: str, text: str) -> None:
     with atomic_write(path) as f:
         f.write(text)
     fsync(os.path.dirname(path))
+
+
+def _copy_durably(source: str, target: str) -> None:
+    """Copies through a temporary file and a rename, fsynced: `target` exists complete or not at all."""
+    with open(source, "rb") as src, atomic_write(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    fsync(os.path.dirname(target))
 
 
 def _unit_marker(partial: str, unit: Unit) -> str:
@@ -147,15 +156,15 @@ def _start_or_resume(out: str, fingerprint: str, dtype: np.dtype, log) -> str:
 
 
 def _copy_side_files(hf_dir: str, partial: str) -> None:
-    """config.json (without quantization_config: the weights are no longer FP8) and tokenizer files."""
+    """config.json (without quantization_config: the weights are no longer FP8), tokenizer files and the
+    calibrated expert means."""
     with open(os.path.join(hf_dir, "config.json")) as f:
         config = json.load(f)
     config.pop("quantization_config", None)
     _write_durably(os.path.join(partial, "config.json"), json.dumps(config, indent=2))
     for name in COPIED:
         if os.path.isfile(os.path.join(hf_dir, name)):
-            shutil.copyfile(os.path.join(hf_dir, name), os.path.join(partial, name))
-            fsync(os.path.join(partial, name))
+            _copy_durably(os.path.join(hf_dir, name), os.path.join(partial, name))
 
 
 def _check_complete(partial: str, plan: list[Unit]) -> None:
