@@ -228,26 +228,22 @@ def convert(hf_dir: str, out: str, dtype: str = "bfloat16", progress: bool = Tru
     config = ModelConfig.from_hf(hf_dir)
     source = HFSource(hf_dir, config)
     plan = plan_units(source, config, dtype, log)
+    total = sum(source.nbytes(name) for unit in plan for name in {n for r in unit.recipes for n in r.sources})
     # Locked from the first write to the rename: two runs interleaving on one DST.partial would remove
     # and rewrite each other's units. Taken after the source checks, so a bad source leaves nothing behind.
     with exclusive_lock(out):
         _refuse_existing(out)  # again: another run may have published DST while this one checked the source
-        written, skipped = _convert_locked(hf_dir, out, source, plan, dtype, progress, log)
+        written, skipped = _convert_locked(hf_dir, out, source, plan, dtype, total, progress, log)
     seconds = time.perf_counter() - started
-    total = _source_bytes(source, plan)
     return {"units": len(plan), "written": written, "skipped": skipped, "source_bytes": total, "seconds": seconds}
 
 
-def _source_bytes(source: HFSource, plan: list[Unit]) -> int:
-    return sum(source.nbytes(name) for unit in plan for name in {n for r in unit.recipes for n in r.sources})
-
-
 def _convert_locked(
-    hf_dir: str, out: str, source: HFSource, plan: list[Unit], dtype: np.dtype, progress: bool, log
+    hf_dir: str, out: str, source: HFSource, plan: list[Unit], dtype: np.dtype, total: int, progress: bool, log
 ) -> tuple[int, int]:
-    """Writes (or resumes) DST.partial and publishes it as DST; returns (units written, units skipped)."""
+    """Writes (or resumes) DST.partial and publishes it as DST; returns (units written, units skipped).
+    total: the source bytes the plan reads (progress bar and metadata)."""
     partial = _start_or_resume(out, _fingerprint(source, dtype), dtype, log)
-    total = _source_bytes(source, plan)
     written = skipped = 0
     if not is_converted(partial):
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress) as bar:
