@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
@@ -131,28 +132,37 @@ def restore_unit(path: str, targets: dict[Path, jax.ShapeDtypeStruct], partial: 
 
 def check_unit(path: str, abstract: dict[Path, jax.ShapeDtypeStruct]) -> None:
     """Raises CheckpointError naming the item and parameter unless the item at `path` holds exactly the
-    parameters of `abstract`, with their shapes and dtypes. Orbax keeps this metadata inside the item's
-    OCDBT database, so an item cut short, or one whose data another process removed, fails here without
-    the arrays being read: cheap enough to run on every unit before a conversion is published."""
+    parameters of `abstract`, with their shapes and dtypes. Only metadata is read, so an item cut short, or
+    one whose data files another process removed, fails here cheaply: every unit is checked before a
+    conversion is published."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: missing item (incomplete or damaged conversion)")
-    try:
-        metadata = _checkpointer().metadata(path).item_metadata
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable Orbax item ({e})") from None
-    if metadata is None:
-        raise CheckpointError(f"{path}: damaged Orbax item (its metadata or data is missing)")
-    stored = traverse_util.flatten_dict(dict(metadata.tree))
+    stored = _stored_parameters(path)
     for target, expected in abstract.items():
-        where = f"{path}: parameter {'.'.join(target)}"
-        if target not in stored:
-            raise CheckpointError(f"{where} is missing")
-        shape, dtype = tuple(stored[target].shape), np.dtype(stored[target].dtype)
-        if (shape, dtype) != (expected.shape, np.dtype(expected.dtype)):
-            raise CheckpointError(f"{where} is {dtype} {shape}, expected {np.dtype(expected.dtype)} {expected.shape}")
-    extra = sorted(".".join(target) for target in set(stored) - set(abstract))
+        name, wanted = ".".join(target), (np.dtype(expected.dtype).name, expected.shape)
+        if name not in stored:
+            raise CheckpointError(f"{path}: parameter {name} is missing")
+        if stored[name] != wanted:
+            raise CheckpointError(f"{path}: parameter {name} is {stored[name]}, expected {wanted}")
+    extra = sorted(name for name in stored if tuple(name.split(".")) not in abstract)
     if extra:
         raise CheckpointError(f"{path}: unexpected parameter(s) {', '.join(extra)}")
+
+
+def _stored_parameters(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Parameter name -> (dtype name, shape) from the zarr metadata in the item's OCDBT database. Read with
+    tensorstore synchronously: Orbax's own metadata call floods stderr with asyncio tracebacks on a damaged
+    item. Reading the database's index fails when its data files are gone."""
+    try:
+        store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{os.path.abspath(path)}"}).result()
+        stored = {}
+        for key in store.list().result():
+            if key.endswith(b"/zarr.json"):
+                zarr = json.loads(store.read(key).result().value)
+                stored[key.decode().removesuffix("/zarr.json")] = (zarr["data_type"], tuple(zarr["shape"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: damaged Orbax item ({str(e).splitlines()[0]})") from None
+    return stored
 
 
 def is_converted(directory: str) -> bool:
