@@ -209,8 +209,10 @@ class ModelConfig:
                     raw = json.load(f)
             except FileNotFoundError:
                 raise ConfigError(f"{path}: no such config file") from None
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: a JSON {type(raw).__name__}, not an object of config fields")
         try:
             return cls._from_hf_dict(raw)
         except ConfigError as e:

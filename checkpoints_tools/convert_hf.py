@@ -10,11 +10,13 @@
   written at a time, so memory stays near the largest layer's size (`weights/orbax_checkpoint.py` has
   the layout).
 - Atomic: everything is written to DST.partial, renamed to DST once complete; DST is absent or complete.
-  An existing DST is never overwritten.
+  An existing DST is never overwritten. A run holds an exclusive lock on DST (DST.lock, `files.exclusive_lock`)
+  from its first write to the rename: a second run on the same DST stops at once (exit status 2) and touches
+  nothing. Before the rename every unit must have its marker and an intact Orbax item (`check_unit`).
 - Resumable: a unit's marker (DST.partial/.done/UNIT) is written once its data is fsynced; a rerun with
   the same arguments skips marked units and rewrites any unit that was cut short.
-- --verify re-reads a sample of parameters from DST and compares them bit for bit with the source
-  (dequantised to the target dtype); exit status 2 on a mismatch.
+- --verify checks every unit's item, then re-reads a sample of parameters from DST and compares them bit for
+  bit with the source (dequantised to the target dtype); exit status 2 on a damaged unit or a mismatch.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from caee_jax.caee import expert_means
 from caee_jax.config import ConfigError, ModelConfig
-from caee_jax.files import atomic_write
+from caee_jax.files import LockedError, atomic_write, exclusive_lock
 from caee_jax.weights.hf_layout import is_buffer, mtp_module
 from caee_jax.weights.hf_source import HFSource
 from caee_jax.weights.orbax_checkpoint import (
@@ -42,6 +45,7 @@ from caee_jax.weights.orbax_checkpoint import (
     METADATA,
     VERSION,
     Unit,
+    check_unit,
     fsync,
     is_converted,
     read_metadata,
@@ -64,6 +68,7 @@ COPIED = (
     "merges.txt",
     "chat_template.jinja",
     "generation_config.json",
+    expert_means.FILENAME,  # calibrated per-expert means: `--compensation mean` needs them beside the weights
 )
 
 
@@ -101,6 +106,13 @@ def _write_durably(path: str, text: str) -> None:
     with atomic_write(path) as f:
         f.write(text)
     fsync(os.path.dirname(path))
+
+
+def _copy_durably(source: str, target: str) -> None:
+    """Copies through a temporary file and a rename, fsynced: `target` exists complete or not at all."""
+    with open(source, "rb") as src, atomic_write(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    fsync(os.path.dirname(target))
 
 
 def _unit_marker(partial: str, unit: Unit) -> str:
@@ -144,15 +156,38 @@ def _start_or_resume(out: str, fingerprint: str, dtype: np.dtype, log) -> str:
 
 
 def _copy_side_files(hf_dir: str, partial: str) -> None:
-    """config.json (without quantization_config: the weights are no longer FP8) and tokenizer files."""
+    """config.json (without quantization_config: the weights are no longer FP8), tokenizer files and the
+    calibrated expert means."""
     with open(os.path.join(hf_dir, "config.json")) as f:
         config = json.load(f)
     config.pop("quantization_config", None)
     _write_durably(os.path.join(partial, "config.json"), json.dumps(config, indent=2))
     for name in COPIED:
         if os.path.isfile(os.path.join(hf_dir, name)):
-            shutil.copyfile(os.path.join(hf_dir, name), os.path.join(partial, name))
-            fsync(os.path.join(partial, name))
+            _copy_durably(os.path.join(hf_dir, name), os.path.join(partial, name))
+
+
+def _check_complete(partial: str, plan: list[Unit]) -> None:
+    """Raises ConversionError unless every unit is marked done and its Orbax item holds all its parameters.
+    Runs before the metadata that makes DST.partial publishable is written: whatever went wrong (a unit
+    replaced or removed behind this run's back), a damaged unit is never published. Its marker is dropped,
+    so a rerun rewrites it."""
+    for unit in plan:
+        marker = _unit_marker(partial, unit)
+        if not os.path.exists(marker):
+            raise ConversionError(f"{partial}: unit {unit.name} is not marked complete; not publishing (rerun)")
+        try:
+            check_unit(os.path.join(partial, unit.name), unit.abstract)
+        except CheckpointError as e:
+            os.remove(marker)
+            raise ConversionError(f"{e}; not publishing (rerun to rewrite unit {unit.name})") from None
+
+
+def _refuse_existing(out: str) -> None:
+    if os.path.exists(out):
+        if is_converted(out):
+            raise ConversionError(f"{out}: already a complete conversion; remove it first (or check it with --verify)")
+        raise ConversionError(f"{out}: exists and is not a caee-jax conversion; refusing to overwrite it")
 
 
 def _finish(partial: str, out: str) -> None:
@@ -189,15 +224,26 @@ def convert(hf_dir: str, out: str, dtype: str = "bfloat16", progress: bool = Tru
     """Converts `hf_dir` into `out` (see the module docstring); returns a summary (units, bytes, seconds)."""
     started = time.perf_counter()
     dtype, out = DTYPES[dtype], os.path.normpath(out)
-    if os.path.exists(out):
-        if is_converted(out):
-            raise ConversionError(f"{out}: already a complete conversion; remove it first (or check it with --verify)")
-        raise ConversionError(f"{out}: exists and is not a caee-jax conversion; refusing to overwrite it")
+    _refuse_existing(out)
     config = ModelConfig.from_hf(hf_dir)
     source = HFSource(hf_dir, config)
     plan = plan_units(source, config, dtype, log)
-    partial = _start_or_resume(out, _fingerprint(source, dtype), dtype, log)
     total = sum(source.nbytes(name) for unit in plan for name in {n for r in unit.recipes for n in r.sources})
+    # Locked from the first write to the rename: two runs interleaving on one DST.partial would remove
+    # and rewrite each other's units. Taken after the source checks, so a bad source leaves nothing behind.
+    with exclusive_lock(out):
+        _refuse_existing(out)  # again: another run may have published DST while this one checked the source
+        written, skipped = _convert_locked(hf_dir, out, source, plan, dtype, total, progress, log)
+    seconds = time.perf_counter() - started
+    return {"units": len(plan), "written": written, "skipped": skipped, "source_bytes": total, "seconds": seconds}
+
+
+def _convert_locked(
+    hf_dir: str, out: str, source: HFSource, plan: list[Unit], dtype: np.dtype, total: int, progress: bool, log
+) -> tuple[int, int]:
+    """Writes (or resumes) DST.partial and publishes it as DST; returns (units written, units skipped).
+    total: the source bytes the plan reads (progress bar and metadata)."""
+    partial = _start_or_resume(out, _fingerprint(source, dtype), dtype, log)
     written = skipped = 0
     if not is_converted(partial):
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress) as bar:
@@ -223,6 +269,7 @@ def convert(hf_dir: str, out: str, dtype: str = "bfloat16", progress: bool = Tru
                 written += 1
         if skipped:
             log(f"resumed: {skipped} of {len(plan)} units were already converted")
+        _check_complete(partial, plan)
         _copy_side_files(hf_dir, partial)
         metadata = {
             "format": FORMAT,
@@ -234,18 +281,33 @@ def convert(hf_dir: str, out: str, dtype: str = "bfloat16", progress: bool = Tru
         }
         _write_durably(os.path.join(partial, METADATA), json.dumps(metadata, indent=2))
     _finish(partial, out)
-    seconds = time.perf_counter() - started
-    return {"units": len(plan), "written": written, "skipped": skipped, "source_bytes": total, "seconds": seconds}
+    return written, skipped
+
+
+def damaged_units(out: str, plan: list[Unit], log=print) -> list[str]:
+    """The units of `out` whose Orbax item is missing, cut short or holds other parameters (each logged with
+    the unit and parameter at fault); reads the items' metadata only."""
+    damaged = []
+    for unit in plan:
+        try:
+            check_unit(os.path.join(out, unit.name), unit.abstract)
+        except CheckpointError as e:
+            log(f"DAMAGED {e}")
+            damaged.append(unit.name)
+    return damaged
 
 
 def verify(hf_dir: str, out: str, samples: int = 8, seed: int = 0, log=print) -> bool:
-    """Re-reads `samples` parameters (one routed-expert stack always among them) from `out` and compares
-    them bit for bit with the source rebuilt in the stored dtype. Returns True when all match."""
+    """Checks every unit's item (`damaged_units`), then re-reads `samples` parameters of the intact units
+    (one routed-expert stack always among them) from `out` and compares them bit for bit with the source
+    rebuilt in the stored dtype. Returns True when no unit is damaged and all samples match."""
     metadata = read_metadata(out)
     config = ModelConfig.from_hf(out)
     source = HFSource(hf_dir, config)
     dtype = DTYPES[metadata["dtype"]]
-    pairs = [(unit, recipe) for unit in units(config, dtype, metadata["mtp_modules"]) for recipe in unit.recipes]
+    plan = units(config, dtype, metadata["mtp_modules"])
+    damaged = damaged_units(out, plan, log)
+    pairs = [(unit, recipe) for unit in plan if unit.name not in damaged for recipe in unit.recipes]
     picked = random.Random(seed).sample(pairs, min(samples, len(pairs)))
     experts = [pair for pair in pairs if len(pair[1].sources) > 1]
     if experts and not any(len(recipe.sources) > 1 for _, recipe in picked):
@@ -254,19 +316,26 @@ def verify(hf_dir: str, out: str, samples: int = 8, seed: int = 0, log=print) ->
     ok = True
     for unit, recipe in picked:
         abstract = unit.abstract[recipe.target]
+        where = f"{unit.name}/{'.'.join(recipe.target)}"
         target = jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=device)
-        stored = restore_unit(os.path.join(out, unit.name), {recipe.target: target}, partial=True)[recipe.target]
-        stored = np.asarray(stored)
+        try:
+            stored = restore_unit(os.path.join(out, unit.name), {recipe.target: target}, partial=True)
+        except (OSError, ValueError) as e:  # data lost behind intact metadata; Orbax names the array
+            log(f"DAMAGED {where}: {str(e).splitlines()[0]}")
+            ok = False
+            continue
+        stored = np.asarray(stored[recipe.target])
         read = lambda name, transpose=False, dtype=abstract.dtype: source.read(name, dtype, transpose)  # noqa: E731
         expected = np.ascontiguousarray(recipe.build(read))
         same = stored.shape == expected.shape and np.array_equal(
             stored.view(f"u{stored.itemsize}"), expected.view(f"u{expected.itemsize}")
         )
         ok &= same
-        where = f"{unit.name}/{'.'.join(recipe.target)}"
         log(f"{'ok' if same else 'MISMATCH'} {where} {abstract.shape} {abstract.dtype} ({len(recipe.sources)} tensors)")
+    if damaged:
+        log(f"verify: {len(damaged)} of {len(plan)} units damaged ({', '.join(damaged)}); {out} must be reconverted")
     log(f"verify: {'all' if ok else 'NOT all'} {len(picked)} sampled parameters match the source bit for bit")
-    return ok
+    return ok and not damaged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.verify and not verify(args.hf_dir, args.out, args.verify_samples, log=log):
             return 2
+    except LockedError as e:
+        log(f"error: {e}")
+        return 2
     except (CheckpointError, ConfigError, ConversionError) as e:
         log(f"error: {e}")
         return 1

@@ -28,10 +28,18 @@ FLOAT_DTYPES = {np.dtype(t) for t in (np.float64, np.float32, np.float16, ml_dty
 def fp8_block(directory: str) -> tuple[int, int]:
     """The FP8 block shape from config.json's `quantization_config` (DeepSeek: fp8, e4m3, [128, 128])."""
     path = os.path.join(directory, "config.json")
-    with open(path) as f:
-        quantization = json.load(f).get("quantization_config")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: a JSON {type(raw).__name__}, not an object of config fields")
+    quantization = raw.get("quantization_config")
     if quantization is None:
         return BLOCK
+    if not isinstance(quantization, dict):
+        raise CheckpointError(f"{path}: quantization_config {quantization!r} is not an object")
     method, fmt = quantization.get("quant_method", "fp8"), quantization.get("fmt", "e4m3")
     block = quantization.get("weight_block_size", list(BLOCK))
     if method != "fp8" or fmt != "e4m3":

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
@@ -129,15 +130,53 @@ def restore_unit(path: str, targets: dict[Path, jax.ShapeDtypeStruct], partial: 
     return traverse_util.flatten_dict(restored)
 
 
+def check_unit(path: str, abstract: dict[Path, jax.ShapeDtypeStruct]) -> None:
+    """Raises CheckpointError naming the item and parameter unless the item at `path` holds exactly the
+    parameters of `abstract`, with their shapes and dtypes. Only metadata is read, so an item cut short, or
+    one whose data files another process removed, fails here cheaply: every unit is checked before a
+    conversion is published."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: missing item (incomplete or damaged conversion)")
+    stored = _stored_parameters(path)
+    for target, expected in abstract.items():
+        name, wanted = ".".join(target), (np.dtype(expected.dtype).name, expected.shape)
+        if name not in stored:
+            raise CheckpointError(f"{path}: parameter {name} is missing")
+        if stored[name] != wanted:
+            raise CheckpointError(f"{path}: parameter {name} is {stored[name]}, expected {wanted}")
+    extra = sorted(name for name in stored if tuple(name.split(".")) not in abstract)
+    if extra:
+        raise CheckpointError(f"{path}: unexpected parameter(s) {', '.join(extra)}")
+
+
+def _stored_parameters(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Parameter name -> (dtype name, shape) from the zarr metadata in the item's OCDBT database. Read with
+    tensorstore synchronously: Orbax's own metadata call floods stderr with asyncio tracebacks on a damaged
+    item. Reading the database's index fails when its data files are gone."""
+    try:
+        store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{os.path.abspath(path)}"}).result()
+        stored = {}
+        for key in store.list().result():
+            if key.endswith(b"/zarr.json"):
+                zarr = json.loads(store.read(key).result().value)
+                stored[key.decode().removesuffix("/zarr.json")] = (zarr["data_type"], tuple(zarr["shape"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: damaged Orbax item ({str(e).splitlines()[0]})") from None
+    return stored
+
+
 def is_converted(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, METADATA))
 
 
 def read_metadata(directory: str) -> dict:
     path = os.path.join(directory, METADATA)
-    with open(path) as f:
-        metadata = json.load(f)
-    if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
+    try:
+        with open(path) as f:
+            metadata = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
         raise CheckpointError(f"{path}: not a {FORMAT} version {VERSION} checkpoint")
     return metadata
 

@@ -3,13 +3,16 @@
 The header is parsed here rather than through `safetensors.safe_open(framework="numpy")` because
 numpy has no bfloat16 or float8: those come back as `ml_dtypes` arrays. Each read copies one tensor
 from the file into a fresh array (no memory map), so a reader streaming a large checkpoint holds only the
-tensors it still uses. Every problem (missing shard, truncated file, bad header) raises `CheckpointError`
-naming the file and, where it applies, the tensor.
+tensors it still uses. Headers are held to the `safetensors` library's rules (byte ranges of the right size
+that tile the data section: no overlap, no gap, no trailing bytes). Every problem (missing shard, truncated
+file, bad header, overlapping tensors) raises `CheckpointError` naming the file and, where it applies, the
+tensor.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -39,6 +42,54 @@ class CheckpointError(ValueError):
     """A checkpoint file or tensor is missing, malformed or does not fit the model."""
 
 
+def _check_entry(path: str, name: str, entry) -> None:
+    """One header entry: a known dtype, a shape of non-negative ints, and a byte range of exactly its size."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}")
+    if entry.get("dtype") not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        raise CheckpointError(f"{path}: tensor {name!r} has malformed shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise CheckpointError(f"{path}: tensor {name!r} has malformed data_offsets {offsets!r}")
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPES[entry["dtype"]].itemsize
+    if end - begin != expected:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} spans {end - begin} bytes but shape {shape} {entry['dtype']} needs {expected}"
+        )
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_layout(path: str, entries: dict, data_size: int) -> None:
+    """The byte ranges, in offset order, tile the data section exactly: each starts where the previous one
+    ends, from 0 to the end of the file. This is what the `safetensors` library enforces (`Metadata::validate`
+    plus the buffer-length check); without it two tensors could share bytes (one silently a copy of the other)
+    or a file could carry bytes no tensor accounts for."""
+    previous, position = None, 0
+    for name, entry in sorted(entries.items(), key=lambda item: (*item[1]["data_offsets"], item[0])):
+        begin, end = entry["data_offsets"]
+        if begin < position:
+            raise CheckpointError(
+                f"{path}: tensors {previous!r} and {name!r} overlap "
+                f"(bytes {begin}..{min(end, position)} of the data section)"
+            )
+        if begin > position:
+            after = f"after tensor {previous!r}" if previous else "at the start of the data section"
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {begin}, leaving a gap {after}")
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name!r} ends at byte {end} of a {data_size}-byte data section"
+            )
+        previous, position = name, end
+    if position != data_size:
+        raise CheckpointError(f"{path}: {data_size - position} bytes after the last tensor's data belong to no tensor")
+
+
 class SafetensorsFile:
     """One .safetensors file: tensor names, shapes, dtypes, and memory-mapped reads."""
 
@@ -58,24 +109,15 @@ class SafetensorsFile:
             raise CheckpointError(f"{path}: file not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: corrupted safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            kind = type(header).__name__
+            raise CheckpointError(f"{path}: corrupted safetensors header (a JSON {kind}, not an object)")
         self.metadata = header.pop("__metadata__", {}) or {}
         self._data_start = 8 + header_len
         self._entries = header
-        data_size = size - self._data_start
         for name, entry in header.items():
-            if entry.get("dtype") not in DTYPES:
-                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
-            begin, end = entry["data_offsets"]
-            expected = int(np.prod(entry["shape"], dtype=np.int64)) * DTYPES[entry["dtype"]].itemsize
-            if end - begin != expected:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} spans {end - begin} bytes but shape {entry['shape']} "
-                    f"{entry['dtype']} needs {expected}"
-                )
-            if end > data_size:
-                raise CheckpointError(
-                    f"{path}: truncated: tensor {name!r} ends at byte {end} of a {data_size}-byte data section"
-                )
+            _check_entry(path, name, entry)
+        _check_layout(path, header, size - self._data_start)
 
     def keys(self) -> list[str]:
         return list(self._entries)
