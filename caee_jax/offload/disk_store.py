@@ -159,14 +159,18 @@ class DiskStore(ExpertStore):
         return self.manifest["fingerprint"]
 
     def _check_manifest(self, expected_fingerprint: str | None) -> None:
-        expected = {**store_dims(self.config, self.dtype), "record_bytes": record_bytes(self.config, self.dtype)}
+        """Refuses a manifest for other dims or dtype (naming every differing field), another record size,
+        a checksum table of the wrong shape, or another fingerprint than the expected one."""
         differing = [
             f"{name} {self.manifest.get(name)!r} (the model has {value!r})"
-            for name, value in expected.items()
+            for name, value in store_dims(self.config, self.dtype).items()
             if self.manifest.get(name) != value
         ]
         if differing:
             raise StoreError(f"{self.directory}: made for another model: " + ", ".join(differing))
+        size = record_bytes(self.config, self.dtype)
+        if self.manifest.get("record_bytes") != size:
+            raise StoreError(f"{self.directory}: record_bytes {self.manifest.get('record_bytes')!r}, expected {size}")
         crcs = self.manifest.get("crc32")
         layers, experts = self.config.num_moe_layers, self.config.n_routed_experts
         rows = crcs if isinstance(crcs, list) else []
