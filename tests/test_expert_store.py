@@ -187,9 +187,13 @@ def test_out_of_range_ids_and_closed_store(written):
         store.read(7, 0)
     with pytest.raises(StoreError, match="layer 0: expert 16 out of range"):
         store.prefetch(0, [16])
+    with pytest.raises(StoreError, match="layer 0: expert -1 out of range"):
+        store.read_many(0, [3, -1])
     store.close()
     with pytest.raises(StoreError, match="closed"):
         store.read(0, 0)
+    with pytest.raises(StoreError, match="closed"):
+        store.read_many(0, [0])
 
 
 def test_o_direct_is_used_where_the_filesystem_allows_it(written):

@@ -188,8 +188,8 @@ class DiskStore(ExpertStore):
         if size < expected:
             layer, expert = divmod(size // self.record_bytes, self.config.n_routed_experts)
             raise StoreError(
-                f"{self.path}: truncated at {size} of {expected} bytes, inside the record of layer {layer} "
-                f"expert {expert}; rewrite the store"
+                f"{self.path}: truncated at {size} of {expected} bytes, from the record of layer {layer} "
+                f"expert {expert} on; rewrite the store"
             )
         if size > expected:
             raise StoreError(f"{self.path}: {size} bytes, more than the manifest's {expected}; rewrite the store")
@@ -253,6 +253,8 @@ class DiskStore(ExpertStore):
 
     def read_many(self, layer: int, experts: Sequence[int]) -> list[ExpertWeights]:
         """Several experts of one layer, read concurrently on the pool (staged ones taken from staging)."""
+        for expert in experts:
+            self._index(layer, expert)
         futures = [self._take_staged(layer, e) or self._pool.submit(self._read_record, layer, e) for e in experts]
         return [future.result() for future in futures]
 
