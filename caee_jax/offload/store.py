@@ -25,6 +25,13 @@ class StoreError(ValueError):
     """An expert store that is missing, damaged, or made for another model."""
 
 
+def expert_stacks(state: nnx.State) -> ExpertWeights:
+    """The routed-expert stacks of a model state as they are (device arrays): gate, up [L, E, D, F],
+    down [L, E, F, D]."""
+    flat = dict(nnx.to_flat_state(state))
+    return ExpertWeights(*(flat[EXPERT_PATHS[name]].get_value() for name in ExpertWeights._fields))
+
+
 class ExpertStore:
     """Read access to every routed expert of a model. tier: "host" or "disk" (an index of TIERS)."""
 
@@ -56,6 +63,12 @@ class ExpertStore:
     def close(self) -> None:
         """Releases files and threads (a no-op for stores that hold none)."""
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
 
 class HostStore(ExpertStore):
     """The experts in host RAM as numpy arrays [L, E, ...] (on GPU/TPU the copy to the device cache is a
@@ -75,10 +88,7 @@ class HostStore(ExpertStore):
     @classmethod
     def from_state(cls, config: ModelConfig, state: nnx.State) -> HostStore:
         """The routed-expert stacks of a model state, copied to host numpy arrays."""
-        flat = dict(nnx.to_flat_state(state))
-        return cls(
-            config, ExpertWeights(*(np.asarray(flat[EXPERT_PATHS[n]].get_value()) for n in ExpertWeights._fields))
-        )
+        return cls(config, ExpertWeights(*(np.asarray(w) for w in expert_stacks(state))))
 
     def read(self, layer: int, expert: int) -> ExpertWeights:
         return ExpertWeights(*(w[layer, expert] for w in self.weights))
