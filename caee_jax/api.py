@@ -16,6 +16,7 @@ from caee_jax.model.execution import Execution
 from caee_jax.model.layers import random_state
 from caee_jax.model.transformer import DeepseekV3
 from caee_jax.offload.cache import ExpertCache, Offload
+from caee_jax.offload.disk_store import DiskStore
 from caee_jax.offload.store import HostStore, without_routed_experts
 from caee_jax.parallel.mesh import make_mesh
 from caee_jax.parallel.placement import batch_sharding, check_batch, mesh_context, place_state, to_mesh
@@ -79,7 +80,10 @@ class Model:
         """Moves the routed experts into an expert store behind a device cache (`offload/`)."""
         if self.mesh is not None:
             raise ValueError("offloaded experts run on one device for now; load without a mesh")
-        store = HostStore.from_state(self.config, self.state)
+        if offload.store == "disk":
+            store = DiskStore(offload.directory, self.config, self.dtype)
+        else:
+            store = HostStore.from_state(self.config, self.state)
         manager = offload.manager(store, self.execution.cost_table)
         self.execution = dataclasses.replace(self.execution, offload=manager)
         self.state = without_routed_experts(self.state)

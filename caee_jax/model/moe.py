@@ -105,13 +105,19 @@ class MoE(nnx.Module):
         return y, routing
 
     def offloaded(
-        self, x: jax.Array, execution: Execution, layer_index: jax.Array, expert_cache: ExpertCache
+        self, x: jax.Array, execution: Execution, layer_index: jax.Array, expert_cache: ExpertCache, next_router
     ) -> tuple[jax.Array, Routing, ExpertCache]:
         """Like `__call__` with the routed experts in an expert store behind the device cache
-        (`execution.offload`): decide sees each expert's residency, execute fetches kept misses."""
-        return self._stages(x, execution, layer_index, False, expert_cache)
+        (`execution.offload`): decide sees each expert's residency, execute fetches kept misses.
+        next_router: (weight [D, E], bias [E], exists: bool scalar) of the next MoE layer, applied to x to
+        predict which of its experts to prefetch while this layer computes."""
+        flat = x.reshape(-1, x.shape[-1])
+        weight, bias, exists = next_router
+        predicted_ids, _ = route(flat, weight, bias, self.config)
+        load = expert_load(predicted_ids, jnp.ones(predicted_ids.shape, bool), self.config.n_routed_experts)
+        return self._stages(x, execution, layer_index, False, expert_cache, load.active & exists)
 
-    def _stages(self, x, execution: Execution, layer_index, collect_expert_sums: bool, expert_cache):
+    def _stages(self, x, execution: Execution, layer_index, collect_expert_sums: bool, expert_cache, next_hint=None):
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         num_experts = self.config.n_routed_experts
@@ -139,7 +145,7 @@ class MoE(nnx.Module):
             if mesh is not None:
                 raise ValueError("offloaded experts run on one device; this call has a mesh")
             args = (flat, topk_ids, decision.weights, decision.keep_mask, expert_cache, layer_index, manager)
-            y, expert_cache = run_offloaded(*args)
+            y, expert_cache = run_offloaded(*args, next_hint)
             dropped = jnp.zeros((), jnp.int32)
         with jax.named_scope("combine"):
             if uses_mean(execution.pruning):

@@ -35,17 +35,27 @@ class DecoderLayer(nnx.Module):
             self.ffn = MLP(d, config.intermediate_size, dtype, rngs=rngs)
 
     def __call__(
-        self, h, positions, cache, execution: Execution, layer_index=None, collect_expert_sums=False, expert_cache=None
+        self,
+        h,
+        positions,
+        cache,
+        execution: Execution,
+        layer_index=None,
+        collect_expert_sums=False,
+        expert_cache=None,
+        next_router=None,
     ):
         """h [B, T, D] -> (h, cache or new latents [B, T, R+P], routing or None, expert_cache); layer_index,
-        collect_expert_sums as in `MoE`; expert_cache: the device expert cache when the experts are
-        offloaded (`MoE.offloaded`), returned updated."""
+        collect_expert_sums as in `MoE`; expert_cache, next_router: the device expert cache when the experts
+        are offloaded, and the next MoE layer's router for prefetching (`MoE.offloaded`)."""
         attn_out, cache = self.attn(self.attn_norm(h), positions, cache)
         h = h + attn_out
         normed = self.ffn_norm(h)
         routing = None
         if isinstance(self.ffn, MoE) and expert_cache is not None:
-            ffn_out, routing, expert_cache = self.ffn.offloaded(normed, execution, layer_index, expert_cache)
+            ffn_out, routing, expert_cache = self.ffn.offloaded(
+                normed, execution, layer_index, expert_cache, next_router
+            )
         elif isinstance(self.ffn, MoE):
             ffn_out, routing = self.ffn(normed, execution, layer_index, collect_expert_sums=collect_expert_sums)
         else:
@@ -162,17 +172,27 @@ def _scan(
 
     def body(carry, xs):
         h, expert_cache = carry
-        layer_state, layer_cache, index = xs
+        layer_state, layer_cache, index, next_router = xs
         layer = nnx.merge(graphdef, experts, layer_state)
         layer_index = index if experts else None
         h, layer_cache, routing, expert_cache = layer(
-            h, positions, layer_cache, execution, layer_index, collect_sums, expert_cache
+            h, positions, layer_cache, execution, layer_index, collect_sums, expert_cache, next_router
         )
         return (h, expert_cache), (layer_cache, routing)
 
     count = jax.tree.leaves(state)[0].shape[0]
-    (h, expert_cache), (cache, routing) = jax.lax.scan(body, (h, expert_cache), (state, cache, jnp.arange(count)))
+    next_routers = _next_routers(state, count) if expert_cache is not None else None
+    xs = (state, cache, jnp.arange(count), next_routers)
+    (h, expert_cache), (cache, routing) = jax.lax.scan(body, (h, expert_cache), xs)
     return h, cache, routing, expert_cache
+
+
+def _next_routers(state: nnx.State, count: int):
+    """Per MoE layer l, layer l+1's router weight [D, E] and bias [E] and whether there is a layer l+1: the
+    prefetch of offloaded experts applies the next router early to this layer's input (pre-gating)."""
+    flat = dict(nnx.to_flat_state(state))
+    weight, bias = (flat[("ffn", name)].get_value() for name in ("router", "router_bias"))
+    return jnp.roll(weight, -1, axis=0), jnp.roll(bias, -1, axis=0), jnp.arange(count) < count - 1
 
 
 def _is_routed_expert(path, value) -> bool:

@@ -55,7 +55,8 @@ class ExpertCache(NamedTuple):
 class StepStats:
     """One decode step (or prefill), summed over MoE layers: routed experts that were resident (hits) or not
     (misses); misses the rule pruned (never loaded); fetches, split into blocking (read while the step
-    waited) and prefetched (already read in the background); bytes read from the store."""
+    waited) and prefetched (already read in the background); bytes read from the store; experts needed by
+    layers whose experts the previous layer predicted (pre-gating), and how many of them were predicted."""
 
     hits: int = 0
     misses: int = 0
@@ -64,10 +65,17 @@ class StepStats:
     blocking_fetches: int = 0
     prefetched_fetches: int = 0
     bytes_read: int = 0
+    predicted_needed: int = 0
+    predicted_hits: int = 0
 
     @property
     def hit_rate(self) -> float:
         return self.hits / max(self.hits + self.misses, 1)
+
+    @property
+    def prediction_recall(self) -> float:
+        """Share of the experts a layer needed that the previous layer's pre-gating predicted."""
+        return self.predicted_hits / max(self.predicted_needed, 1)
 
 
 def slots_for(store: ExpertStore, *, experts: int | None = None, fraction: float | None = None, nbytes=None) -> int:
@@ -94,7 +102,12 @@ class CacheManager:
     plan (`Execution.offload`), and the compiled step calls back into this very object."""
 
     def __init__(
-        self, store: ExpertStore, slots: int, policy: Policy | str = Policy.LRU, table: CostTable | None = None
+        self,
+        store: ExpertStore,
+        slots: int,
+        policy: Policy | str = Policy.LRU,
+        table: CostTable | None = None,
+        prefetch: bool = True,
     ):
         self.store = store
         self.slots = slots
@@ -110,6 +123,8 @@ class CacheManager:
         self.decayed = np.zeros((self.num_layers, self.num_experts))
         self.clock = 0
         self.needed = np.zeros((self.num_layers, self.num_experts), bool)
+        self.predicted: list[np.ndarray | None] = [None] * self.num_layers
+        self.prefetch = prefetch
         self.step = StepStats()
 
     __hash__ = object.__hash__
@@ -133,11 +148,17 @@ class CacheManager:
 
     # Host callbacks, called by the compiled step in program order (`execute.py`).
 
-    def announce(self, layer, kept: np.ndarray, routed: np.ndarray) -> None:
+    def announce(self, layer, kept: np.ndarray, routed: np.ndarray, next_hint: np.ndarray) -> None:
         """Layer `layer` will run the experts `kept` [E] bool (routed [E]: before pruning). Records hits and
-        use, counts misses, and starts reading the misses in the background."""
+        use, counts misses, starts reading the misses in the background, scores the previous layer's
+        prediction of `kept`, and (with `prefetch`) starts reading the next layer's predicted experts
+        `next_hint` [E] bool that are not resident."""
         layer = int(layer)
-        kept, routed = np.asarray(kept, bool), np.asarray(routed, bool)
+        kept, routed, next_hint = (np.asarray(a, bool) for a in (kept, routed, next_hint))
+        if self.predicted[layer] is not None:
+            self.step.predicted_needed += int(np.sum(kept))
+            self.step.predicted_hits += int(np.sum(kept & self.predicted[layer]))
+        self.predicted[layer] = None
         resident = self.slot_of[layer] >= 0
         self.clock += 1
         self.decayed[layer] *= DECAY
@@ -151,12 +172,17 @@ class CacheManager:
         prefetch = getattr(self.store, "prefetch", None)
         if prefetch is not None:
             prefetch(layer, np.flatnonzero(kept & ~resident).tolist())
+        if layer + 1 < self.num_layers and next_hint.any():
+            self.predicted[layer + 1] = next_hint
+            if prefetch is not None and self.prefetch:
+                prefetch(layer + 1, np.flatnonzero(next_hint & (self.slot_of[layer + 1] < 0)).tolist())
 
     def fetch(self, layer, expert):
         """Expert `expert` of layer `layer`, not resident: reads it and gives it a slot. Returns (slot int32,
         evicted expert int32 or E when the slot was empty, gate, up [D, F], down [F, D])."""
         layer, expert = int(layer), int(expert)
-        prefetched = getattr(self.store, "is_prefetched", lambda *_: False)(layer, expert)
+        ready = getattr(self.store, "ready", None)
+        prefetched = bool(ready is not None and ready(layer, expert))
         weights = self.store.read(layer, expert)
         slot = self._victim(layer)
         evicted = int(self.slot_expert[layer, slot])
@@ -198,7 +224,8 @@ class Offload:
     store: "host" (host RAM) or "disk" (`directory`, an expert store written by
       `python -m checkpoints_tools.expert_store`). Cache budget, one of: `experts` slots per MoE layer,
       `fraction` of each layer's experts (default 0.25 when none is given), or `nbytes` for the whole
-      cache. policy: eviction (module doc).
+      cache. policy: eviction (module doc). prefetch: read the next layer's predicted experts (pre-gating)
+      in the background while this layer computes (a disk store's thread pool; host reads are copies).
     """
 
     store: str = "host"
@@ -207,6 +234,7 @@ class Offload:
     fraction: float | None = None
     nbytes: int | None = None
     policy: Policy = Policy.LRU
+    prefetch: bool = True
 
     def __post_init__(self):
         if self.store not in ("host", "disk"):
@@ -220,4 +248,4 @@ class Offload:
         budget = dict(experts=self.experts, fraction=self.fraction, nbytes=self.nbytes)
         if all(value is None for value in budget.values()):
             budget["fraction"] = 0.25
-        return CacheManager(store, slots_for(store, **budget), self.policy, table)
+        return CacheManager(store, slots_for(store, **budget), self.policy, table, self.prefetch)

@@ -247,6 +247,12 @@ class DiskStore(ExpertStore):
                 while len(self._staged) > self._staging:
                     self._staged.popitem(last=False)[1].cancel()
 
+    def ready(self, layer: int, expert: int) -> bool:
+        """True when a prefetch of this expert has finished reading (a read now does not wait for the disk)."""
+        with self._lock:
+            staged = self._staged.get((layer, expert))
+        return staged is not None and staged.done()
+
     def read(self, layer: int, expert: int) -> ExpertWeights:
         staged = self._take_staged(layer, expert)
         return staged.result() if staged is not None else self._read_record(layer, expert)

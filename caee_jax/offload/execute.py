@@ -31,14 +31,15 @@ def run_offloaded(
     cache: ExpertCache,
     layer_index: jax.Array,
     manager: CacheManager,
+    next_hint: jax.Array,
 ) -> tuple[jax.Array, ExpertCache]:
     """x [N, D], routing [N, K] -> (y [N, D], updated cache). Only kept pairs' experts are fetched: a pruned
-    miss is never loaded."""
+    miss is never loaded. next_hint [E] bool: the next MoE layer's predicted experts, to prefetch."""
     num_experts = manager.num_experts
     with jax.named_scope("execute_offloaded"):
         kept = expert_load(topk_ids, keep_mask, num_experts).active
         routed = expert_load(topk_ids, jnp.ones_like(keep_mask), num_experts).active
-        io_callback(manager.announce, None, layer_index, kept, routed, ordered=True)
+        io_callback(manager.announce, None, layer_index, kept, routed, next_hint, ordered=True)
         y, cache = loop_over_experts(
             x, topk_ids, topk_weights, keep_mask, num_experts, _reader(layer_index, manager), cache
         )
