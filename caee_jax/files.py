@@ -54,3 +54,12 @@ def exclusive_lock(target: str):
         yield
     finally:
         os.close(fd)
+
+
+def fsync(path: str) -> None:
+    """Flushes a file or directory to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -34,7 +34,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from caee_jax.config import ModelConfig
-from caee_jax.files import atomic_write, exclusive_lock
+from caee_jax.files import atomic_write, exclusive_lock, fsync
 from caee_jax.offload.store import ExpertStore, StoreError, expert_stacks
 from caee_jax.routing.backend import ExpertWeights
 
@@ -310,14 +310,6 @@ def _write_records(path: str, stacks: ExpertWeights, padding: bytes, bar: tqdm) 
     return crcs
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_disk_store(
     directory: str,
     config: ModelConfig,
@@ -346,9 +338,9 @@ def write_disk_store(
         os.makedirs(partial)
         try:
             manifest = _write_contents(partial, config, stacks, source, progress)
-            _fsync_dir(partial)
+            fsync(partial)
             os.rename(partial, directory)
-            _fsync_dir(os.path.dirname(directory))
+            fsync(os.path.dirname(directory))
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return manifest

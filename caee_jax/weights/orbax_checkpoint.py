@@ -34,6 +34,7 @@ from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from caee_jax.config import ModelConfig
+from caee_jax.files import fsync
 from caee_jax.model.mtp import MTPLayer
 from caee_jax.model.transformer import DeepseekV3
 from caee_jax.parallel.rules import state_shardings
@@ -108,15 +109,6 @@ def save_unit(path: str, values: dict[Path, np.ndarray]) -> None:
             fsync(os.path.join(root, name))
         fsync(root)
     fsync(os.path.dirname(path))
-
-
-def fsync(path: str) -> None:
-    """Flushes a file or directory to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def restore_unit(path: str, targets: dict[Path, jax.ShapeDtypeStruct], partial: bool = False) -> dict[Path, jax.Array]:
