@@ -158,13 +158,17 @@ def run(args) -> int:
     sweep(args)
     means_path = _means_path(args)
     check_writable(args.out, "--out", directory=True)
+    model_dir = args.model or caee_jax.api.BUNDLED_MODEL
+    path = args.eval_file or os.path.join(model_dir, "heldout.txt")
+    contents = read_text(path, "--eval-file")
     mesh = distributed.join(args)
     lead = jax.process_index() == 0
     with exclusive_lock(args.out) if lead else contextlib.nullcontext():
-        return _evaluate(args, mesh, lead, means_path)
+        return _evaluate(args, mesh, lead, means_path, path, contents)
 
 
-def _evaluate(args, mesh, lead, means_path) -> int:
+def _evaluate(args, mesh, lead, means_path, path, contents) -> int:
+    """Loads the model, checks the results file against this run's provenance, runs the missing cases."""
     options = dict(dtype=args.dtype, mesh=mesh)
     model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
     if means_path:
@@ -173,9 +177,7 @@ def _evaluate(args, mesh, lead, means_path) -> int:
         except expert_means.ExpertMeansError as error:
             raise UserFileError(f"--compensation mean: {error}") from None
     rules = sweep(args, model.config.num_experts_per_tok)
-    model_dir = args.model or caee_jax.api.BUNDLED_MODEL
-    path = args.eval_file or os.path.join(model_dir, "heldout.txt")
-    text, data = read_text(path, "--eval-file")
+    text, data = contents
     ids = model.text_ids(text)
     length = args.prefix + args.steps + 1
     if len(ids) <= length:
@@ -184,7 +186,7 @@ def _evaluate(args, mesh, lead, means_path) -> int:
 
     provenance = results.provenance(
         model=args.model or args.preset or "bundled caee-small",
-        model_dir=None if args.preset else model_dir,
+        model_dir=None if args.preset else args.model or caee_jax.api.BUNDLED_MODEL,
         preset_config=preset(args.preset) if args.preset else None,
         eval_file=path,
         eval_bytes=data,
