@@ -25,6 +25,7 @@ from caee_jax.caee.cost_table import DEFAULT_DIR, CostTableError, save_table
 from caee_jax.calibration.costs import calibrate, validate
 from caee_jax.calibration.tables import select_table
 from caee_jax.config import PRESETS
+from caee_jax.eval.user_files import UserFileError, check_writable
 from caee_jax.files import atomic_write
 from caee_jax.parallel import distributed
 
@@ -53,9 +54,15 @@ def main(argv=None) -> int:
     if args.local_processes:
         return distributed.relaunch_locally(__file__, argv, args.local_processes)
     mesh = distributed.join(args)
+    lead = jax.process_index() == 0
+    if lead:
+        try:
+            _check_outputs(args)
+        except UserFileError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     options = dict(dtype=args.dtype, execution=args.backend, mesh=mesh)
     model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
-    lead = jax.process_index() == 0
 
     table = None
     if args.validate:
@@ -83,6 +90,16 @@ def main(argv=None) -> int:
             summary["plot"] = args.plot
         _print(summary, args.json)
     return 0
+
+
+def _check_outputs(args) -> None:
+    """The table directory (written unless --validate finds a table) and the plot are checked before the
+    calibration's minutes of timing."""
+    if args.plot and not args.validate:
+        raise UserFileError("--plot needs --validate")
+    check_writable(args.out, "--out", directory=True)
+    if args.plot:
+        check_writable(args.plot, "--plot")
 
 
 def _print(report: dict, as_json: bool) -> None:

@@ -21,6 +21,7 @@ import jax
 import caee_jax
 from caee_jax.caee import expert_means
 from caee_jax.calibration.expert_means import calibrate
+from caee_jax.eval.user_files import UserFileError, check_writable, read_text
 from caee_jax.parallel import distributed
 
 
@@ -48,10 +49,14 @@ def main(argv=None) -> int:
     if os.path.exists(heldout) and os.path.samefile(args.text, heldout):
         print(f"error: {args.text} is the model's held-out evaluation text; calibrate on other text", file=sys.stderr)
         return 2
+    try:
+        text, _ = read_text(args.text, "--text")
+        check_writable(args.out, "--out")
+    except UserFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     mesh = distributed.join(args)
     model = caee_jax.load(args.model, dtype=args.dtype, execution=args.backend, mesh=mesh)
-    with open(args.text) as f:
-        text = f.read()
     ids = model.text_ids(text)
     try:
         result = calibrate(

@@ -8,9 +8,13 @@
 For each (rule, knob, batch size), teacher-forced decoding on held-out text compares the pruned model
 with the unpruned one (caee_jax/eval/decode_eval.py): top-1 accuracy, agreement with the unpruned
 argmax, perplexity, KL, and decode step times measured alternately in the same run. One JSON record
-per case is appended to OUT/results.jsonl (a rerun skips cases already there); OUT/results.md holds
-the table and OUT/pareto.png the latency cut against the accuracy drop, one curve per rule.
-CAEE uses the stored cost table of this mesh (launch/calibrate.py; --cost-table to pick another).
+per case is appended to OUT/results.jsonl, with its provenance (model, evaluation text, window sizes, dtype,
+mesh, cost table, code version; caee_jax/eval/results.py). A rerun skips the cases already there; one whose
+provenance differs from the file's is refused (--fresh moves the old file aside and starts a new one).
+One run at a time writes to OUT (a second one is refused). OUT/results.md holds the table and
+OUT/pareto.png the latency cut against the accuracy drop, one curve per rule.
+CAEE uses the stored cost table of this mesh (launch/calibrate.py; --cost-table to pick another,
+--cost-table-any-setup to use it although it was calibrated for another setup).
 --compensation mean uses calibrated mean expert outputs (launch/calibrate_means.py): --expert-means FILE,
 by default the model directory's expert_means.npz.
 """
@@ -18,7 +22,7 @@ by default the model directory's expert_means.npz.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import sys
 
@@ -29,17 +33,19 @@ import caee_jax
 from caee_jax.caee import expert_means
 from caee_jax.caee.compensation import COMPENSATIONS
 from caee_jax.caee.cost_table import CostTableError
-from caee_jax.caee.peer_rules import PEER_RULES
+from caee_jax.caee.peer_rules import PEER_RULES, check_top_k
 from caee_jax.caee.policy import TARGETS
 from caee_jax.caee.rule_config import rule_of
 from caee_jax.calibration.tables import select_table
-from caee_jax.eval import report
+from caee_jax.config import PRESETS, preset
+from caee_jax.eval import report, results
 from caee_jax.eval.decode_eval import Comparison, compare, windows_of
+from caee_jax.eval.user_files import UserFileError, check_writable, read_text
+from caee_jax.files import LockedError, exclusive_lock
 from caee_jax.model.execution import Execution
 from caee_jax.parallel import distributed
+from caee_jax.parallel.mesh import describe
 
-# Recorded per case, and part of what identifies it (target, slack, refill: CAEE's; expert_means: the file)
-SETTINGS = ("compensation", "k_min", "target", "slack", "refill", "expert_means")
 KNOBS = {  # default sweep per rule, from light to heavy pruning
     "caee": (0.4, 0.6, 0.8, 0.9, 1.0, 1.2),
     "topk": (3, 2),
@@ -50,19 +56,33 @@ KNOBS = {  # default sweep per rule, from light to heavy pruning
 }
 
 
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def _positive_list(text: str) -> list[int]:
+    values = [_positive(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: no batch sizes")
+    return values
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="checkpoint directory (default: the bundled model)")
-    source.add_argument("--preset", help="random-weight preset (smoke tests only)")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="random-weight preset (smoke tests only)")
     parser.add_argument("--eval-file", help="text to evaluate on (default: the model's heldout.txt)")
     parser.add_argument("--out", default=os.path.join("runs", "eval"), help="results directory")
+    parser.add_argument("--fresh", action="store_true", help="move OUT's old results aside and start anew")
     parser.add_argument("--rules", default=",".join(KNOBS), help="comma-separated: caee and peer rules")
     parser.add_argument("--knobs", help="override the sweep, e.g. caee=0.5,1.0;top_p=0.9 (rule=values;...)")
-    parser.add_argument("--batch-sizes", default="1,16,64")
-    parser.add_argument("--prefix", type=int, default=32, help="prefilled tokens per window")
-    parser.add_argument("--steps", type=int, default=32, help="teacher-forced decode steps per window")
-    parser.add_argument("--eval-tokens", type=int, default=2048, help="predicted tokens per case (at least)")
+    parser.add_argument("--batch-sizes", type=_positive_list, default="1,16,64")
+    parser.add_argument("--prefix", type=_positive, default=32, help="prefilled tokens per window")
+    parser.add_argument("--steps", type=_positive, default=32, help="teacher-forced decode steps per window")
+    parser.add_argument("--eval-tokens", type=_positive, default=2048, help="predicted tokens per case (at least)")
     parser.add_argument("--k-min", type=int, default=1)
     parser.add_argument("--compensation", default="none", choices=COMPENSATIONS)
     parser.add_argument("--expert-means", help="with --compensation mean (default: the model's expert_means.npz)")
@@ -72,26 +92,52 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--refill", action=argparse.BooleanOptionalAction, default=True, help="CAEE: restore slots that cost nothing"
     )
     parser.add_argument("--cost-table", help="cost table JSON (default: the stored one of this mesh)")
+    parser.add_argument(
+        "--cost-table-any-setup",
+        action="store_true",
+        help="use the --cost-table file even if it was calibrated for another setup (mesh, dtype, backend)",
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     distributed.add_arguments(parser)
     return parser.parse_args(argv)
 
 
-def sweep(args, top_k: int) -> list[tuple[str, float]]:
-    """(rule, knob) cases in order."""
-    knobs = dict(KNOBS)
-    for part in (args.knobs or "").split(";"):
-        if part.strip():
-            name, _, values = part.partition("=")
-            try:
-                knobs[name.strip()] = tuple(float(v) for v in values.split(","))
-            except ValueError:
-                raise SystemExit(f"error: --knobs {part!r}: expected rule=number,number,...") from None
+def sweep(args, top_k: int | None = None) -> list[tuple[str, float]]:
+    """(rule, knob) cases in order, each a valid rule (errors name the --rules/--knobs part at fault). With the
+    model's top_k: default topk knobs that prune nothing (>= K) are dropped, a given one above K is an error."""
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     unknown = [r for r in rules if r != "caee" and r not in PEER_RULES]
     if unknown:
-        raise SystemExit(f"error: unknown rule {unknown[0]!r}; rules are caee, {', '.join(PEER_RULES)}")
-    return [(rule, float(knob)) for rule in rules for knob in knobs[rule] if rule != "topk" or knob < top_k]
+        raise UserFileError(f"--rules: unknown rule {unknown[0]!r}; rules are caee, {', '.join(PEER_RULES)}")
+    knobs, given = dict(KNOBS), {}
+    for part in (args.knobs or "").split(";"):
+        if part.strip():
+            name, _, values = (p.strip() for p in part.partition("="))
+            if name not in rules:
+                raise UserFileError(f"--knobs {part!r}: rule {name!r} is not among --rules ({', '.join(rules)})")
+            try:
+                knobs[name] = given[name] = tuple(float(v) for v in values.split(","))
+            except ValueError:
+                raise UserFileError(f"--knobs {part!r}: expected rule=number,number,...") from None
+    cases = []
+    for rule in rules:
+        for knob in knobs[rule]:
+            try:
+                pruning = rule_of(rule, knob, **_rule_settings(args))
+                if top_k is not None and rule in given:
+                    check_top_k(pruning, top_k)
+            except ValueError as error:
+                raise UserFileError(f"--knobs {rule}={knob:g}: {error}") from None
+            if top_k is None or rule in given or rule != "topk" or knob < top_k:
+                cases.append((rule, float(knob)))
+    return cases
+
+
+def _rule_settings(args) -> dict:
+    """The rule fields besides the knob that the command line sets."""
+    return dict(
+        k_min=args.k_min, target=args.target, slack=args.slack, refill=args.refill, compensation=args.compensation
+    )
 
 
 def main(argv=None) -> int:
@@ -99,101 +145,129 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.local_processes:
         return distributed.relaunch_locally(__file__, argv, args.local_processes)
+    try:
+        return run(args)
+    except (UserFileError, results.ResultsError, LockedError, CostTableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    """The sweep; user mistakes raise the errors `main` reports, as early as they can be found: the rules and
+    the output before the model loads, the results file before the first case."""
+    sweep(args)
     means_path = _means_path(args)
+    check_writable(args.out, "--out", directory=True)
+    model_dir = args.model or caee_jax.api.BUNDLED_MODEL
+    path = args.eval_file or os.path.join(model_dir, "heldout.txt")
+    contents = read_text(path, "--eval-file")
     mesh = distributed.join(args)
+    lead = jax.process_index() == 0
+    with exclusive_lock(args.out) if lead else contextlib.nullcontext():
+        return _evaluate(args, mesh, lead, means_path, path, contents)
+
+
+def _evaluate(args, mesh, lead, means_path, path, contents) -> int:
+    """Loads the model, checks the results file against this run's provenance, runs the missing cases."""
     options = dict(dtype=args.dtype, mesh=mesh)
     model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
-    lead = jax.process_index() == 0
     if means_path:
         try:
             expert_means.load_means(model, means_path)
         except expert_means.ExpertMeansError as error:
-            raise SystemExit(f"error: --compensation mean: {error}") from None
-
-    path = args.eval_file or os.path.join(args.model or caee_jax.api.BUNDLED_MODEL, "heldout.txt")
-    with open(path) as f:
-        text = f.read()
-    ids = model.text_ids(text)
+            raise UserFileError(f"--compensation mean: {error}") from None
     rules = sweep(args, model.config.num_experts_per_tok)
-    table = None
-    if any(rule == "caee" for rule, _ in rules):
-        try:
-            table = select_table(model.config, mesh, model.dtype, model.execution.backend, args.cost_table)
-        except CostTableError as error:
-            raise SystemExit(f"error: {error}") from None
-    rule_settings = dict(k_min=args.k_min, target=args.target, slack=args.slack, refill=args.refill)
-    rule_settings["compensation"] = args.compensation
-
-    os.makedirs(args.out, exist_ok=True)
-    results_path = os.path.join(args.out, "results.jsonl")
-    done = _finished(results_path)
-    processes = jax.process_count()
-    cases = [(rule, knob, batch) for batch in _ints(args.batch_sizes) for rule, knob in rules]
+    text, data = contents
+    ids = model.text_ids(text)
     length = args.prefix + args.steps + 1
-    settings = {name: getattr(args, name) for name in SETTINGS}
+    if len(ids) <= length:
+        raise UserFileError(f"--eval-file {path}: {len(ids)} tokens; --prefix + --steps needs more than {length}")
+    table = _table(args, model, mesh) if any(rule == "caee" for rule, _ in rules) else None
+
+    provenance = results.provenance(
+        model=args.model or args.preset or "bundled caee-small",
+        model_dir=None if args.preset else args.model or caee_jax.api.BUNDLED_MODEL,
+        preset_config=preset(args.preset) if args.preset else None,
+        eval_file=path,
+        eval_bytes=data,
+        window=dict(eval_tokens=args.eval_tokens, prefix=args.prefix, steps=args.steps, dtype=args.dtype),
+        mesh=describe(mesh) if mesh is not None else "one device",
+        cost_table=args.cost_table,
+        table=table,
+        expert_means=means_path,
+    )
+    settings = {name: getattr(args, name) for name in results.SETTINGS}
     settings["expert_means"] = means_path and os.path.abspath(means_path)
-    for rule, knob, batch in tqdm(cases, desc="cases", disable=not lead):
-        if _key(dict(rule=rule, knob=knob, batch_size=batch, processes=processes, **settings)) in done:
+    processes = jax.process_count()
+    cases = [
+        dict(rule=rule, knob=knob, batch_size=batch, processes=processes, **settings)
+        for batch in args.batch_sizes
+        for rule, knob in rules
+    ]
+    results_path = os.path.join(args.out, "results.jsonl")
+    done = _previous(results_path, args.fresh, lead, provenance, cases)
+    for case in tqdm(cases, desc="cases", disable=not lead):
+        record = dict(case, provenance=provenance)
+        if results.key(record) in done:
             continue
-        pruning = rule_of(rule, knob, **rule_settings)
-        candidate = Execution(model.execution.backend, pruning=pruning, cost_table=table)
+        candidate = Execution(
+            model.execution.backend,
+            pruning=rule_of(case["rule"], case["knob"], **_rule_settings(args)),
+            cost_table=table,
+        )
         comparison = Comparison()
-        batches = -(-args.eval_tokens // (batch * args.steps))
-        for i in range(batches):
+        batch = case["batch_size"]
+        for i in range(-(-args.eval_tokens // (batch * args.steps))):
             windows = windows_of(ids, length, batch, seed=1000 * batch + i)
             compare(model, candidate, windows, args.prefix, comparison, table)
-        record = dict(
-            rule=rule,
-            knob=knob,
-            batch_size=batch,
-            processes=processes,
-            **settings,
-            eval_file=os.path.abspath(path),
-            model=args.model or args.preset or "bundled caee-small",
-            **comparison.summary(),
-        )
+        record.update(eval_file=provenance["eval_file"], model=provenance["model"], **comparison.summary())
         if lead:
-            _append(results_path, record)
+            results.append(results_path, record)
     if lead:
-        records = [json.loads(line) for line in open(results_path)]
+        records, _ = results.read(results_path, repair=False)
         report.write_table(records, os.path.join(args.out, "results.md"))
         report.plot_pareto(records, os.path.join(args.out, "pareto.png"))
         print(f"{len(records)} cases in {results_path}; table results.md, plot pareto.png")
     return 0
 
 
+def _previous(path: str, fresh: bool, lead: bool, provenance: dict, cases: list[dict]) -> set:
+    """The keys of the cases already in the results file, after checking it holds this run's kind of
+    records (--fresh: the old file is moved aside instead). Only the lead process writes."""
+    if fresh:
+        aside = results.move_aside(path) if lead else None
+        if aside:
+            print(f"moved the old results to {aside}", file=sys.stderr)
+        return set()
+    records, note = results.read(path, repair=lead)
+    if note and lead:
+        print(f"warning: {note}", file=sys.stderr)
+    results.check(path, records, provenance, cases)
+    return {results.key(r) for r in records}
+
+
+def _table(args, model, mesh):
+    """The cost table for CAEE; a setup mismatch error names the flag that accepts it anyway."""
+    if args.cost_table_any_setup and not args.cost_table:
+        raise UserFileError("--cost-table-any-setup needs --cost-table FILE")
+    backend = model.execution.backend
+    try:
+        return select_table(
+            model.config, mesh, model.dtype, backend, args.cost_table, override=args.cost_table_any_setup
+        )
+    except CostTableError as error:
+        raise CostTableError(str(error).replace("override=True", "--cost-table-any-setup")) from None
+
+
 def _means_path(args) -> str | None:
     """The expert-means file that --compensation mean uses (None for the other modes)."""
     if args.compensation != "mean":
         if args.expert_means:
-            raise SystemExit("error: --expert-means is only used with --compensation mean")
+            raise UserFileError("--expert-means is only used with --compensation mean")
         return None
     if args.preset and not args.expert_means:
-        raise SystemExit("error: --compensation mean with --preset needs --expert-means FILE")
+        raise UserFileError("--compensation mean with --preset needs --expert-means FILE")
     return args.expert_means or expert_means.default_path(args.model or caee_jax.api.BUNDLED_MODEL)
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def _key(record: dict) -> tuple:
-    """What identifies a case: rule, knob, batch size, processes and the settings."""
-    return tuple(record.get(name) for name in ("rule", "knob", "batch_size", "processes", *SETTINGS))
-
-
-def _finished(path: str) -> set:
-    if not os.path.exists(path):
-        return set()
-    return {_key(json.loads(line)) for line in open(path)}
-
-
-def _append(path: str, record: dict) -> None:
-    """One line per case, flushed and fsynced: a killed run loses at most the case in progress."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 if __name__ == "__main__":

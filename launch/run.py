@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 
@@ -28,6 +29,7 @@ import caee_jax
 from caee_jax.caee import expert_means
 from caee_jax.caee.compensation import COMPENSATIONS
 from caee_jax.caee.cost_table import CostTableError
+from caee_jax.caee.peer_rules import check_top_k
 from caee_jax.caee.policy import CAEEConfig
 from caee_jax.caee.pruning import uses_mean
 from caee_jax.caee.rule_config import load_rule, parse_rule
@@ -39,6 +41,7 @@ from caee_jax.parallel.mesh import describe
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 DEFAULT_PROMPT_IDS = "0,11,23,5,42,7"
+ANY_SETUP_HELP = "use the --cost-table file even if it was calibrated for another setup (mesh, dtype, backend)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,10 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--preset", choices=sorted(PRESETS), help="random-weight model of a preset")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (needs a checkpoint with tokenizer.json)")
-    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    prompt.add_argument("--prompt-ids", type=_token_ids, help="prompt as comma-separated token ids, e.g. 1,2,3")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus share, in (0, 1]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--backend", choices=["loop", "dense", "pallas"], default="loop", help="expert backend")
@@ -61,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     rule.add_argument("--prune", help="RULE=NUMBER, e.g. caee=0.8 (theta) or top_p=0.9 (knob)")
     rule.add_argument("--pruning-config", help="a YAML rule file, e.g. configs/caee/default.yaml")
     pruning.add_argument("--cost-table", help="cost table JSON for CAEE (default: the stored one of this mesh)")
+    pruning.add_argument("--cost-table-any-setup", action="store_true", help=ANY_SETUP_HELP)
     pruning.add_argument("--compensation", choices=COMPENSATIONS, help="overrides the rule's compensation")
     pruning.add_argument("--expert-means", help="for compensation mean (default: CHECKPOINT/expert_means.npz)")
     distributed.add_arguments(parser, local_processes=False)
@@ -83,6 +87,11 @@ def main(argv=None) -> int:
     else:
         model = caee_jax.load(args.checkpoint, **options)
         source = args.checkpoint or "bundled caee-small"
+    try:
+        check_top_k(execution.pruning, model.config.num_experts_per_tok)
+    except ValueError as error:
+        print(f"error: pruning rule: {error}", file=sys.stderr)
+        return 2
     if uses_mean(execution.pruning):
         try:
             expert_means.load_means(model, _means_path(args))
@@ -92,7 +101,7 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - start
 
     if args.prompt_ids is not None:
-        prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        prompt = args.prompt_ids
     elif args.prompt is not None:
         prompt = args.prompt
     else:
@@ -175,8 +184,50 @@ def _execution(args, mesh) -> Execution:
         config = (
             preset(args.preset) if args.preset else ModelConfig.from_hf(args.checkpoint or caee_jax.api.BUNDLED_MODEL)
         )
-        table = select_table(config, mesh, args.dtype, args.backend, args.cost_table)
+        table = _table(config, mesh, args)
     return Execution(args.backend, pruning=rule, cost_table=table)
+
+
+def _table(config, mesh, args):
+    """The cost table; a mismatch error names the flag that accepts it anyway."""
+    if args.cost_table_any_setup and not args.cost_table:
+        raise ValueError("--cost-table-any-setup needs --cost-table FILE")
+    override = args.cost_table_any_setup
+    try:
+        return select_table(config, mesh, args.dtype, args.backend, args.cost_table, override=override)
+    except CostTableError as error:
+        raise CostTableError(str(error).replace("override=True", "--cost-table-any-setup")) from None
+
+
+def _token_ids(text: str) -> list[int]:
+    """--prompt-ids: comma-separated whole numbers (the vocabulary range is checked with the model)."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in parts if not t.lstrip("-").isdigit()]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: {bad[0]!r} is not a token id" if bad else "no token ids")
+    return [int(t) for t in parts]
+
+
+def _temperature(text: str) -> float:
+    value = float(text) if _is_float(text) else math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number >= 0 (0 = greedy)")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = float(text) if _is_float(text) else math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number in (0, 1]")
+    return value
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _means_path(args) -> str:

@@ -8,11 +8,15 @@ never pruned (capacity drop included, so every rule keeps at least as much as CA
   top_p       keep the heaviest slots until their cumulative share reaches `knob`
   capacity    each expert keeps its ceil(knob * N*K/E) heaviest pairs of the batch (token drop)
 Letters: N tokens, K top-k, E experts.
+
+Knob ranges: every knob is a finite number >= 0; topk's a whole number (at most K: `check_top_k`), top_p's
+at most 1 (a share). A ratio above 1 or capacity 0 prunes every slot but the k_min protected ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +49,30 @@ class PeerRule:
 
     def __post_init__(self):
         object.__setattr__(self, "name", PeerRuleName.parse(self.name, "peer rule"))
-        if self.knob < 0:
-            raise ValueError(f"{self.name}: knob must be >= 0, got {self.knob}")
         object.__setattr__(self, "compensation", Compensation.parse(self.compensation, "compensation"))
+        check_number(f"{self.name}: knob", self.knob, 0, 1 if self.name is PeerRuleName.TOP_P else math.inf)
+        if self.name is PeerRuleName.TOPK and self.knob != int(self.knob):
+            raise ValueError(f"topk: knob must be a whole number of slots, got {self.knob}")
+        check_number(f"{self.name}: k_min", self.k_min, 0, math.inf)
+        if self.k_min != int(self.k_min):
+            raise ValueError(f"{self.name}: k_min must be a whole number of slots, got {self.k_min}")
+        check_number(f"{self.name}: partial_alpha", self.partial_alpha, 0, 1)
+
+
+def check_number(what: str, value, low: float, high: float) -> None:
+    """Raises ValueError unless `value` is a finite number in [low, high]: NaN compares false with
+    everything, so a plain `value < low` test would let it through (and prune nothing, or everything)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value) or not low <= value <= high:
+        bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        raise ValueError(f"{what} must be a finite number {bounds}, got {value}")
+
+
+def check_top_k(rule, top_k: int) -> None:
+    """A topk rule keeps at most the model's K slots per token: a larger knob is a mistake, not a no-op."""
+    if isinstance(rule, PeerRule) and rule.name is PeerRuleName.TOPK and rule.knob > top_k:
+        raise ValueError(f"topk: knob {rule.knob:g} is above the model's {top_k} routed experts per token")
 
 
 def peer_keep_mask(rule: PeerRule, topk_ids: jax.Array, topk_weights: jax.Array, num_experts: int) -> jax.Array:

@@ -12,12 +12,17 @@ def step_cut(r: dict) -> float:
 
 
 def top1_drop(r: dict) -> float:
-    return 1 - r["top1_acc"] / r["top1_acc_unpruned"]
+    """Relative; NaN when the unpruned model hit no token (nothing to drop from: not within any limit)."""
+    return 1 - _ratio(r["top1_acc"], r["top1_acc_unpruned"])
 
 
 def top1_drop_error(r: dict) -> float:
     """Two standard errors of the relative top-1 drop (paired over the same tokens)."""
-    return 2 * r["top1_diff_se"] / r["top1_acc_unpruned"]
+    return 2 * _ratio(r["top1_diff_se"], r["top1_acc_unpruned"])
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
 
 
 def ppl_rise(r: dict) -> float:

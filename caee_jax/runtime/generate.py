@@ -93,10 +93,10 @@ def generate_with_stats(
     ids = encode_prompts(model, prompts)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not 0 < top_p <= 1:
+    if not 0 < top_p <= 1:  # NaN fails every comparison, so it is refused here too
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     lengths = np.array([len(p) for p in ids], np.int32)
     needed = int(lengths.max()) + max_new_tokens
     limit = model.config.max_position_embeddings
