@@ -7,6 +7,8 @@ devices and one mesh spans them all.
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import platform
 import socket
@@ -22,7 +24,17 @@ from caee_jax.parallel.mesh import make_mesh
 # A process that stops answering is declared dead after this long; the others then exit with an
 # error naming it instead of waiting forever in a collective.
 HEARTBEAT_TIMEOUT_S = 10
-INIT_TIMEOUT_S = 60
+# How long the processes of an explicit cluster wait for each other at start-up (--join-timeout).
+JOIN_TIMEOUT_S = 60
+# A start-up wait longer than this prints one line, so a missing process is not a silent pause.
+PROGRESS_AFTER_S = 1.0
+# The rendezvous greeting ("caee-join PROCESS_ID NUM_PROCESSES"); anything else on the port is a stranger.
+HELLO = "caee-join"
+
+
+class JoinError(Exception):
+    """A cluster that cannot start for a reason the user can fix: bad flags, a busy port, a missing process.
+    `join` prints it as one line and exits with status 2; a traceback would only hide the reason."""
 
 
 def initialize(
@@ -31,20 +43,19 @@ def initialize(
     process_id: int | None = None,
     *,
     heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
-    init_timeout_s: int = INIT_TIMEOUT_S,
+    join_timeout_s: float = JOIN_TIMEOUT_S,
     idle_poller: bool = True,
 ) -> bool:
     """Connects this process to the others. Returns True when running multi-process.
 
-    With `coordinator` ("HOST:PORT"), `num_processes` and `process_id`: that cluster. Without them: JAX's
-    cluster auto-detection (SLURM, Open MPI, cloud TPU, ...), and a single process when none is found.
+    With `coordinator` ("HOST:PORT"), `num_processes` and `process_id`: that cluster, after a `rendezvous` on
+    the coordinator port (raises JoinError when the flags are wrong, the port is busy or a process does not
+    come within `join_timeout_s`). Without them: JAX's cluster auto-detection (SLURM, Open MPI, cloud TPU, ...),
+    and a single process when none is found.
     idle_poller: run the collectives' socket-polling thread at idle priority (see `idle_new_pollers`).
     """
-    explicit = (coordinator, num_processes, process_id)
-    if any(v is not None for v in explicit) and any(v is None for v in explicit):
-        raise ValueError("--coordinator, --num-processes and --process-id go together")
-    kwargs = dict(heartbeat_timeout_seconds=heartbeat_timeout_s, initialization_timeout=init_timeout_s)
-    if coordinator is None:
+    kwargs = dict(heartbeat_timeout_seconds=heartbeat_timeout_s, initialization_timeout=math.ceil(join_timeout_s))
+    if coordinator is None and num_processes is None and process_id is None:
         try:
             jax.distributed.initialize(**kwargs)
         except ValueError as error:
@@ -52,14 +63,188 @@ def initialize(
                 return False
             raise
     else:
-        if not 0 <= process_id < num_processes:
-            raise ValueError(f"--process-id {process_id} is not in [0, {num_processes})")
+        host, port = check_cluster(coordinator, num_processes, process_id, join_timeout_s)
+        rendezvous(host, port, num_processes, process_id, join_timeout_s)
         jax.distributed.initialize(coordinator, num_processes, process_id, **kwargs)
     before = _thread_ids()
     multi_process = jax.process_count() > 1  # creates the backend, and with it the collectives' threads
     if multi_process and idle_poller:
         idle_new_pollers(before)
     return multi_process
+
+
+def check_cluster(
+    coordinator: str | None, num_processes: int | None, process_id: int | None, join_timeout_s: float
+) -> tuple[str, int]:
+    """Checks the explicit cluster flags before JAX sees them and returns the coordinator's (host, port).
+
+    JAX takes the port with `rsplit(":")[1]` (no port: an IndexError deep inside it) and would start a
+    coordination service for any process count, so wrong flags must stop here with a readable reason.
+    """
+    if coordinator is None or num_processes is None or process_id is None:
+        raise JoinError("--coordinator, --num-processes and --process-id go together")
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise JoinError(f"--coordinator {coordinator!r} is not HOST:PORT with a port in 1..65535")
+    if num_processes < 1:
+        raise JoinError(f"--num-processes {num_processes} is not at least 1")
+    if not 0 <= process_id < num_processes:
+        raise JoinError(f"--process-id {process_id} is not in [0, {num_processes})")
+    if not join_timeout_s > 0:
+        raise JoinError(f"--join-timeout {join_timeout_s:g} is not a positive number of seconds")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def rendezvous(host: str, port: int, num_processes: int, process_id: int, timeout_s: float) -> None:
+    """Meets every process on the coordinator port before JAX does; raises JoinError naming who is missing.
+
+    JAX's start-up cannot say that: process 0 waits for everyone inside RegisterTask and at the deadline
+    aborts the interpreter blaming "another task died", and a coordinator port that another program
+    holds crashes it. So process 0 first listens on that port itself (a busy port is then a plain error)
+    and names the processes that never came; the others learn the outcome from it. Then JAX starts, with
+    everyone present, on the port process 0 has just released.
+    """
+    address = f"{host}:{port}"
+    if process_id == 0:
+        _gather(address, port, num_processes, timeout_s)
+    else:
+        _report(address, host, port, num_processes, process_id, timeout_s)
+
+
+def _gather(address: str, port: int, num_processes: int, timeout_s: float) -> None:
+    """Process 0's side: waits for processes 1..N-1 to say hello, then tells them all "go" (or "fail REASON")."""
+    server = _listen(port)
+    peers: dict[int, socket.socket] = {}
+    try:
+        _accept_peers(server, peers, address, num_processes, timeout_s)
+        _tell(peers.values(), "go")
+    except JoinError as error:
+        _tell(peers.values(), f"fail {error}")
+        raise
+    finally:
+        for conn in peers.values():
+            conn.close()
+        server.close()
+
+
+def _listen(port: int) -> socket.socket:
+    """Listens on every address at `port`, as JAX's service will ("[::]:PORT"), without SO_REUSEPORT so that
+    another program's socket on the port is an error here instead of a crash inside JAX."""
+    dualstack = socket.has_dualstack_ipv6()
+    family = socket.AF_INET6 if dualstack else socket.AF_INET
+    try:
+        return socket.create_server(("", port), family=family, dualstack_ipv6=dualstack)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise JoinError(f"coordinator port {port} is already in use") from None
+        raise JoinError(f"cannot listen on coordinator port {port}: {error.strerror}") from None
+
+
+def _accept_peers(
+    server: socket.socket, peers: dict[int, socket.socket], address: str, num_processes: int, timeout_s: float
+) -> None:
+    """Fills `peers` (process id -> connection) until every process has said hello or `timeout_s` ends."""
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while len(peers) < num_processes - 1:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            missing = sorted(set(range(1, num_processes)) - peers.keys())
+            raise JoinError(_never_joined(missing, num_processes, address, timeout_s))
+        server.settimeout(min(left, PROGRESS_AFTER_S))
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            if not announced:
+                more = num_processes - 1 - len(peers)
+                print(
+                    f"process 0 of {num_processes}: waiting for {more} more process{'es' if more > 1 else ''} "
+                    f"at {address} (up to {timeout_s:g} s)",
+                    file=sys.stderr,
+                )
+                announced = True
+            continue
+        _admit(conn, peers, num_processes)
+
+
+def _admit(conn: socket.socket, peers: dict[int, socket.socket], num_processes: int) -> None:
+    """Adds a peer's connection to `peers` after its hello; a stranger is dropped, a misconfigured peer fails
+    the start (it is told why before the JoinError)."""
+    hello = _read_line(conn, PROGRESS_AFTER_S).split()
+    if len(hello) != 3 or hello[0] != HELLO or not (hello[1].isdigit() and hello[2].isdigit()):
+        conn.close()
+        return
+    process_id, their_count = int(hello[1]), int(hello[2])
+    if their_count != num_processes:
+        problem = f"process {process_id} has --num-processes {their_count}, process 0 has {num_processes}"
+    elif process_id in peers or not 1 <= process_id < num_processes:
+        problem = f"a second process {process_id} joined (each --process-id in [0, {num_processes}) once)"
+    else:
+        peers[process_id] = conn
+        return
+    _tell([conn], f"fail {problem}")
+    conn.close()
+    raise JoinError(problem)
+
+
+def _never_joined(missing: list[int], num_processes: int, address: str, timeout_s: float) -> str:
+    who = f"process {missing[0]}" if len(missing) == 1 else "processes " + ", ".join(map(str, missing))
+    return f"{who} of {num_processes} never joined the coordinator at {address} within {timeout_s:g} s"
+
+
+def _report(address: str, host: str, port: int, num_processes: int, process_id: int, timeout_s: float) -> None:
+    """A peer's side: says hello to process 0 and waits for its verdict."""
+    me = f"process {process_id} of {num_processes}"
+    with _connect(host, port, address, me, timeout_s) as conn:
+        conn.sendall(f"{HELLO} {process_id} {num_processes}\n".encode())
+        # Process 0 was already listening when we connected, so its own deadline ends within timeout_s.
+        reply = _read_line(conn, timeout_s + PROGRESS_AFTER_S)
+    if reply == "go":
+        return
+    if reply.startswith("fail "):
+        raise JoinError(reply.removeprefix("fail "))
+    raise JoinError(
+        f"{me} could not reach coordinator at {address}: no answer within {timeout_s:g} s"
+        " (is another program listening on that port?)"
+    )
+
+
+def _connect(host: str, port: int, address: str, me: str, timeout_s: float) -> socket.socket:
+    """Connects to process 0's rendezvous, retrying while it is not listening yet (it may start later)."""
+    start = time.monotonic()
+    announced = False
+    while True:
+        left = start + timeout_s - time.monotonic()
+        try:
+            return socket.create_connection((host, port), timeout=max(left, 0.1))
+        except OSError as error:
+            if left <= 0:
+                reason = error.strerror or str(error)
+                raise JoinError(
+                    f"{me} could not reach coordinator at {address} within {timeout_s:g} s ({reason})"
+                ) from None
+            if not announced and time.monotonic() - start >= PROGRESS_AFTER_S:
+                print(f"{me}: waiting for the coordinator at {address} (up to {timeout_s:g} s)", file=sys.stderr)
+                announced = True
+            time.sleep(0.2)
+
+
+def _read_line(conn: socket.socket, timeout_s: float) -> str:
+    """One short line from `conn`, or "" when none comes within `timeout_s` or the connection closes."""
+    conn.settimeout(timeout_s)
+    try:
+        with conn.makefile("rb") as lines:
+            return lines.readline(200).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _tell(conns, message: str) -> None:
+    for conn in conns:
+        try:
+            conn.sendall(f"{message}\n".encode())
+        except OSError:  # that process is gone; it will learn nothing more from us
+            pass
 
 
 # Syscall numbers of epoll_wait / epoll_pwait, as /proc/<tid>/syscall shows them, per machine.
@@ -142,14 +327,25 @@ def add_arguments(parser, local_processes: bool = True) -> None:
     group.add_argument("--num-processes", type=int)
     group.add_argument("--process-id", type=int)
     group.add_argument("--cpu-devices", type=int, help="simulate this many CPU devices in this process")
+    group.add_argument(
+        "--join-timeout",
+        type=float,
+        default=JOIN_TIMEOUT_S,
+        help=f"seconds the processes wait for each other at start-up (default {JOIN_TIMEOUT_S})",
+    )
 
 
 def join(args) -> Mesh | None:
-    """The launchers' common start, from their --cpu-devices, --coordinator/--num-processes/--process-id
-    and --mesh flags: simulate CPU devices, join the cluster, build the mesh (None on one device)."""
+    """The launchers' common start, from their --cpu-devices, --coordinator/--num-processes/--process-id,
+    --join-timeout and --mesh flags: simulate CPU devices, join the cluster, build the mesh (None on one
+    device). A cluster that cannot start is one "error: ..." line and exit status 2."""
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    initialize(args.coordinator, args.num_processes, args.process_id)
+    try:
+        initialize(args.coordinator, args.num_processes, args.process_id, join_timeout_s=args.join_timeout)
+    except JoinError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     return make_mesh(args.mesh) if args.mesh or jax.device_count() > 1 else None
 
 
