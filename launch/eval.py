@@ -251,12 +251,7 @@ def _table(args, model, mesh):
     if args.cost_table_any_setup and not args.cost_table:
         raise UserFileError("--cost-table-any-setup needs --cost-table FILE")
     backend = model.execution.backend
-    try:
-        return select_table(
-            model.config, mesh, model.dtype, backend, args.cost_table, override=args.cost_table_any_setup
-        )
-    except CostTableError as error:
-        raise CostTableError(str(error).replace("override=True", "--cost-table-any-setup")) from None
+    return select_table(model.config, mesh, model.dtype, backend, args.cost_table, override=args.cost_table_any_setup)
 
 
 def _means_path(args) -> str | None:

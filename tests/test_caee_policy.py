@@ -202,7 +202,11 @@ def test_new_routing_never_recompiles():
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("theta", -1.0, "theta must be >= 0"), ("target", "max", "target 'max'"), ("compensation", "x", "compensation")],
+    [
+        ("theta", -1.0, "theta must be a finite number >= 0"),
+        ("target", "max", "target 'max'"),
+        ("compensation", "x", "compensation"),
+    ],
 )
 def test_bad_config(field, value, message):
     with pytest.raises(ValueError, match=message):

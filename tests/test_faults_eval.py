@@ -16,6 +16,7 @@ from test_pruning import single_device_table
 import caee_jax
 from caee_jax.caee.cost_table import save_table
 from caee_jax.caee.peer_rules import PeerRule, check_top_k
+from caee_jax.caee.policy import CAEEConfig
 from caee_jax.caee.rule_config import parse_rule, rule_from_dict
 from caee_jax.eval import results
 from caee_jax.files import exclusive_lock
@@ -281,11 +282,25 @@ def test_a_table_of_another_setup_needs_the_flag(tmp_path):
     path = save_table(other, str(tmp_path))
     command = ["launch/run.py", "--preset", "tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "2"]
     command += ["--prune", "caee=1.0", "--cost-table", path]
-    refused(launch(*command), "calibrated for another setup", "pass --cost-table-any-setup to use it anyway")
+    refused(launch(*command), "calibrated for another setup", "to use it anyway: --cost-table-any-setup")
     result = launch(*command, "--cost-table-any-setup")
     assert result.returncode == 0, result.stderr[-3000:]
     text = tmp_path / "text.txt"
     text.write_text(open(HELDOUT).read()[:4000])
     evaluate = eval_command(tmp_path / "out", text, "--cost-table", path)
     evaluate[evaluate.index("--rules") + 1 : evaluate.index("--rules") + 4] = ["caee", "--knobs", "caee=1.0"]
-    refused(launch(*evaluate), "pass --cost-table-any-setup to use it anyway")
+    refused(launch(*evaluate), "to use it anyway: --cost-table-any-setup")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(theta=math.nan), "theta must be a finite number >= 0, got nan"),
+        (dict(slack=math.inf), "slack must be a finite number >= 0, got inf"),
+        (dict(k_min=0.5), "k_min must be a whole number of slots"),
+        (dict(partial_alpha=-0.1), "partial_alpha must be a finite number in"),
+    ],
+)
+def test_caee_config_refuses_nan_built_directly(fields, message):
+    with pytest.raises(ValueError, match=message):
+        CAEEConfig(**fields)

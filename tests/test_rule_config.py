@@ -31,7 +31,7 @@ def test_peer_rules_and_cli_strings():
     ("text", "message"),
     [
         ("rule: caee\nthetta: 0.5\n", r"rules.yaml: unknown field 'thetta' for rule 'caee'"),
-        ("rule: caee\ntheta: -1\n", r"rules.yaml: theta must be >= 0"),
+        ("rule: caee\ntheta: -1\n", r"rules.yaml: theta must be a finite number >= 0"),
         ("rule: top_k\nknob: 2\n", r"rules.yaml: rule 'top_k' is not caee or one of"),
         ("theta: 0.5\n", r"rules.yaml: needs a 'rule' field"),
         ("rule: [caee\n", r"rules.yaml: not valid YAML"),

@@ -199,7 +199,7 @@ def load_table(path: str, expected: MeshSignature | None = None, *, override: bo
             raise CostTableError(
                 f"{path} was calibrated for another setup: "
                 + "; ".join(diff)
-                + " (pass override=True to use it anyway)"
+                + " (to use it anyway: --cost-table-any-setup, or override=True from Python)"
             )
     return table
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from caee_jax.caee.compensation import Compensation
+from caee_jax.caee.knobs import check_number, check_slots
 from caee_jax.choice import Choice
 from caee_jax.routing.ops import capacity_slots, rank_in_group, weight_rank
 
@@ -53,20 +54,8 @@ class PeerRule:
         check_number(f"{self.name}: knob", self.knob, 0, 1 if self.name is PeerRuleName.TOP_P else math.inf)
         if self.name is PeerRuleName.TOPK and self.knob != int(self.knob):
             raise ValueError(f"topk: knob must be a whole number of slots, got {self.knob}")
-        check_number(f"{self.name}: k_min", self.k_min, 0, math.inf)
-        if self.k_min != int(self.k_min):
-            raise ValueError(f"{self.name}: k_min must be a whole number of slots, got {self.k_min}")
+        check_slots(f"{self.name}: k_min", self.k_min)
         check_number(f"{self.name}: partial_alpha", self.partial_alpha, 0, 1)
-
-
-def check_number(what: str, value, low: float, high: float) -> None:
-    """Raises ValueError unless `value` is a finite number in [low, high]: NaN compares false with
-    everything, so a plain `value < low` test would let it through (and prune nothing, or everything)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{what} must be a number, got {value!r}")
-    if not math.isfinite(value) or not low <= value <= high:
-        bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
-        raise ValueError(f"{what} must be a finite number {bounds}, got {value}")
 
 
 def check_top_k(rule, top_k: int) -> None:

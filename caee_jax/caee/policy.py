@@ -25,6 +25,7 @@ Pure jnp with static shapes, run inside the MoE layer between the router and exp
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 from caee_jax.caee.compensation import Compensation, compensate
 from caee_jax.caee.cost_model import computed_rows, predict, row_tile
 from caee_jax.caee.cost_table import CostTable
+from caee_jax.caee.knobs import check_number, check_slots
 from caee_jax.choice import Choice
 from caee_jax.routing.ops import expert_load, rank_in_group, weight_rank
 
@@ -69,12 +71,10 @@ class CAEEConfig:
     def __post_init__(self):
         object.__setattr__(self, "target", Target.parse(self.target, "target"))
         object.__setattr__(self, "compensation", Compensation.parse(self.compensation, "compensation"))
-        if self.theta < 0:
-            raise ValueError(f"theta must be >= 0, got {self.theta}")
-        if self.k_min < 0:
-            raise ValueError(f"k_min must be >= 0, got {self.k_min}")
-        if self.slack < 0:
-            raise ValueError(f"slack must be >= 0, got {self.slack}")
+        check_number("theta", self.theta, 0, math.inf)
+        check_slots("k_min", self.k_min)
+        check_number("slack", self.slack, 0, math.inf)
+        check_number("partial_alpha", self.partial_alpha, 0, 1)
 
 
 class Decision(NamedTuple):
