@@ -7,6 +7,11 @@
 Pruning: --prune caee=0.8 or --pruning-config FILE; --compensation mean adds calibrated mean expert
 outputs for pruned slots (--expert-means FILE, default CHECKPOINT/expert_means.npz).
 
+Offloaded experts (one device): --offload host, or --offload disk --store-dir DIR (a store written by
+`python -m checkpoints_tools.expert_store`), with --cache-experts N|FRACTION slots per MoE layer and
+--cache-policy lru|lfu|cost; --json then reports the cache statistics of every step, and --offload-plot
+FILE draws each decode step's fetch vs compute time.
+
 Without --checkpoint or --preset it runs the bundled small model (docs/MODEL_CARD.md) on a Python
 prompt; --preset NAME runs a random-weight preset instead (a smoke test, not meaningful text).
 Multi-host: every process runs this same command with its own --process-id (or none of the three
@@ -35,7 +40,10 @@ from caee_jax.caee.pruning import uses_mean
 from caee_jax.caee.rule_config import load_rule, parse_rule
 from caee_jax.calibration.tables import select_table
 from caee_jax.config import PRESETS, ModelConfig, preset
+from caee_jax.eval.offload_timeline import offload_report, plot_timeline
 from caee_jax.model.execution import Execution
+from caee_jax.offload import options as offload_options
+from caee_jax.offload.store import StoreError
 from caee_jax.parallel import distributed
 from caee_jax.parallel.mesh import describe
 
@@ -67,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     pruning.add_argument("--cost-table-any-setup", action="store_true", help=ANY_SETUP_HELP)
     pruning.add_argument("--compensation", choices=COMPENSATIONS, help="overrides the rule's compensation")
     pruning.add_argument("--expert-means", help="for compensation mean (default: CHECKPOINT/expert_means.npz)")
+    offload_options.add_arguments(parser)
+    parser.add_argument("--offload-plot", help="with --offload: a PNG of each decode step's fetch vs compute time")
     distributed.add_arguments(parser, local_processes=False)
     return parser.parse_args(argv)
 
@@ -77,16 +87,19 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         execution = _execution(args, mesh)
-    except (ValueError, CostTableError) as error:
+        offload = offload_options.from_args(args)
+        if args.offload_plot and not offload:
+            raise ValueError("--offload-plot needs --offload host|disk")
+        options = dict(dtype=args.dtype, execution=execution, mesh=mesh, offload=offload)
+        if args.preset:
+            model = caee_jax.init_random(args.preset, seed=args.seed, **options)
+            source = f"preset {args.preset} (random weights)"
+        else:
+            model = caee_jax.load(args.checkpoint, **options)
+            source = args.checkpoint or "bundled caee-small"
+    except (ValueError, CostTableError, StoreError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    options = dict(dtype=args.dtype, execution=execution, mesh=mesh)
-    if args.preset:
-        model = caee_jax.init_random(args.preset, seed=args.seed, **options)
-        source = f"preset {args.preset} (random weights)"
-    else:
-        model = caee_jax.load(args.checkpoint, **options)
-        source = args.checkpoint or "bundled caee-small"
     try:
         check_top_k(execution.pruning, model.config.num_experts_per_tok)
     except ValueError as error:
@@ -142,6 +155,17 @@ def main(argv=None) -> int:
             )
         ),
     }
+    manager = model.execution.offload
+    if manager is not None:
+        report["offload"] = {
+            "store": manager.store.tier,
+            "slots_per_layer": manager.slots,
+            "policy": str(manager.policy),
+            "prefetch": manager.prefetch,
+        } | offload_report(result.prefill_offload, result.decode_offload, result.decode_step_s)
+        if args.offload_plot:
+            title = f"{source}: {manager.store.tier} store, {manager.slots} slots per layer, {manager.policy}"
+            plot_timeline(result.decode_offload, result.decode_step_s, args.offload_plot, title)
     if args.json:
         print(json.dumps(report), flush=True)
         return 0
@@ -160,6 +184,13 @@ def main(argv=None) -> int:
         print(f"--- prompt ---\n{prompt_text}\n--- completion ---\n{text}")
     else:
         print(f"prompt ids: {prompt}\ngenerated ids: {ids}" + (f"\ntext: {text!r}" if text is not None else ""))
+    if manager is not None:
+        total = report["offload"]["decode_total"]
+        print(
+            f"offload ({manager.store.tier}, {manager.slots} slots per layer, {manager.policy}): decode hit rate "
+            f"{100 * total['hit_rate']:.1f}%, {total['blocking_fetches']} blocking + {total['prefetched_fetches']} "
+            f"prefetched fetches ({total['bytes_read'] / 2**20:.1f} MiB), {total['pruned_misses']} pruned misses"
+        )
     print(
         f"load {load_s:.2f} s | prefill {result.prefill_s:.2f} s (incl. compilation) | "
         f"decode {1e3 * result.decode_s_per_token:.1f} ms/token ({report['decode_tokens_per_s']:.1f} tokens/s)"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -55,7 +56,8 @@ class ExpertCache(NamedTuple):
 class StepStats:
     """One decode step (or prefill), summed over MoE layers: routed experts that were resident (hits) or not
     (misses); misses the rule pruned (never loaded); fetches, split into blocking (read while the step
-    waited) and prefetched (already read in the background); bytes read from the store; experts needed by
+    waited) and prefetched (already read in the background); bytes read from the store; fetch_wait_s: seconds
+    the step spent inside fetches (reading, or waiting for a background read to finish); experts needed by
     layers whose experts the previous layer predicted (pre-gating), and how many of them were predicted."""
 
     hits: int = 0
@@ -65,6 +67,7 @@ class StepStats:
     blocking_fetches: int = 0
     prefetched_fetches: int = 0
     bytes_read: int = 0
+    fetch_wait_s: float = 0.0
     predicted_needed: int = 0
     predicted_hits: int = 0
 
@@ -76,6 +79,10 @@ class StepStats:
     def prediction_recall(self) -> float:
         """Share of the experts a layer needed that the previous layer's pre-gating predicted."""
         return self.predicted_hits / max(self.predicted_needed, 1)
+
+    def as_dict(self) -> dict:
+        """The counters, plus hit_rate and prediction_recall (for JSON reports)."""
+        return dataclasses.asdict(self) | dict(hit_rate=self.hit_rate, prediction_recall=self.prediction_recall)
 
 
 def slots_for(store: ExpertStore, *, experts: int | None = None, fraction: float | None = None, nbytes=None) -> int:
@@ -181,9 +188,11 @@ class CacheManager:
         """Expert `expert` of layer `layer`, not resident: reads it and gives it a slot. Returns (slot int32,
         evicted expert int32 or E when the slot was empty, gate, up [D, F], down [F, D])."""
         layer, expert = int(layer), int(expert)
+        start = time.perf_counter()
         ready = getattr(self.store, "ready", None)
         prefetched = bool(ready is not None and ready(layer, expert))
         weights = self.store.read(layer, expert)
+        self.step.fetch_wait_s += time.perf_counter() - start
         slot = self._victim(layer)
         evicted = int(self.slot_expert[layer, slot])
         if evicted >= 0:
