@@ -86,8 +86,12 @@ def main(argv=None) -> int:
     mesh = distributed.join(args)
     start = time.perf_counter()
     try:
-        execution = _execution(args, mesh)
         offload = offload_options.from_args(args)
+        if offload and args.mesh is None:
+            mesh = None  # offloaded experts run on one device: not the default mesh over every device
+        if offload and jax.process_count() > 1:
+            raise ValueError("offloaded experts run in one process; drop --offload or the multi-process flags")
+        execution = _execution(args, mesh)
         if args.offload_plot and not offload:
             raise ValueError("--offload-plot needs --offload host|disk")
         options = dict(dtype=args.dtype, execution=execution, mesh=mesh, offload=offload)

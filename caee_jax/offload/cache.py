@@ -10,8 +10,8 @@ per layer to announce which experts the layer will run (hits are recorded, misse
 background) and once per miss, when the loop reaches that expert, to get its weights and a slot. The
 host decides; the device applies, so the two always agree.
 
-Policies (which resident expert leaves when a slot is needed), never an expert the current layer still
-needs while another choice exists:
+Policies (which resident expert leaves when a slot is needed), never an expert the current layer has yet
+to run while another choice exists (then the one it runs last):
   lru    least recently used
   lfu    least often used (ties: least recently)
   cost   lowest expected refetch cost: an exponentially decayed use count (recent use weighs more)
@@ -130,6 +130,7 @@ class CacheManager:
         self.decayed = np.zeros((self.num_layers, self.num_experts))
         self.clock = 0
         self.needed = np.zeros((self.num_layers, self.num_experts), bool)
+        self.hit_at_announce = np.zeros((self.num_layers, self.num_experts), bool)
         self.predicted: list[np.ndarray | None] = [None] * self.num_layers
         self.prefetch = prefetch
         self.step = StepStats()
@@ -173,6 +174,7 @@ class CacheManager:
         self.uses[layer, kept] += 1
         self.last_use[layer, kept] = self.clock
         self.needed[layer] = kept
+        self.hit_at_announce[layer] = kept & resident
         self.step.hits += int(np.sum(kept & resident))
         self.step.misses += int(np.sum(kept & ~resident))
         self.step.pruned_misses += int(np.sum(routed & ~kept & ~resident))
@@ -193,7 +195,11 @@ class CacheManager:
         prefetched = bool(ready is not None and ready(layer, expert))
         weights = self.store.read(layer, expert)
         self.step.fetch_wait_s += time.perf_counter() - start
-        slot = self._victim(layer)
+        if self.hit_at_announce[layer, expert]:  # evicted since by this layer's own fetches: a miss after all
+            self.hit_at_announce[layer, expert] = False
+            self.step.hits -= 1
+            self.step.misses += 1
+        slot = self._victim(layer, expert)
         evicted = int(self.slot_expert[layer, slot])
         if evicted >= 0:
             self.slot_of[layer, evicted] = -1
@@ -206,16 +212,17 @@ class CacheManager:
         evicted = evicted if evicted >= 0 else self.num_experts
         return (np.int32(slot), np.int32(evicted), *(np.asarray(w, self.store.dtype) for w in weights))
 
-    def _victim(self, layer: int) -> int:
-        """The slot to fill: an empty one, else the policy's choice among experts this layer does not need
-        (among all resident ones when every slot holds a needed expert)."""
+    def _victim(self, layer: int, expert: int) -> int:
+        """The slot for `expert`: an empty one, else the policy's choice among experts this layer does not
+        need or has already run (the loop visits experts in increasing id); when every slot holds an expert
+        the layer still has to run, the one it runs last (it is refetched then)."""
         experts = self.slot_expert[layer]
         empty = np.flatnonzero(experts < 0)
         if empty.size:
             return int(empty[0])
-        candidates = np.flatnonzero(~self.needed[layer, experts])
+        candidates = np.flatnonzero(~self.needed[layer, experts] | (experts < expert))
         if candidates.size == 0:
-            candidates = np.arange(self.slots)
+            return int(np.argmax(experts))
         owners = experts[candidates]
         if self.policy is Policy.LRU:
             keys = (self.last_use[layer, owners],)

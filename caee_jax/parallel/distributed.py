@@ -62,6 +62,10 @@ def initialize(
             if "coordinator_address" in str(error):  # no cluster detected: one process
                 return False
             raise
+        except RuntimeError as error:
+            if "must be called before" in str(error):  # JAX already runs here (a notebook, a test): no cluster to join
+                return jax.process_count() > 1
+            raise
     else:
         host, port = check_cluster(coordinator, num_processes, process_id, join_timeout_s)
         rendezvous(host, port, num_processes, process_id, join_timeout_s)

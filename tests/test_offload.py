@@ -1,0 +1,197 @@
+"""Offloaded experts: bit-exactness against the all-resident model, what is (never) loaded, CAEE's price of
+a miss, refused budgets and setups, and the launcher's flags and report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_caee_policy import table
+
+import caee_jax
+from caee_jax.caee.policy import CAEEConfig, caee_prune
+from caee_jax.caee.rule_config import parse_rule
+from caee_jax.model.execution import Execution
+from caee_jax.offload import options
+from caee_jax.offload.cache import Offload, slots_for
+from caee_jax.offload.disk_store import write_disk_store
+from caee_jax.offload.store import HostStore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = [[5, 17, 3, 99, 42, 7, 11], [64, 2, 2, 130, 8]]
+TOKENS = np.array([[5, 17, 3, 99, 42, 7, 11, 1], [64, 2, 2, 130, 8, 9, 1, 0]])
+
+
+@pytest.fixture(scope="module")
+def resident():
+    """(logits [2, 8, V], greedy ids) of the all-resident tiny model."""
+    model = caee_jax.init_random("tiny")
+    return np.asarray(model(TOKENS)), caee_jax.generate(model, PROMPTS, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    model = caee_jax.init_random("tiny")
+    directory = str(tmp_path_factory.mktemp("offload") / "store")
+    write_disk_store(directory, model.config, model.state, source="tiny")
+    return directory
+
+
+def offloaded(offload: Offload, execution="loop") -> caee_jax.Model:
+    return caee_jax.init_random("tiny", execution=execution, offload=offload)
+
+
+@pytest.mark.parametrize(
+    ("store", "slots", "policy"),
+    [("host", 1, "lru"), ("host", 3, "lfu"), ("disk", 2, "cost")],
+)
+def test_offloaded_logits_and_ids_equal_the_resident_model_bit_for_bit(resident, store_dir, store, slots, policy):
+    """With pruning off, every cache size (1 slot: smaller than one token's top-4) gives the same bits."""
+    directory = store_dir if store == "disk" else None
+    model = offloaded(Offload(store, directory, experts=slots, policy=policy))
+    logits, ids = resident
+    np.testing.assert_array_equal(np.asarray(model(TOKENS)), logits)
+    assert caee_jax.generate(model, PROMPTS, max_new_tokens=6) == ids
+    manager = model.execution.offload
+    assert manager.slots == slots
+    assert np.all((manager.slot_of >= 0).sum(axis=1) <= slots)  # never more residents than slots
+
+
+def test_statistics_add_up_and_a_warm_cache_hits(resident):
+    model = offloaded(Offload("host", experts=16))  # every expert fits: only cold misses
+    result = caee_jax.generate_with_stats(model, PROMPTS, max_new_tokens=6)
+    assert result.tokens == resident[1]
+    prefill, steps = result.prefill_offload, result.decode_offload
+    assert len(steps) == len(result.decode_step_s)
+    for stats in [prefill, *steps]:
+        assert stats.fetches == stats.misses == stats.blocking_fetches + stats.prefetched_fetches
+        assert stats.bytes_read == stats.fetches * model.execution.offload.store.expert_bytes
+        assert stats.pruned_misses == 0
+    assert prefill.misses > 0 and prefill.hits + prefill.misses > 0
+    assert steps[-1].misses == 0 or steps[-1].hit_rate > 0.5  # decode mostly re-uses what prefill loaded
+
+
+class CountingStore:
+    """Wraps a store and records every (layer, expert) read from it."""
+
+    def __init__(self, store):
+        self.store, self.reads = store, []
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def read(self, layer, expert):
+        self.reads.append((layer, expert))
+        return self.store.read(layer, expert)
+
+
+@pytest.mark.parametrize("rule", ["top_p=0.6", "caee=1.5"])
+def test_pruned_misses_are_never_read(rule):
+    """A miss the rule prunes is never loaded: reads = fetches = kept misses, and some misses were pruned."""
+    rule = parse_rule(rule)
+    cost_table = table(16, 1, 4, backend="loop") if isinstance(rule, CAEEConfig) else None
+    execution = Execution("loop", pruning=rule, cost_table=cost_table)
+    model = caee_jax.init_random("tiny", execution=execution, offload=Offload("host", experts=2))
+    manager = model.execution.offload
+    manager.store = store = CountingStore(manager.store)
+    result = caee_jax.generate_with_stats(model, PROMPTS[:1], max_new_tokens=6)
+    stats = [result.prefill_offload, *result.decode_offload]
+    assert sum(s.pruned_misses for s in stats) > 0, "the rule pruned no miss: the test would check nothing"
+    assert len(store.reads) == sum(s.fetches for s in stats) == sum(s.misses for s in stats)
+
+
+def test_caee_prunes_a_miss_before_an_equally_important_resident_expert():
+    """Two experts of equal importance and cost, one resident and one on disk: the miss goes first."""
+    ids = jnp.array([[0, 1, 2, 3]], jnp.int32)
+    weights = jnp.array([[0.4, 0.3, 0.15, 0.15]], jnp.float32)
+    costs = table(16, 1, 4)
+    residency = jnp.zeros(16, jnp.int32).at[3].set(2)  # expert 3 on disk, the rest on device
+    rule = CAEEConfig(theta=0.5, refill=False)
+    keep = np.asarray(caee_prune(costs, rule, ids, weights, residency).keep_mask)[0]
+    assert keep.tolist() == [True, True, True, False]
+    residency = jnp.zeros(16, jnp.int32).at[2].set(2)  # now expert 2 is the miss
+    keep = np.asarray(caee_prune(costs, rule, ids, weights, residency).keep_mask)[0]
+    assert keep.tolist() == [True, True, False, True]
+    all_resident = np.asarray(caee_prune(costs, rule, ids, weights).keep_mask)[0]
+    assert all_resident.all()  # at theta 0.5 nothing resident is worth pruning
+
+
+def test_a_cache_budget_that_holds_nothing_is_refused_with_the_minimum():
+    store = HostStore.from_state(*_config_and_state())
+    with pytest.raises(ValueError, match=r"holds nothing; the minimum is \d+ bytes \(one expert per MoE layer\)"):
+        slots_for(store, nbytes=store.expert_bytes)
+    with pytest.raises(ValueError, match="holds nothing"):
+        slots_for(store, fraction=0.01)
+    with pytest.raises(ValueError, match="exactly one cache budget"):
+        slots_for(store, experts=2, fraction=0.5)
+    assert slots_for(store, nbytes=2 * store.config.num_moe_layers * store.expert_bytes) == 2
+    assert slots_for(store, experts=99) == store.config.n_routed_experts
+
+
+def _config_and_state():
+    model = caee_jax.init_random("tiny")
+    return model.config, model.state
+
+
+def test_offload_refuses_a_mesh_and_a_non_loop_backend():
+    with pytest.raises(ValueError, match="one device"):
+        caee_jax.init_random("tiny", mesh="expert=8", offload=Offload("host"))
+    with pytest.raises(ValueError, match="loop"):
+        caee_jax.init_random("tiny", execution="dense", offload=Offload("host"))
+
+
+def run_py(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, os.path.join(ROOT, "launch", "run.py"), "--preset", "tiny", "--max-new-tokens", "4"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_run_py_reports_offload_statistics_and_draws_the_timeline(store_dir, tmp_path):
+    plot = tmp_path / "timeline.png"
+    result = run_py(
+        "--offload", "disk", "--store-dir", store_dir, "--cache-experts", "0.25", "--offload-plot", str(plot), "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    offload = report["offload"]
+    assert offload["store"] == "disk" and offload["slots_per_layer"] == 4
+    assert len(offload["decode_steps"]) == 3 and offload["prefill"]["misses"] > 0
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--offload", "disk"], "--offload disk needs --store-dir DIR"),
+        (["--cache-experts", "4"], "--cache-experts need --offload host|disk"),
+        (["--offload", "host", "--backend", "dense"], "loop"),
+        (["--offload", "disk", "--store-dir", "/nonexistent/store"], "/nonexistent/store: not an expert store"),
+        (["--offload-plot", "x.png"], "--offload-plot needs --offload"),
+        (["--offload", "host", "--mesh", "expert=8"], "one device"),
+    ],
+)
+def test_run_py_refuses_offload_mistakes_in_one_line(flags, message, capsys):
+    assert run_module().main(["--preset", "tiny", "--max-new-tokens", "2", *flags]) == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1
+
+
+def test_cache_experts_takes_a_count_or_a_fraction(capsys):
+    assert options.cache_budget("16") == 16 and options.cache_budget("0.25") == 0.25
+    for bad in ("0", "1.5", "-2", "nan", "lots"):
+        with pytest.raises(SystemExit):
+            run_module().parse_args(["--offload", "host", "--cache-experts", bad])
+        assert "a whole number of experts >= 1, or a fraction in (0, 1)" in capsys.readouterr().err
+
+
+def run_module():
+    """launch/run.py as a module, to call its main in this process."""
+    spec = importlib.util.spec_from_file_location("run", os.path.join(ROOT, "launch", "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
