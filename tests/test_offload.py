@@ -172,6 +172,7 @@ def test_run_py_reports_offload_statistics_and_draws_the_timeline(store_dir, tmp
         (["--offload", "host", "--backend", "dense"], "loop"),
         (["--offload", "disk", "--store-dir", "/nonexistent/store"], "/nonexistent/store: not an expert store"),
         (["--offload-plot", "x.png"], "--offload-plot needs --offload"),
+        (["--offload", "host", "--cache-bytes", "1KiB"], "holds nothing; the minimum is"),
         (["--offload", "host", "--mesh", "expert=8"], "one device"),
     ],
 )
@@ -181,8 +182,14 @@ def test_run_py_refuses_offload_mistakes_in_one_line(flags, message, capsys):
     assert message in error and len(error.strip().splitlines()) == 1
 
 
-def test_cache_experts_takes_a_count_or_a_fraction(capsys):
+def test_cache_budgets_take_a_count_a_fraction_or_a_size(capsys):
     assert options.cache_budget("16") == 16 and options.cache_budget("0.25") == 0.25
+    assert options.byte_size("512MiB") == 512 * 2**20 and options.byte_size("2GB") == 2 * 10**9
+    assert options.byte_size("4096") == 4096
+    for bad in ("0", "1.5GiB", "12XB", "MiB"):
+        with pytest.raises(SystemExit):
+            run_module().parse_args(["--offload", "host", "--cache-bytes", bad])
+        assert "a size such as 536870912, 512MiB or 2GB" in capsys.readouterr().err
     for bad in ("0", "1.5", "-2", "nan", "lots"):
         with pytest.raises(SystemExit):
             run_module().parse_args(["--offload", "host", "--cache-experts", bad])

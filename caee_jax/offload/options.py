@@ -17,11 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("offloaded experts (one device)")
     group.add_argument("--offload", choices=["host", "disk"], help="keep routed experts in host RAM or on disk")
     group.add_argument("--store-dir", help=f"with --offload disk: {STORE_HELP}")
-    group.add_argument(
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument(
         "--cache-experts",
         type=cache_budget,
         help="device cache slots per MoE layer: a count (16) or a fraction of the experts (0.25, the default)",
     )
+    budget.add_argument("--cache-bytes", type=byte_size, help="device cache size for all MoE layers, e.g. 512MiB")
     group.add_argument("--cache-policy", choices=Policy.names(), default="lru", help="eviction policy")
     group.add_argument(
         "--no-prefetch", action="store_true", help="no pre-gating: read only what a layer needs, when it needs it"
@@ -41,10 +43,26 @@ def cache_budget(text: str) -> int | float:
     raise argparse.ArgumentTypeError(f"{text!r}: a whole number of experts >= 1, or a fraction in (0, 1)")
 
 
+def byte_size(text: str) -> int:
+    """--cache-bytes: a whole number of bytes with an optional unit (KiB, MiB, GiB; KB, MB, GB), e.g. 512MiB."""
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+    number = text.strip().lower().removesuffix("b")
+    digits = number.rstrip("kmgi")
+    unit = number[len(digits) :]
+    if not digits.isdigit() or unit not in units or int(digits) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size such as 536870912, 512MiB or 2GB")
+    return int(digits) * units[unit]
+
+
 def from_args(args: argparse.Namespace) -> Offload | None:
     """The `Offload` of the flags, None without --offload. ValueError for flags that do not fit together."""
     if args.offload is None:
-        given = [f for f, v in (("--store-dir", args.store_dir), ("--cache-experts", args.cache_experts)) if v]
+        flags = (
+            ("--store-dir", args.store_dir),
+            ("--cache-experts", args.cache_experts),
+            ("--cache-bytes", args.cache_bytes),
+        )
+        given = [flag for flag, value in flags if value]
         if given or args.no_prefetch or args.cache_policy != "lru":
             raise ValueError(f"{given[0] if given else 'the cache flags'} need --offload host|disk")
         return None
@@ -58,6 +76,7 @@ def from_args(args: argparse.Namespace) -> Offload | None:
         directory=args.store_dir,
         experts=budget if isinstance(budget, int) else None,
         fraction=budget if isinstance(budget, float) else None,
+        nbytes=args.cache_bytes,
         policy=args.cache_policy,
         prefetch=not args.no_prefetch,
     )
