@@ -36,6 +36,7 @@ from caee_jax.calibration.tables import signature_of
 from caee_jax.experts import ExpertWeights, run_experts
 from caee_jax.parallel.expert_parallel import EXPERT_AXIS, Dispatch, run_experts_parallel
 from caee_jax.parallel.placement import mesh_context, replicated, to_mesh
+from caee_jax.runtime.steps import step_jit
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 EXPERT_PATHS = (
@@ -109,13 +110,13 @@ def fit_quality(predicted: np.ndarray, measured: np.ndarray) -> FitQuality:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("backend",))
+@step_jit(static_argnames=("backend",))
 def _local_layer(x, topk_ids, topk_weights, keep_mask, gate, up, down, layer_index, *, backend):
     weights = ExpertWeights(gate, up, down)
     return run_experts(x, topk_ids, topk_weights, keep_mask, weights, backend, layer_index=layer_index)
 
 
-@functools.partial(jax.jit, static_argnames=("backend",))
+@step_jit(static_argnames=("backend",))
 def _parallel_layer(x, topk_ids, topk_weights, keep_mask, gate, up, down, layer_index, *, backend):
     weights = ExpertWeights(gate, up, down)
     y, _ = run_experts_parallel(

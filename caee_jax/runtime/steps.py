@@ -5,6 +5,13 @@ state of arrays as an argument (parameters are never constants in compiled code)
 process reads are replicated over the mesh (`gather_replicated`). `expert_cache` is the device expert
 cache of a model whose experts are offloaded (`offload/`), None otherwise: donated and returned updated.
 Letters: B batch, T tokens, V vocab, L MoE layers, S devices (expert shards), K top-k, E experts, D hidden.
+
+On CPU the steps compile without XLA's while-loop-invariant code motion (`step_jit`). XLA:CPU has no
+bf16 dot, so it converts a bf16 weight operand to f32; the weight stacks [L, ...] are loop-invariant
+in the layer scan and the expert loop, so that pass hoisted the conversion of every whole stack out of
+the loops: each bf16 decode step converted all weights, active experts or not (bundled model, batch 1:
+~40 ms against ~2.5 ms in f32). Without it the conversion fuses into each read of the one slice in use
+(`docs/RESULTS.md`; `tests/test_bf16_compile.py` checks the optimised HLO).
 """
 
 from __future__ import annotations
@@ -25,19 +32,42 @@ from caee_jax.routing.ops import expert_load
 from caee_jax.runtime.sampling import sample
 
 
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def step_jit(**jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)`, compiled with CPU_COMPILER_OPTIONS when the default backend is CPU
+    (chosen at call time: importing this module must not start JAX before `jax.distributed.initialize`)."""
+
+    def decorate(fn):
+        plain, cpu = jax.jit(fn, **jit_kwargs), jax.jit(fn, compiler_options=CPU_COMPILER_OPTIONS, **jit_kwargs)
+
+        def choose():
+            return cpu if jax.default_backend() == "cpu" else plain
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            return choose()(*args, **kwargs)
+
+        call.lower = lambda *args, **kwargs: choose().lower(*args, **kwargs)
+        return call
+
+    return decorate
+
+
 def sampling_key(seed, step):
     """The sampling key of a step, derived inside jit (no host key array to place on a mesh)."""
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "execution"), donate_argnames=("expert_cache",))
+@step_jit(static_argnames=("graphdef", "execution"), donate_argnames=("expert_cache",))
 def logits(graphdef, state, tokens, expert_cache=None, *, execution: Execution):
     """tokens [B, T] -> (full-sequence logits [B, T, V] f32, expert_cache)."""
     out = nnx.merge(graphdef, state)(tokens, execution=execution, expert_cache=expert_cache)
     return out.logits, out.expert_cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "execution"), donate_argnames=("expert_cache",))
+@step_jit(static_argnames=("graphdef", "cache_len", "execution"), donate_argnames=("expert_cache",))
 def prefill(
     graphdef, state, tokens, lengths, seed, temperature, top_p, expert_cache=None, *, cache_len: int, execution
 ):
@@ -67,7 +97,7 @@ def _counts(model, out, execution: Execution) -> jax.Array:
     return routing_counts(out.routing, model.config.n_routed_experts, pruned=execution.pruning is not None)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "execution"), donate_argnames=("cache", "expert_cache"))
+@step_jit(static_argnames=("graphdef", "execution"), donate_argnames=("cache", "expert_cache"))
 def decode_step(
     graphdef, state, cache, tokens, positions, seed, step, temperature, top_p, expert_cache=None, *, execution
 ):
@@ -80,7 +110,7 @@ def decode_step(
     return gather_replicated(ids), out.cache, counts, out.expert_cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "execution", "table"), donate_argnames=("cache",))
+@step_jit(static_argnames=("graphdef", "execution", "table"), donate_argnames=("cache",))
 def teacher_forced_step(graphdef, state, cache, tokens, positions, *, execution: Execution, table: CostTable | None):
     """tokens [B] at positions [B] -> (log-probabilities [B, V], cache, routing counts [4] (`routing_counts`),
     predicted MoE time per layer and device [2, L, S]: unpruned, as run (s; 0 without table))."""
@@ -96,7 +126,7 @@ def teacher_forced_step(graphdef, state, cache, tokens, positions, *, execution:
     return replicated[0], out.cache, *replicated[1:]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "execution"))
+@step_jit(static_argnames=("graphdef", "execution"))
 def score_windows(graphdef, state, windows, *, execution: Execution):
     """windows [B, T + 1] -> (nll [B, T], correct [B, T], topk_ids [L, B, T, K], topk_weights [L, B, T, K]):
     each token after a window's first predicted from the ones before it."""
@@ -108,7 +138,7 @@ def score_windows(graphdef, state, windows, *, execution: Execution):
     return nll, correct, out.routing.topk_ids, out.routing.topk_weights
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "execution"))
+@step_jit(static_argnames=("graphdef", "execution"))
 def expert_sums(graphdef, state, tokens, *, execution: Execution):
     """tokens [B, T] -> (expert output sums [L, E, D] f32, routed pairs per expert [L, E] int32)."""
     model = nnx.merge(graphdef, state)
