@@ -1,6 +1,7 @@
 """Convert an HF DeepSeek-layout checkpoint (FP8 block-scaled, bf16 or fp32) into caee-jax's Orbax format.
 
     python -m checkpoints_tools.convert_hf --hf-dir SRC --out DST [--dtype bfloat16|float32] [--verify]
+        [--expert-store STORE]
 
 - Checks the whole source first, from the safetensors headers (`HFSource.check`): a missing, unexpected,
   misshapen or wrongly typed tensor, an FP8 tensor without its scale, a truncated or corrupted file or an
@@ -17,6 +18,8 @@
   the same arguments skips marked units and rewrites any unit that was cut short.
 - --verify checks every unit's item, then re-reads a sample of parameters from DST and compares them bit for
   bit with the source (dequantised to the target dtype); exit status 2 on a damaged unit or a mismatch.
+- --expert-store STORE then writes DST's routed experts as a disk expert store for offloading
+  (`checkpoints_tools/expert_store.py`), one MoE layer at a time.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from tqdm import tqdm
 from caee_jax.caee import expert_means
 from caee_jax.config import ConfigError, ModelConfig
 from caee_jax.files import LockedError, atomic_write, exclusive_lock
+from caee_jax.offload.store import StoreError
 from caee_jax.weights.hf_layout import is_buffer, mtp_module
 from caee_jax.weights.hf_source import HFSource
 from caee_jax.weights.orbax_checkpoint import (
@@ -54,6 +58,7 @@ from caee_jax.weights.orbax_checkpoint import (
     units,
 )
 from caee_jax.weights.safetensors_io import CheckpointError
+from checkpoints_tools.expert_store import write_from_converted
 
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 PLAN = "plan.json"  # in DST.partial: what is being converted; a resume must match it
@@ -346,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true", help="then compare a sample of parameters with the source")
     parser.add_argument("--verify-samples", type=int, default=8, help="parameters compared by --verify")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--expert-store", help="then write the routed experts as a disk expert store here (offload)")
     args = parser.parse_args(argv)
 
     def log(message: str) -> None:
@@ -363,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.verify and not verify(args.hf_dir, args.out, args.verify_samples, log=log):
             return 2
+        if args.expert_store:
+            manifest = write_from_converted(args.out, args.expert_store, progress=not args.no_progress)
+            print(f"wrote expert store {args.expert_store} (fingerprint {manifest['fingerprint'][:16]})")
+    except StoreError as e:
+        log(f"error: {e}")
+        return 2
     except LockedError as e:
         log(f"error: {e}")
         return 2

@@ -3,7 +3,9 @@
     python -m checkpoints_tools.expert_store [--model DIR | --preset NAME] --out DIR [--dtype float32|bfloat16]
 
 --model: any checkpoint `caee_jax.load` reads (HF directory, converted Orbax directory); --preset: a
-random-weight preset (seed 0, for tests and benchmarks); neither: the bundled model. --dtype: the stored
+random-weight preset (seed 0, for tests and benchmarks); neither: the bundled model. A converted (Orbax)
+checkpoint is streamed one MoE layer at a time, so its experts may be larger than memory; the converter
+writes a store the same way (`convert_hf --expert-store DIR`). --dtype: the stored
 dtype (default: the checkpoint's, float32 for HF directories and presets). The store is written
 atomically (DST.partial, then a rename) and an existing DST is never overwritten. Exit status 2 on a
 user mistake (missing checkpoint, unknown preset, existing output, ...), with a one-line error.
@@ -17,10 +19,12 @@ import sys
 
 import caee_jax
 from caee_jax.api import BUNDLED_MODEL, DTYPES
-from caee_jax.config import ConfigError
+from caee_jax.config import ConfigError, ModelConfig
 from caee_jax.files import LockedError
 from caee_jax.offload.disk_store import write_disk_store
 from caee_jax.offload.store import StoreError
+from caee_jax.routing.backend import ExpertWeights
+from caee_jax.weights.orbax_checkpoint import ExpertLayers, is_converted
 from caee_jax.weights.safetensors_io import CheckpointError
 
 USER_ERRORS = (CheckpointError, ConfigError, StoreError, LockedError, FileNotFoundError, NotADirectoryError)
@@ -32,6 +36,15 @@ def _load(args: argparse.Namespace) -> tuple[caee_jax.Model, str]:
         return caee_jax.init_random(args.preset, dtype=args.dtype or "float32"), f"preset {args.preset} (seed 0)"
     path = os.path.abspath(args.model or BUNDLED_MODEL)
     return caee_jax.load(path, dtype=args.dtype), path
+
+
+def write_from_converted(directory: str, out: str, dtype=None, progress: bool = True) -> dict:
+    """Writes the store of a converted checkpoint, reading one MoE layer's experts at a time; returns the
+    manifest. dtype: the stored dtype (default: the checkpoint's)."""
+    directory = os.path.abspath(directory)
+    config = ModelConfig.from_hf(directory)
+    stacks = ExpertWeights(*(ExpertLayers(directory, config, name, dtype) for name in ExpertWeights._fields))
+    return write_disk_store(out, config, stacks, source=directory, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if os.path.exists(args.out):  # before loading the model; the writer checks again under its lock
             raise StoreError(f"{args.out}: exists; remove it first or choose another output")
-        model, description = _load(args)
-        manifest = write_disk_store(
-            args.out, model.config, model.state, source=description, progress=not args.no_progress
-        )
+        if args.model and is_converted(args.model):
+            manifest = write_from_converted(args.model, args.out, args.dtype, progress=not args.no_progress)
+        else:
+            model, description = _load(args)
+            manifest = write_disk_store(
+                args.out, model.config, model.state, source=description, progress=not args.no_progress
+            )
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -343,3 +343,26 @@ def test_killed_conversion_resumes_without_redoing_finished_units(release, conve
         uninterrupted = restore_unit(os.path.join(converted, unit.name), targets)
         for path in targets:
             np.testing.assert_array_equal(np.asarray(resumed[path]), np.asarray(uninterrupted[path]), err_msg=unit.name)
+
+
+def test_expert_store_from_a_converted_checkpoint_equals_the_loaded_experts(release, converted, tmp_path, capsys):
+    """The store streamed from the Orbax items (one layer at a time) holds the loaded model's experts bit for
+    bit, in the stored dtype or another; the converter writes the same store with --expert-store."""
+    from caee_jax.offload.disk_store import DiskStore
+    from caee_jax.offload.store import HostStore
+    from checkpoints_tools import expert_store
+
+    for dtype in ("float32", "bfloat16"):
+        model = caee_jax.load(converted, dtype=dtype)
+        out = str(tmp_path / dtype)
+        assert expert_store.main(["--model", converted, "--out", out, "--dtype", dtype, "--no-progress"]) == 0
+        host = HostStore.from_state(model.config, model.state)
+        with DiskStore(out, model.config, model.dtype) as disk:
+            for layer, expert in ((0, 0), (1, 15), (1, 6)):
+                for got, want in zip(disk.read(layer, expert), host.read(layer, expert), strict=True):
+                    np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))
+    args = ["--hf-dir", release[0], "--out", str(tmp_path / "again"), "--dtype", "float32", "--no-progress"]
+    assert convert_hf.main([*args, "--expert-store", str(tmp_path / "store")]) == 0
+    with open(tmp_path / "store" / "manifest.json") as f, open(tmp_path / "float32" / "manifest.json") as g:
+        assert json.load(f)["fingerprint"] == json.load(g)["fingerprint"]
+    capsys.readouterr()

@@ -31,7 +31,6 @@ from caee_jax.parallel.placement import gather_replicated
 from caee_jax.routing.ops import expert_load
 from caee_jax.runtime.sampling import sample
 
-
 CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 

@@ -232,6 +232,25 @@ def restore_model(directory: str, config: ModelConfig, dtype, mesh: Mesh | None 
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+class ExpertLayers:
+    """One routed-expert stack ("gate", "up" or "down") of a converted checkpoint, [L, E, ...] with `shape`
+    and `dtype` (the stored one, or `dtype`), read one MoE layer at a time: `stack[layer]` restores that
+    layer's [E, ...] array from its item as numpy. Lets the expert-store writer stream a checkpoint larger
+    than memory."""
+
+    def __init__(self, directory: str, config: ModelConfig, name: str, dtype=None):
+        stored = jnp.dtype(read_metadata(directory)["dtype"])
+        stacked = _flat_abstract(abstract_model(config, stored))[("moe_layers", "ffn", f"{name}_proj")]
+        self.directory, self.shape, self.dtype = directory, tuple(stacked.shape), jnp.dtype(dtype or stored)
+        device = SingleDeviceSharding(jax.devices()[0])
+        self._target = {("ffn", f"{name}_proj"): jax.ShapeDtypeStruct(self.shape[1:], self.dtype, sharding=device)}
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        path = os.path.join(self.directory, f"moe_layers/{layer:03d}")
+        (value,) = restore_unit(path, self._target, partial=True).values()
+        return np.asarray(value)
+
+
 def load_mtp(directory: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None) -> list[MTPLayer]:
     """The MTP modules of a converted checkpoint (empty when it has none), on `mesh` when given.
 
