@@ -38,6 +38,7 @@ from caee_jax.caee.peer_rules import check_top_k
 from caee_jax.caee.policy import CAEEConfig
 from caee_jax.caee.pruning import uses_mean
 from caee_jax.caee.rule_config import load_rule, parse_rule
+from caee_jax.calibration.staleness import probe_table, stale_warning
 from caee_jax.calibration.tables import select_table
 from caee_jax.config import PRESETS, ModelConfig, preset
 from caee_jax.eval.offload_timeline import offload_report, plot_timeline
@@ -75,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     pruning.add_argument("--cost-table-any-setup", action="store_true", help=ANY_SETUP_HELP)
     pruning.add_argument("--compensation", choices=COMPENSATIONS, help="overrides the rule's compensation")
     pruning.add_argument("--expert-means", help="for compensation mean (default: CHECKPOINT/expert_means.npz)")
+    pruning.add_argument(
+        "--skip-table-probe", action="store_true", help="do not time a few MoE-layer calls against the cost table"
+    )
     offload_options.add_arguments(parser)
     parser.add_argument("--offload-plot", help="with --offload: a PNG of each decode step's fetch vs compute time")
     distributed.add_arguments(parser, local_processes=False)
@@ -116,6 +120,7 @@ def main(argv=None) -> int:
             print(f"error: compensation mean: {error}", file=sys.stderr)
             return 2
     load_s = time.perf_counter() - start
+    probe = _probe_table(model, args) if execution.cost_table is not None and not args.skip_table_probe else None
 
     if args.prompt_ids is not None:
         prompt = args.prompt_ids
@@ -159,6 +164,8 @@ def main(argv=None) -> int:
             )
         ),
     }
+    if probe is not None:
+        report["table_probe"] = dict(ratio=probe.ratio, seconds=probe.seconds, cases=probe.cases, stale=probe.stale)
     manager = model.execution.offload
     if manager is not None:
         report["offload"] = {
@@ -221,6 +228,21 @@ def _execution(args, mesh) -> Execution:
         )
         table = _table(config, mesh, args)
     return Execution(args.backend, pruning=rule, cost_table=table)
+
+
+def _probe_table(model, args):
+    """Times a few MoE-layer calls against the cost table (about a second; every process takes part) and
+    warns on stderr when its predictions are off; None for an offloaded model (its experts are not on device)."""
+    if model.execution.offload is not None:
+        return None
+    probe = probe_table(model, model.execution.cost_table)
+    source = f"--preset {args.preset}" if args.preset else f"--model {args.checkpoint}" if args.checkpoint else ""
+    mesh = f" --mesh {args.mesh}" if args.mesh else ""
+    command = f"python launch/calibrate.py {source} --dtype {args.dtype} --backend {args.backend}{mesh}"
+    warning = stale_warning(probe, model.execution.cost_table, " ".join(command.split()))
+    if warning and jax.process_index() == 0:
+        print(warning, file=sys.stderr)
+    return probe
 
 
 def _table(config, mesh, args):

@@ -304,12 +304,22 @@ class Validation:
         )
 
 
-def validate(model, table: CostTable, *, cases_per_size: int = 8, repeats: int = 15, seed: int = 2) -> Validation:
-    """Measures the layer on routings never used for calibration and compares with `predict`."""
+def validate(
+    model,
+    table: CostTable,
+    *,
+    cases_per_size: int = 8,
+    repeats: int = 15,
+    seed: int = 2,
+    sizes=TOKEN_COUNTS,
+    progress: bool = True,
+) -> Validation:
+    """Measures the layer on routings never used for calibration (`sizes`: token counts) and compares with
+    `predict`."""
     bench = Bench(model, repeats)
     config = model.config
-    cases = random_cases(seed, cases_per_size, config.n_routed_experts, config.num_experts_per_tok)
-    show = jax.process_index() == 0
+    cases = random_cases(seed, cases_per_size, config.n_routed_experts, config.num_experts_per_tok, sizes)
+    show = progress and jax.process_index() == 0
     measured = np.array([bench.time_layer(case) for case in tqdm(cases, desc="validation", disable=not show)])
     predict_fn = jax.jit(functools.partial(predict, table))
     predicted = np.array([float(predict_fn(case.topk_ids, case.keep_mask).layer_s) for case in cases])

@@ -1,0 +1,42 @@
+"""The cost-table probe: a table calibrated here is silent, one whose constants are off by 2x warns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import caee_jax
+from caee_jax.calibration.costs import calibrate
+from caee_jax.calibration.staleness import STALE_RATIO, Probe, probe_table, stale_warning
+
+
+def scaled(table, factor: float):
+    """The table with every time constant multiplied by `factor`."""
+    devices = tuple(
+        dataclasses.replace(
+            d, fixed_s=d.fixed_s * factor, pair_s=d.pair_s * factor, activation_s=d.activation_s * factor
+        )
+        for d in table.devices
+    )
+    return dataclasses.replace(table, devices=devices)
+
+
+def test_a_fresh_table_is_silent_and_a_table_off_by_2x_warns(tmp_path):
+    model = caee_jax.init_random("tiny")
+    table = calibrate(model, cases_per_size=3, repeats=5, scratch_dir=str(tmp_path))
+    fresh = probe_table(model, table)
+    assert not fresh.stale, f"a table calibrated seconds ago predicts {fresh.ratio:.2f}x the measured times"
+    assert stale_warning(fresh, table, "python launch/calibrate.py") is None
+    assert fresh.cases == 6 and fresh.seconds < 30
+    for factor in (2.0, 0.5):
+        probe = probe_table(model, scaled(table, factor))
+        assert probe.stale
+        warning = stale_warning(probe, table, "python launch/calibrate.py --preset tiny")
+        assert warning.startswith("warning: the cost table for ") and warning.count("\n") == 0
+        assert f"{probe.ratio:.2f}x the measured ones" in warning
+        assert warning.endswith("recalibrate with: python launch/calibrate.py --preset tiny")
+        assert ("faster" if factor > 1 else "slower") in warning
+
+
+def test_the_bounds_are_a_factor_either_way():
+    assert not Probe(STALE_RATIO, 1.0, 6).stale and not Probe(1 / STALE_RATIO, 1.0, 6).stale
+    assert Probe(STALE_RATIO * 1.01, 1.0, 6).stale and Probe(0.99 / STALE_RATIO, 1.0, 6).stale
