@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_two_checkouts import ratio_interval  # benchmarks/ is on sys.path when a script runs
 
 import caee_jax
 from caee_jax.model.cache import LatentCache
@@ -46,14 +47,6 @@ def compiled_step(model, batch: int, jitted):
 
     run()
     return run
-
-
-def ratio_interval(base: np.ndarray, cand: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """median(cand) / median(base) and a bootstrap 95% interval (rounds resampled together)."""
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(base), (2000, len(base)))
-    ratios = np.median(cand[picks], axis=1) / np.median(base[picks], axis=1)
-    return float(np.median(cand) / np.median(base)), *np.quantile(ratios, [0.025, 0.975]).tolist()
 
 
 def main() -> None:
