@@ -49,6 +49,7 @@ def step_jit(**jit_kwargs):
             return choose()(*args, **kwargs)
 
         call.lower = lambda *args, **kwargs: choose().lower(*args, **kwargs)
+        call.trace = lambda *args, **kwargs: choose().trace(*args, **kwargs)
         return call
 
     return decorate
