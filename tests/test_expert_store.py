@@ -176,8 +176,11 @@ def test_prefetch_then_read_returns_the_prefetched_arrays(copy):
             store.read(1, 4)
         with pytest.raises(StoreError, match="layer 1 expert 2"):
             store.read(1, 2)  # taken from staging once
-        store.prefetch(0, range(10))
-        assert list(store._staged) == [(0, e) for e in range(6, 10)]
+        store.prefetch(0, range(10))  # a full staging area drops nothing: the first 4 stay
+        assert list(store._staged) == [(0, e) for e in range(4)]
+        store.retain(0, [3, 1])  # a layer's needs make room, whatever was staged first
+        store.prefetch(1, [5, 6, 7])
+        assert list(store._staged) == [(0, 1), (0, 3), (1, 5), (1, 6)]
 
 
 def test_out_of_range_ids_and_closed_store(written):

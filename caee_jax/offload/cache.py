@@ -157,7 +157,8 @@ class CacheManager:
 
     def announce(self, layer, kept: np.ndarray, routed: np.ndarray, next_hint: np.ndarray) -> None:
         """Layer `layer` will run the experts `kept` [E] bool (routed [E]: before pruning). Records hits and
-        use, counts misses, starts reading the misses in the background, scores the previous layer's
+        use, counts misses, drops staged reads this layer does not need, starts reading the misses in the
+        background (before any prediction, so they come first on the read pool), scores the previous layer's
         prediction of `kept`, and (with `prefetch`) starts reading the next layer's predicted experts
         `next_hint` [E] bool that are not resident."""
         layer = int(layer)
@@ -178,7 +179,9 @@ class CacheManager:
         self.step.pruned_misses += int(np.sum(routed & ~kept & ~resident))
         prefetch = getattr(self.store, "prefetch", None)
         if prefetch is not None:
-            prefetch(layer, np.flatnonzero(kept & ~resident).tolist())
+            misses = np.flatnonzero(kept & ~resident).tolist()
+            self.store.retain(layer, misses)  # mispredicted reads make room for this layer's misses
+            prefetch(layer, misses)
         if layer + 1 < self.num_layers and next_hint.any():
             self.predicted[layer + 1] = next_hint
             if prefetch is not None and self.prefetch:
