@@ -238,6 +238,8 @@ class Offload:
       `fraction` of each layer's experts (default 0.25 when none is given), or `nbytes` for the whole
       cache. policy: eviction (module doc). prefetch: read the next layer's predicted experts (pre-gating)
       in the background while this layer computes (a disk store's thread pool; host reads are copies).
+    dtype: a disk store's expert dtype when narrower than the model's (e.g. bfloat16 experts under a
+      float32 model: each active expert is converted inside the expert loop); None: the model's dtype.
     """
 
     store: str = "host"
@@ -247,12 +249,15 @@ class Offload:
     nbytes: int | None = None
     policy: Policy = Policy.LRU
     prefetch: bool = True
+    dtype: str | None = None
 
     def __post_init__(self):
         if self.store not in ("host", "disk"):
             raise ValueError(f"offload store {self.store!r} is not 'host' or 'disk'")
         if (self.store == "disk") != (self.directory is not None):
             raise ValueError("a disk store needs its directory, and only a disk store takes one")
+        if self.dtype is not None and self.store != "disk":
+            raise ValueError("only a disk store takes its own dtype (a host store holds the model's weights)")
         object.__setattr__(self, "policy", Policy.parse(self.policy, "eviction policy"))
 
     def manager(self, store: ExpertStore, table: CostTable | None = None) -> CacheManager:

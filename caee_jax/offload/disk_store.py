@@ -326,6 +326,8 @@ def write_disk_store(
 ) -> dict:
     """Writes the routed experts of a model state (or of ExpertWeights stacks [L, E, ...]) as a disk store
     at `directory`; returns its manifest. `source` (e.g. the checkpoint path) is recorded in the manifest.
+    A stack may be any object with `shape`, `dtype` and `stack[layer]` -> [E, ...] array: one generated
+    layer by layer lets a store larger than host RAM be written.
 
     Atomic: everything goes to `directory`.partial, is fsynced, then renamed to `directory`, so the target
     is absent or complete; an existing target is never overwritten. Under `exclusive_lock(directory)`, so
