@@ -44,12 +44,19 @@ class Policy(Choice):
 
 
 class ExpertCache(NamedTuple):
-    """gate, up [L, S, D, F]; down [L, S, F, D] (the model's dtype); slot_of [L, E] int32 (-1: not resident)."""
+    """gate, up [L, S, D, F]; down [L, S, F, D]: the store dtype's bits as unsigned integers of its width
+    (XLA:CPU would update a bfloat16 cache in float32, converting all of it on every fetch; integers are
+    only moved); slot_of [L, E] int32 (-1: not resident)."""
 
     gate: jnp.ndarray
     up: jnp.ndarray
     down: jnp.ndarray
     slot_of: jnp.ndarray
+
+
+def cache_bits(dtype) -> np.dtype:
+    """The unsigned integer dtype an `ExpertCache` holds `dtype`'s weights as."""
+    return np.dtype(f"uint{8 * np.dtype(dtype).itemsize}")
 
 
 @dataclasses.dataclass
@@ -141,7 +148,7 @@ class CacheManager:
 
     def empty_cache(self) -> ExpertCache:
         """The device state of an empty cache (and resets the host side to match)."""
-        c, dtype = self.store.config, self.store.dtype
+        c, dtype = self.store.config, cache_bits(self.store.dtype)
         self.slot_expert[:] = -1
         self.slot_of[:] = -1
         d, f, shape = c.hidden_size, c.moe_intermediate_size, (self.num_layers, self.slots)
