@@ -21,6 +21,7 @@ from caee_jax.offload.cache import Offload
 from caee_jax.offload.disk_store import ALIGNMENT, MANIFEST, RECORDS, DiskStore, write_disk_store
 from caee_jax.offload.store import EXPERT_PATHS, HostStore, StoreError, expert_stacks
 from caee_jax.routing.backend import ExpertWeights
+from caee_jax.runtime import steps
 from checkpoints_tools import expert_store
 
 
@@ -273,4 +274,8 @@ def test_bfloat16_experts_under_a_float32_model_match_the_rounded_resident_model
     assert offloaded.expert_cache.gate.dtype == jnp.uint16  # bfloat16 bits
     tokens = np.arange(24).reshape(2, 12) % model.config.vocab_size
     assert same_bits(np.asarray(offloaded(tokens)), np.asarray(model(tokens)))
+    ids, cache = tokens.astype(np.int32), offloaded.expert_cache
+    lowered = steps.logits.lower(offloaded.graphdef, offloaded.state, ids, cache, execution=offloaded.execution)
+    whole_cache = "f32[{},{},{},{}]".format(*offloaded.expert_cache.gate.shape)
+    assert whole_cache not in lowered.compile().as_text()  # never converted as a whole, only per expert
     offloaded.execution.offload.store.close()
