@@ -81,7 +81,7 @@ class Model:
         if self.mesh is not None:
             raise ValueError("offloaded experts run on one device for now; load without a mesh")
         if offload.store == "disk":
-            store = DiskStore(offload.directory, self.config, self.dtype)
+            store = DiskStore(offload.directory, self.config, offload.dtype or self.dtype)
         else:
             store = HostStore.from_state(self.config, self.state)
         manager = offload.manager(store, self.execution.cost_table)
@@ -168,10 +168,16 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, execution="loop",
 def init_random(
     config: ModelConfig | str, *, seed: int = 0, dtype="float32", execution="loop", mesh=None, offload=None
 ) -> Model:
-    """A model with random weights (normal(0, 0.02)) for a config or preset name: tests, demos, benchmarks."""
+    """A model with random weights (normal(0, 0.02)) for a config or preset name: tests, demos, benchmarks.
+
+    With a disk `offload` the routed experts come from the store, so they are never drawn (a model whose
+    experts exceed host RAM can be built); the other weights then differ from the same seed's resident ones.
+    """
     if isinstance(config, str):
         config = preset(config)
     dtype = _dtype(dtype)
     abstract = nnx.eval_shape(lambda: DeepseekV3(config, dtype=dtype, rngs=nnx.Rngs(seed)))
-    graphdef = nnx.graphdef(abstract)
-    return Model(nnx.merge(graphdef, random_state(abstract, seed)), None, execution, mesh, offload)
+    graphdef, state = nnx.split(abstract)
+    if offload is not None and offload.store == "disk":
+        state = without_routed_experts(state)
+    return Model(nnx.merge(graphdef, random_state(state, seed)), None, execution, mesh, offload)

@@ -9,13 +9,19 @@ import json
 import os
 import shutil
 
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
 import caee_jax
 from caee_jax.offload import disk_store
+from caee_jax.offload.cache import Offload
 from caee_jax.offload.disk_store import ALIGNMENT, MANIFEST, RECORDS, DiskStore, write_disk_store
-from caee_jax.offload.store import HostStore, StoreError
+from caee_jax.offload.store import EXPERT_PATHS, HostStore, StoreError, expert_stacks
+from caee_jax.routing.backend import ExpertWeights
+from caee_jax.runtime import steps
 from checkpoints_tools import expert_store
 
 
@@ -176,8 +182,11 @@ def test_prefetch_then_read_returns_the_prefetched_arrays(copy):
             store.read(1, 4)
         with pytest.raises(StoreError, match="layer 1 expert 2"):
             store.read(1, 2)  # taken from staging once
-        store.prefetch(0, range(10))
-        assert list(store._staged) == [(0, e) for e in range(6, 10)]
+        store.prefetch(0, range(10))  # a full staging area drops nothing: the first 4 stay
+        assert list(store._staged) == [(0, e) for e in range(4)]
+        store.retain(0, [3, 1])  # a layer's needs make room, whatever was staged first
+        store.prefetch(1, [5, 6, 7])
+        assert list(store._staged) == [(0, 1), (0, 3), (1, 5), (1, 6)]
 
 
 def test_out_of_range_ids_and_closed_store(written):
@@ -220,3 +229,53 @@ def test_cli_writes_a_store_and_refuses_user_mistakes(tmp_path, capsys):
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
     assert "exists" in errors[0] and "unknown preset" in errors[1] and "not a checkpoint directory" in errors[2]
+
+
+class LayerByLayer:
+    """An expert stack that exists one layer at a time (`stack[layer]` builds it): records what was built."""
+
+    def __init__(self, stack: np.ndarray):
+        self.stack, self.shape, self.dtype, self.built = stack, stack.shape, stack.dtype, []
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        self.built.append(layer)
+        return self.stack[layer].copy()
+
+
+def test_a_store_is_written_from_stacks_built_layer_by_layer(written, tmp_path):
+    model, directory = written
+    stacks = [LayerByLayer(np.asarray(w)) for w in expert_stacks(model.state)]
+    manifest = write_disk_store(str(tmp_path / "lazy"), model.config, ExpertWeights(*stacks))
+    assert manifest["fingerprint"] == disk_store.read_manifest(directory)["fingerprint"]
+    assert all(s.built == list(range(model.config.num_moe_layers)) for s in stacks)
+
+
+def test_init_random_with_a_disk_store_never_draws_the_routed_experts(written):
+    model, directory = written
+    offload = Offload(store="disk", directory=directory, experts=2)
+    offloaded = caee_jax.init_random("tiny", dtype=model.dtype, offload=offload)
+    gate = dict(nnx.to_flat_state(offloaded.state))[("moe_layers", "ffn", "gate_proj")].get_value()
+    assert gate.shape[1] == 0
+    assert len(caee_jax.generate(offloaded, [[1, 2, 3]], max_new_tokens=3)[0]) > 0
+    offloaded.execution.offload.store.close()
+
+
+def test_bfloat16_experts_under_a_float32_model_match_the_rounded_resident_model(tmp_path):
+    model = caee_jax.init_random("tiny", dtype="float32")
+    flat = dict(nnx.to_flat_state(model.state))
+    for path in EXPERT_PATHS.values():
+        rounded = flat[path].get_value().astype("bfloat16")
+        flat[path] = flat[path].replace(rounded.astype("float32"))
+    model.state = nnx.from_flat_state(flat)
+    stacks = ExpertWeights(*(np.asarray(w).astype(ml_dtypes.bfloat16) for w in expert_stacks(model.state)))
+    write_disk_store(str(tmp_path / "bf16"), model.config, stacks)
+    offload = Offload(store="disk", directory=str(tmp_path / "bf16"), experts=2, dtype="bfloat16")
+    offloaded = caee_jax.Model(nnx.merge(model.graphdef, model.state), offload=offload)
+    assert offloaded.expert_cache.gate.dtype == jnp.uint16  # bfloat16 bits
+    tokens = np.arange(24).reshape(2, 12) % model.config.vocab_size
+    assert same_bits(np.asarray(offloaded(tokens)), np.asarray(model(tokens)))
+    ids, cache = tokens.astype(np.int32), offloaded.expert_cache
+    lowered = steps.logits.lower(offloaded.graphdef, offloaded.state, ids, cache, execution=offloaded.execution)
+    whole_cache = "f32[{},{},{},{}]".format(*offloaded.expert_cache.gate.shape)
+    assert whole_cache not in lowered.compile().as_text()  # never converted as a whole, only per expert
+    offloaded.execution.offload.store.close()

@@ -67,8 +67,9 @@ class MLP(nnx.Module):
         return (jax.nn.silu(gate) * up) @ self.down_proj[...]
 
 
-def random_state(abstract: nnx.Module, seed: int) -> nnx.State:
-    """Concrete random values for an abstract module's parameters, drawn with numpy.
+def random_state(abstract: nnx.Module | nnx.State, seed: int) -> nnx.State:
+    """Concrete random values for an abstract module's parameters (or an abstract state), drawn with numpy.
+    A variable that is already concrete keeps its value (e.g. an empty expert stack: nothing is drawn).
 
     Same distribution as the modules' own initialisers (normal(0, 0.02), ones for norms, zeros for
     other variables) without compiling an XLA initialiser, which takes seconds per model on CPU.
@@ -76,6 +77,8 @@ def random_state(abstract: nnx.Module, seed: int) -> nnx.State:
     rng = np.random.default_rng(seed)
 
     def fill(variable: nnx.Variable) -> nnx.Variable:
+        if isinstance(variable.get_value(), jax.Array):
+            return variable
         init = variable.get_metadata().get("init")
         if init == "normal":
             value = INIT_STD * rng.standard_normal(variable.shape, np.float32)
@@ -85,4 +88,5 @@ def random_state(abstract: nnx.Module, seed: int) -> nnx.State:
             value = np.zeros(variable.shape, np.float32)
         return variable.replace(jnp.asarray(value, variable.dtype))
 
-    return jax.tree.map(fill, nnx.state(abstract), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    state = abstract if isinstance(abstract, nnx.State) else nnx.state(abstract)
+    return jax.tree.map(fill, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

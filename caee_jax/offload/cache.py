@@ -44,12 +44,19 @@ class Policy(Choice):
 
 
 class ExpertCache(NamedTuple):
-    """gate, up [L, S, D, F]; down [L, S, F, D] (the model's dtype); slot_of [L, E] int32 (-1: not resident)."""
+    """gate, up [L, S, D, F]; down [L, S, F, D]: the store dtype's bits as unsigned integers of its width
+    (XLA:CPU would update a bfloat16 cache in float32, converting all of it on every fetch; integers are
+    only moved); slot_of [L, E] int32 (-1: not resident)."""
 
     gate: jnp.ndarray
     up: jnp.ndarray
     down: jnp.ndarray
     slot_of: jnp.ndarray
+
+
+def cache_bits(dtype) -> np.dtype:
+    """The unsigned integer dtype an `ExpertCache` holds `dtype`'s weights as."""
+    return np.dtype(f"uint{8 * np.dtype(dtype).itemsize}")
 
 
 @dataclasses.dataclass
@@ -142,7 +149,7 @@ class CacheManager:
 
     def empty_cache(self) -> ExpertCache:
         """The device state of an empty cache (and resets the host side to match)."""
-        c, dtype = self.store.config, self.store.dtype
+        c, dtype = self.store.config, cache_bits(self.store.dtype)
         self.slot_expert[:] = -1
         self.slot_of[:] = -1
         d, f, shape = c.hidden_size, c.moe_intermediate_size, (self.num_layers, self.slots)
@@ -158,7 +165,8 @@ class CacheManager:
 
     def announce(self, layer, kept: np.ndarray, routed: np.ndarray, next_hint: np.ndarray) -> None:
         """Layer `layer` will run the experts `kept` [E] bool (routed [E]: before pruning). Records hits and
-        use, counts misses, starts reading the misses in the background, scores the previous layer's
+        use, counts misses, drops staged reads this layer does not need, starts reading the misses in the
+        background (before any prediction, so they come first on the read pool), scores the previous layer's
         prediction of `kept`, and (with `prefetch`) starts reading the next layer's predicted experts
         `next_hint` [E] bool that are not resident."""
         layer = int(layer)
@@ -180,7 +188,9 @@ class CacheManager:
         self.step.pruned_misses += int(np.sum(routed & ~kept & ~resident))
         prefetch = getattr(self.store, "prefetch", None)
         if prefetch is not None:
-            prefetch(layer, np.flatnonzero(kept & ~resident).tolist())
+            misses = np.flatnonzero(kept & ~resident).tolist()
+            self.store.retain(layer, misses)  # mispredicted reads make room for this layer's misses
+            prefetch(layer, misses)
         if layer + 1 < self.num_layers and next_hint.any():
             self.predicted[layer + 1] = next_hint
             if prefetch is not None and self.prefetch:
@@ -242,6 +252,8 @@ class Offload:
       `fraction` of each layer's experts (default 0.25 when none is given), or `nbytes` for the whole
       cache. policy: eviction (module doc). prefetch: read the next layer's predicted experts (pre-gating)
       in the background while this layer computes (a disk store's thread pool; host reads are copies).
+    dtype: a disk store's expert dtype when narrower than the model's (e.g. bfloat16 experts under a
+      float32 model: each active expert is converted inside the expert loop); None: the model's dtype.
     """
 
     store: str = "host"
@@ -251,12 +263,15 @@ class Offload:
     nbytes: int | None = None
     policy: Policy = Policy.LRU
     prefetch: bool = True
+    dtype: str | None = None
 
     def __post_init__(self):
         if self.store not in ("host", "disk"):
             raise ValueError(f"offload store {self.store!r} is not 'host' or 'disk'")
         if (self.store == "disk") != (self.directory is not None):
             raise ValueError("a disk store needs its directory, and only a disk store takes one")
+        if self.dtype is not None and self.store != "disk":
+            raise ValueError("only a disk store takes its own dtype (a host store holds the model's weights)")
         object.__setattr__(self, "policy", Policy.parse(self.policy, "eviction policy"))
 
     def manager(self, store: ExpertStore, table: CostTable | None = None) -> CacheManager:

@@ -119,7 +119,7 @@ class DiskStore(ExpertStore):
     and, when given, against `expected_fingerprint`. `direct` tells whether reads bypass the page cache
     (False only where the filesystem refuses O_DIRECT, e.g. tmpfs). `read_many` and `prefetch` read on a
     pool of `threads` threads (the reads and checksums release the GIL, so they overlap compute);
-    prefetched experts wait in a staging area of at most `staging` experts (oldest dropped first).
+    prefetched experts wait in a staging area of at most `staging` experts.
     Every read is checked against its record's CRC-32; a damaged or truncated record is a StoreError
     naming the layer and expert.
     """
@@ -236,16 +236,22 @@ class DiskStore(ExpertStore):
             return self._staged.pop((layer, expert), None)
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
-        """Starts reading `experts` of `layer` in the background; a later `read`/`read_many` of them
-        returns the prefetched copy. Beyond `staging` staged experts the oldest are dropped."""
+        """Starts reading `experts` of `layer` in the background, in order; a later `read`/`read_many` of them
+        returns the prefetched copy. A staged read is never dropped to make room: once `staging` experts
+        are staged, the rest are not prefetched (`retain` frees room; a read reads them on demand)."""
         for expert in experts:
             self._index(layer, expert)
             with self._lock:
-                if (layer, expert) in self._staged:
-                    continue
-                self._staged[(layer, expert)] = self._pool.submit(self._read_record, layer, expert)
-                while len(self._staged) > self._staging:
-                    self._staged.popitem(last=False)[1].cancel()
+                if (layer, expert) not in self._staged and len(self._staged) < self._staging:
+                    self._staged[(layer, expert)] = self._pool.submit(self._read_record, layer, expert)
+
+    def retain(self, layer: int, experts: Sequence[int]) -> None:
+        """Drops every staged read but those of `experts` of `layer` (the reads a caller is about to take);
+        reads not yet started are cancelled."""
+        keep = {(layer, int(e)) for e in experts}
+        with self._lock:
+            for key in [key for key in self._staged if key not in keep]:
+                self._staged.pop(key).cancel()
 
     def ready(self, layer: int, expert: int) -> bool:
         """True when a prefetch of this expert has finished reading (a read now does not wait for the disk)."""
@@ -320,6 +326,8 @@ def write_disk_store(
 ) -> dict:
     """Writes the routed experts of a model state (or of ExpertWeights stacks [L, E, ...]) as a disk store
     at `directory`; returns its manifest. `source` (e.g. the checkpoint path) is recorded in the manifest.
+    A stack may be any object with `shape`, `dtype` and `stack[layer]` -> [E, ...] array: one generated
+    layer by layer lets a store larger than host RAM be written.
 
     Atomic: everything goes to `directory`.partial, is fsynced, then renamed to `directory`, so the target
     is absent or complete; an existing target is never overwritten. Under `exclusive_lock(directory)`, so

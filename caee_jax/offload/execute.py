@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import io_callback
 
 from caee_jax.experts.loop import loop_over_experts
-from caee_jax.offload.cache import CacheManager, ExpertCache
+from caee_jax.offload.cache import CacheManager, ExpertCache, cache_bits
 from caee_jax.routing.backend import ExpertWeights
 from caee_jax.routing.ops import expert_load
 
@@ -59,12 +59,19 @@ def _reader(layer_index, manager: CacheManager):
     def fetch(cache: ExpertCache, expert) -> ExpertCache:
         slot, evicted, gate, up, down = io_callback(manager.fetch, shapes, layer_index, expert, ordered=True)
         slot_of = cache.slot_of.at[layer_index, evicted].set(-1, mode="drop").at[layer_index, expert].set(slot)
-        written = (w.at[layer_index, slot].set(new) for w, new in zip(cache[:3], (gate, up, down), strict=True))
+        # The weights' bits go into the integer cache (`ExpertCache`); read back per expert, in the loop.
+        start, bits = (layer_index, slot, 0, 0), cache_bits(store.dtype)
+        gate, up, down = (jax.lax.bitcast_convert_type(w, bits) for w in (gate, up, down))
+        written = (
+            jax.lax.dynamic_update_slice(w, new[None, None], start)
+            for w, new in zip(cache[:3], (gate, up, down), strict=True)
+        )
         return ExpertCache(*written, slot_of)
 
     def read_expert(expert, cache: ExpertCache):
         cache = jax.lax.cond(cache.slot_of[layer_index, expert] < 0, fetch, lambda c, _: c, cache, expert)
         slot = cache.slot_of[layer_index, expert]
-        return ExpertWeights(*(w[layer_index, slot] for w in cache[:3])), cache
+        weights = (jax.lax.bitcast_convert_type(w[layer_index, slot], store.dtype) for w in cache[:3])
+        return ExpertWeights(*weights), cache
 
     return read_expert
