@@ -128,6 +128,10 @@ def test_calibrate_validates_offloaded_and_refuses_mistakes(tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["tier"] == "host" and summary["slots"] == 4 and summary["cases"] == 56
     assert summary["misses_per_case"][0] >= 0 and summary["misses_per_case"][2] > 0 and summary["mape"] > 0
-    assert summary["in_situ_fetch_s"] >= 0 and summary["table_fetch_s"] == table.devices[0].fetch_s[1]
+    assert (
+        summary["in_situ_fetch_s"] >= 0
+        and summary["in_situ_fixed_s"] >= 0
+        and summary["table_fetch_s"] == table.devices[0].fetch_s[1]
+    )
     refused(launch(*command[:3], "--offload", "host"), "add --validate")
     refused(launch(*command, "--offload", "host", "--out", str(tmp_path / "none")), "no such cost table")

@@ -7,8 +7,9 @@ its background reads of the layer's misses, slot writes), and its median time is
 given that residency, where each kept miss costs its tier's `fetch_s` from the table.
 
 The table's fetch_s is timed apart from the runtime (one expert read and `device_put`, `costs.measure_fetch`),
-so the per-miss cost is also fitted here: the time a case takes beyond its all-resident prediction, per kept
-miss (least squares through 0), and checked on the other half of the cases (two-fold). Times in seconds.
+so the offloaded path's own costs are also fitted here: the time a case takes beyond its all-resident
+prediction as a fixed part per layer (the host callbacks every offloaded layer makes) plus a part per kept
+miss (non-negative least squares), checked on the other half of the cases (two-fold). Times in seconds.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from caee_jax.caee.cost_model import predict
 from caee_jax.caee.cost_table import CostTable
-from caee_jax.calibration.costs import Validation, random_cases
+from caee_jax.calibration.costs import Validation, nonnegative_lstsq, random_cases
 from caee_jax.offload.execute import run_offloaded
 
 LAYER = 0  # the MoE layer timed
@@ -44,26 +45,36 @@ class OffloadValidation(Validation):
     fetch_s: float
     tier: str
 
-    def in_situ_fetch(self, cases: np.ndarray) -> float:
-        """Per-miss seconds fitted on `cases` (indices): time beyond the all-resident prediction / misses."""
-        extra = self.measured_s[cases] - self.resident_predicted_s[cases]
-        misses = self.misses[cases]
-        return float(max(np.dot(misses, extra) / max(np.dot(misses, misses), 1e-30), 0.0))
+    def in_situ_costs(self, cases: np.ndarray) -> np.ndarray:
+        """[fixed s per layer, s per kept miss] fitted on `cases` (indices) to the time beyond the
+        all-resident prediction."""
+        features = np.stack([np.ones(len(cases)), self.misses[cases]], axis=1)
+        return nonnegative_lstsq(features, self.measured_s[cases] - self.resident_predicted_s[cases])
 
     def summary(self) -> dict:
-        """Validation.summary, plus the misses, the table's fetch_s, the fitted per-miss time and the MAPE
-        of predictions that use it (two-fold: each half predicted with the other half's fit)."""
+        """Validation.summary, plus the misses, the MAPE of the cases without one, the table's fetch_s, the
+        fitted fixed and per-miss times and the MAPE of predictions that add them (two-fold: each half
+        predicted with the other half's fit)."""
         halves = np.arange(len(self.misses)) % 2
         folds = [np.flatnonzero(halves == h) for h in (0, 1)]
         refit = np.empty_like(self.measured_s)
         for fit, test in (folds, folds[::-1]):
-            refit[test] = self.resident_predicted_s[test] + self.in_situ_fetch(fit) * self.misses[test]
+            fixed, per_miss = self.in_situ_costs(fit)
+            refit[test] = self.resident_predicted_s[test] + fixed + per_miss * self.misses[test]
         errors = np.abs(refit - self.measured_s) / self.measured_s
+        fixed, per_miss = self.in_situ_costs(np.arange(len(self.misses)))
+        hits_only = self.misses == 0
         return super().summary() | dict(
             tier=self.tier,
             misses_per_case=[float(self.misses.min()), float(self.misses.mean()), float(self.misses.max())],
+            mape_without_misses=float(
+                np.mean(np.abs(self.predicted_s - self.measured_s)[hits_only] / self.measured_s[hits_only])
+            )
+            if hits_only.any()
+            else None,
             table_fetch_s=self.fetch_s,
-            in_situ_fetch_s=self.in_situ_fetch(np.arange(len(self.misses))),
+            in_situ_fixed_s=float(fixed),
+            in_situ_fetch_s=float(per_miss),
             in_situ_mape=float(errors.mean()),
             in_situ_median_ape=float(np.median(errors)),
         )
@@ -94,7 +105,7 @@ def validate_offloaded(
         args = (x, case.topk_ids, weights, case.keep_mask)
         times = []
         for repeat in range(repeats + 1):  # the first run compiles (once) and warms up
-            cache = manager.hold(cache, LAYER, residents)
+            cache = jax.block_until_ready(manager.hold(cache, LAYER, residents))  # not timed
             manager.take_step_stats()
             start = time.perf_counter()
             _, cache = _offloaded_layer(*args, cache, np.int32(LAYER), no_hint, manager=manager)
