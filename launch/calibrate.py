@@ -4,10 +4,16 @@
     python launch/calibrate.py --local-processes 2              # 2 processes, one core each, mesh expert=2
     python launch/calibrate.py --validate --json                # fresh routings: predicted vs measured (mape)
     python launch/calibrate.py --validate --plot docs/figures/cost_validation.png
+    python launch/calibrate.py --validate --offload disk --store-dir DIR --cache-experts 0.25 --json
 
 The table goes to configs/cost_tables/<signature>.json (see caee_jax/caee/cost_table.py). Multi-host:
 every process runs the same command with --coordinator/--num-processes/--process-id (as launch/run.py);
 --local-processes N starts such a cluster on this machine.
+
+--validate with the offload flags of launch/run.py (--offload host|disk, --store-dir, --cache-experts, ...)
+validates the stored table with non-resident experts in situ: one offloaded MoE layer, real store and cache,
+a cold-ish cache per routing, against the prediction where each miss costs its tier's fetch_s; it also
+reports the per-miss time fitted in situ (caee_jax/calibration/offload_validation.py). It needs a table.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import jax
 import caee_jax
 from caee_jax.caee.cost_table import DEFAULT_DIR, CostTableError, save_table
 from caee_jax.calibration.costs import calibrate, validate
+from caee_jax.calibration.offload_validation import validate_offloaded
 from caee_jax.calibration.tables import select_table
 from caee_jax.config import PRESETS
 from caee_jax.eval.user_files import UserFileError, check_writable
 from caee_jax.files import atomic_write
+from caee_jax.offload import options as offload_options
 from caee_jax.parallel import distributed
 
 
@@ -44,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--validate", action="store_true", help="validate the stored table (calibrate if none)")
     parser.add_argument("--plot", help="with --validate: write predicted vs measured to this PNG")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    offload_options.add_arguments(parser)
     distributed.add_arguments(parser)
     return parser.parse_args(argv)
 
@@ -51,6 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    try:
+        offload = _offload(args)
+    except UserFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if offload is not None:
+        return _validate_offloaded(args, offload)
     if args.local_processes:
         return distributed.relaunch_locally(__file__, argv, args.local_processes)
     mesh = distributed.join(args)
@@ -89,6 +105,46 @@ def main(argv=None) -> int:
             _plot(result, table, args.plot)
             summary["plot"] = args.plot
         _print(summary, args.json)
+    return 0
+
+
+def _offload(args):
+    """The offload flags (None without --offload): they validate a stored table on one device."""
+    try:
+        offload = offload_options.from_args(args)
+    except ValueError as error:
+        raise UserFileError(str(error)) from None
+    if offload is None:
+        return None
+    if not args.validate:
+        raise UserFileError("--offload validates the stored table with non-resident experts: add --validate")
+    several = [
+        f for f, v in (("--local-processes", args.local_processes), ("--num-processes", args.num_processes)) if v
+    ]
+    if several or args.mesh:
+        raise UserFileError(f"--offload runs on one device; drop {(several or ['--mesh'])[0]}")
+    return offload
+
+
+def _validate_offloaded(args, offload) -> int:
+    """--validate --offload: the stored table against one offloaded MoE layer (a missing table is an error:
+    calibrating needs every expert on the device)."""
+    distributed.join(args)
+    try:
+        _check_outputs(args)
+        options = dict(dtype=args.dtype, execution=args.backend, offload=offload)
+        model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
+        table = select_table(model.config, None, model.dtype, args.backend, directory=args.out)
+    except ValueError as error:  # UserFileError, CostTableError, StoreError; a backend offload cannot run
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result = validate_offloaded(model, table, repeats=args.repeats)
+    manager = model.execution.offload
+    summary = dict(signature=table.signature.__dict__, slots=manager.slots, **result.summary())
+    if args.plot:
+        _plot(result, table, args.plot)
+        summary["plot"] = args.plot
+    _print(summary, args.json)
     return 0
 
 

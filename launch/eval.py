@@ -17,6 +17,12 @@ CAEE uses the stored cost table of this mesh (launch/calibrate.py; --cost-table 
 --cost-table-any-setup to use it although it was calibrated for another setup).
 --compensation mean uses calibrated mean expert outputs (launch/calibrate_means.py): --expert-means FILE,
 by default the model directory's expert_means.npz.
+
+Offloaded experts (one device): --offload host, or --offload disk --store-dir DIR (written by `python -m
+checkpoints_tools.expert_store`), --cache-experts N|FRACTION, --cache-policy, --no-prefetch, as in
+launch/run.py. Every rule then runs offloaded; the unpruned and the pruned side each have their own cache
+(warmed alike by the same prefill), and each record holds both sides' cache statistics per decode step.
+The offload setup is part of the provenance.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ from caee_jax.eval.decode_eval import Comparison, compare, windows_of
 from caee_jax.eval.user_files import UserFileError, check_writable, read_text
 from caee_jax.files import LockedError, exclusive_lock
 from caee_jax.model.execution import Execution
+from caee_jax.offload import options as offload_options
+from caee_jax.offload.cache import Offload
+from caee_jax.offload.store import StoreError
 from caee_jax.parallel import distributed
 from caee_jax.parallel.mesh import describe
 
@@ -98,6 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="use the --cost-table file even if it was calibrated for another setup (mesh, dtype, backend)",
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    offload_options.add_arguments(parser)
     distributed.add_arguments(parser)
     return parser.parse_args(argv)
 
@@ -143,16 +153,35 @@ def _rule_settings(args) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    try:
+        offload = _offload(args)
+    except UserFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.local_processes:
         return distributed.relaunch_locally(__file__, argv, args.local_processes)
     try:
-        return run(args)
-    except (UserFileError, results.ResultsError, LockedError, CostTableError) as error:
+        return run(args, offload)
+    except (UserFileError, results.ResultsError, LockedError, CostTableError, StoreError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
 
-def run(args) -> int:
+def _offload(args) -> Offload | None:
+    """The offload flags (None without --offload); offloaded experts run on one device."""
+    try:
+        offload = offload_options.from_args(args)
+    except ValueError as error:
+        raise UserFileError(str(error)) from None
+    several = [
+        f for f, v in (("--local-processes", args.local_processes), ("--num-processes", args.num_processes)) if v
+    ]
+    if offload is not None and (several or args.mesh):
+        raise UserFileError(f"--offload runs on one device; drop {(several or ['--mesh'])[0]}")
+    return offload
+
+
+def run(args, offload: Offload | None = None) -> int:
     """The sweep; user mistakes raise the errors `main` reports, as early as they can be found: the rules and
     the output before the model loads, the results file before the first case."""
     sweep(args)
@@ -164,12 +193,12 @@ def run(args) -> int:
     mesh = distributed.join(args)
     lead = jax.process_index() == 0
     with exclusive_lock(args.out) if lead else contextlib.nullcontext():
-        return _evaluate(args, mesh, lead, means_path, path, contents)
+        return _evaluate(args, mesh, lead, means_path, path, contents, offload)
 
 
-def _evaluate(args, mesh, lead, means_path, path, contents) -> int:
+def _evaluate(args, mesh, lead, means_path, path, contents, offload) -> int:
     """Loads the model, checks the results file against this run's provenance, runs the missing cases."""
-    options = dict(dtype=args.dtype, mesh=mesh)
+    options = dict(dtype=args.dtype, mesh=mesh, offload=offload)
     model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
     if means_path:
         try:
@@ -195,6 +224,7 @@ def _evaluate(args, mesh, lead, means_path, path, contents) -> int:
         cost_table=args.cost_table,
         table=table,
         expert_means=means_path,
+        offload=results.offload_provenance(model.execution.offload),
     )
     settings = {name: getattr(args, name) for name in results.SETTINGS}
     settings["expert_means"] = means_path and os.path.abspath(means_path)
@@ -206,6 +236,8 @@ def _evaluate(args, mesh, lead, means_path, path, contents) -> int:
     ]
     results_path = os.path.join(args.out, "results.jsonl")
     done = _previous(results_path, args.fresh, lead, provenance, cases)
+    manager = model.execution.offload
+    candidate_manager = None if manager is None else manager.twin()  # the pruned side's own cache
     for case in tqdm(cases, desc="cases", disable=not lead):
         record = dict(case, provenance=provenance)
         if results.key(record) in done:
@@ -214,6 +246,7 @@ def _evaluate(args, mesh, lead, means_path, path, contents) -> int:
             model.execution.backend,
             pruning=rule_of(case["rule"], case["knob"], **_rule_settings(args)),
             cost_table=table,
+            offload=candidate_manager,
         )
         comparison = Comparison()
         batch = case["batch_size"]

@@ -5,6 +5,11 @@ Each batch holds B windows of held-out text. Both models prefill the windows' fi
 fed the true next token (teacher forcing), so every step is a real decode step of a batch of B
 concurrent sequences: what the policy sees in serving. At every step the baseline (unpruned) and
 the candidate run alternately and are timed; the metrics compare their next-token distributions.
+
+Offloaded experts: each side has its own expert cache and cache manager (`CacheManager.twin`), so one
+never warms the other's. Both caches start empty for each batch of windows and are warmed alike, by an
+unpruned prefill of the same prefix through each side's own manager; then every decode step's cache
+statistics (hits, misses, blocking fetches, bytes read, pruned misses) are recorded per side.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from caee_jax.model.execution import Execution
+from caee_jax.offload.cache import StepStats
 from caee_jax.parallel.placement import batch_sharding, mesh_context, to_mesh
 from caee_jax.runtime import steps
 
@@ -25,7 +31,8 @@ from caee_jax.runtime import steps
 class Comparison:
     """Per predicted token (M of them): candidate and baseline log-prob of the truth, argmax hits,
     agreement, KL(baseline || candidate); per step: both step times (s); pair and expert counts; predicted
-    MoE time per layer and device [L, S], unpruned and as run (s)."""
+    MoE time per layer and device [L, S], unpruned and as run (s); offloaded, both sides' expert cache
+    statistics."""
 
     nll: list = dataclasses.field(default_factory=list)
     nll_base: list = dataclasses.field(default_factory=list)
@@ -41,8 +48,11 @@ class Comparison:
     active_experts_base: list = dataclasses.field(default_factory=list)
     predicted_s: list = dataclasses.field(default_factory=list)
     predicted_unpruned_s: list = dataclasses.field(default_factory=list)
+    offload: list = dataclasses.field(default_factory=list)
+    offload_base: list = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict:
+        """The case's figures; offloaded, `offload` holds each side's cache statistics (`offload_summary`)."""
         per_token = ("nll", "nll_base", "correct", "correct_base", "agree", "kl")
         cat = {name: np.concatenate(getattr(self, name)) for name in per_token}
         timed_base, timed = np.array(self.step_base_s[1:]), np.array(self.step_s[1:])  # first step: compile
@@ -66,7 +76,19 @@ class Comparison:
             predicted_moe_unpruned_s=float(np.median(unpruned.max(-1).sum(-1))),
             predicted_device_s=predicted.sum(1).mean(0).tolist(),  # per device: mean per step over the layers
             predicted_device_unpruned_s=unpruned.sum(1).mean(0).tolist(),
+        ) | (
+            dict(offload=dict(unpruned=offload_summary(self.offload_base), pruned=offload_summary(self.offload)))
+            if self.offload
+            else {}
         )
+
+
+def offload_summary(steps: list[StepStats]) -> dict:
+    """Decode steps' cache statistics: each counter's mean per step (fetch_wait_s in seconds per step), and
+    the hit rate and pre-gating recall over all the steps."""
+    total = StepStats.total(steps)
+    per_step = {name: value / len(steps) for name, value in vars(total).items()}
+    return per_step | dict(hit_rate=total.hit_rate, prediction_recall=total.prediction_recall)
 
 
 def windows_of(ids: np.ndarray, length: int, count: int, seed: int = 0) -> np.ndarray:
@@ -81,11 +103,17 @@ def compare(
     model, candidate: Execution, windows: np.ndarray, prefix: int, result: Comparison | None = None, table=None
 ) -> Comparison:
     """Teacher-forced decode of windows [B, prefix + steps + 1], baseline (model.execution) vs candidate;
-    with a cost table, each step's MoE time is also predicted, unpruned and as pruned."""
+    with a cost table, each step's MoE time is also predicted, unpruned and as pruned. Offloaded, the
+    candidate's `offload` is a manager of its own (`model.execution.offload.twin()`); the baseline's
+    final expert cache is left on the model."""
     result = result or Comparison()
     batch, length = windows.shape
     num_steps = length - prefix - 1
     baseline = model.execution
+    managers = (baseline.offload, candidate.offload)
+    offloaded = managers[0] is not None
+    if offloaded != (managers[1] is not None) or (offloaded and managers[0] is managers[1]):
+        raise ValueError("offloaded, the baseline and the candidate each need a cache manager of their own")
     mesh = model.mesh
     put = (lambda a: to_mesh(a, batch_sharding(mesh, a.ndim))) if mesh is not None else jnp.asarray
     num_layers = model.config.num_moe_layers
@@ -93,22 +121,31 @@ def compare(
         lengths = put(np.full(batch, prefix, np.int32))
         greedy = (np.uint32(0), np.float32(0), np.float32(1))  # seed, temperature, top_p: the sample is unused
         prompts = put(windows[:, :prefix])
-        _, base_cache, _, _ = steps.prefill(
-            model.graphdef, model.state, prompts, lengths, *greedy, cache_len=length, execution=baseline
-        )
-        cand_cache = jax.tree.map(jnp.copy, base_cache)
+        experts, latents = [None, None], None
+        for side, manager in enumerate(managers if offloaded else (None,)):  # each expert cache warmed alike
+            experts[side] = None if manager is None else manager.empty_cache()
+            _, prefilled, _, experts[side] = steps.prefill(
+                model.graphdef, model.state, prompts, lengths, *greedy, experts[side],
+                cache_len=length, execution=dataclasses.replace(baseline, offload=manager),
+            )  # fmt: skip
+            latents = prefilled if latents is None else latents  # the baseline's
+            if manager is not None:
+                manager.take_step_stats()
+        caches = [latents, jax.tree.map(jnp.copy, latents)]  # the candidate's latents: the baseline's prefill
         for t in range(prefix, prefix + num_steps):
             tokens, positions = put(windows[:, t]), put(np.full(batch, t, np.int32))
             outputs = []
-            for execution, cache in ((baseline, base_cache), (candidate, cand_cache)):
+            for side, execution in enumerate((baseline, candidate)):
                 start = time.perf_counter()
                 out = steps.teacher_forced_step(
-                    model.graphdef, model.state, cache, tokens, positions, execution=execution, table=table
-                )
+                    model.graphdef, model.state, caches[side], tokens, positions, experts[side],
+                    execution=execution, table=table,
+                )  # fmt: skip
                 jax.block_until_ready(out)
                 outputs.append((out, time.perf_counter() - start))
-            (base_lp, base_cache, base_counts, _), base_s = outputs[0]
-            (cand_lp, cand_cache, counts, predicted), cand_s = outputs[1]
+                caches[side], experts[side] = out[1], out[4]
+            (base_lp, _, base_counts, _, _), base_s = outputs[0]
+            (cand_lp, _, counts, predicted, _), cand_s = outputs[1]
             _, kept, _, active = np.asarray(counts)
             base_lp, cand_lp = np.asarray(base_lp), np.asarray(cand_lp)
             truth = windows[:, t + 1]
@@ -127,4 +164,9 @@ def compare(
             result.active_experts_base.append(int(base_counts[3]) / num_layers)
             result.predicted_unpruned_s.append(np.asarray(predicted[0]))
             result.predicted_s.append(np.asarray(predicted[1]))
+            if offloaded:
+                result.offload_base.append(managers[0].take_step_stats())
+                result.offload.append(managers[1].take_step_stats())
+    if offloaded:
+        model.expert_cache = experts[0]
     return result

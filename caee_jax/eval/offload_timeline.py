@@ -12,10 +12,7 @@ from caee_jax.offload.cache import StepStats
 def offload_report(prefill: StepStats, steps: list[StepStats], step_s: list[float]) -> dict:
     """JSON-ready statistics: the prefill's, each decode step's (with its wall time step_s, seconds) and
     their decode totals."""
-    total = StepStats()
-    for step in steps:
-        for field, value in vars(step).items():
-            setattr(total, field, getattr(total, field) + value)
+    total = StepStats.total(steps)
     per_step = [stats.as_dict() | {"step_s": seconds} for stats, seconds in zip(steps, step_s, strict=True)]
     return {"prefill": prefill.as_dict(), "decode_total": total.as_dict(), "decode_steps": per_step}
 

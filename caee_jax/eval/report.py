@@ -75,9 +75,22 @@ def best_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def offload_cells(r: dict) -> tuple[str, str]:
+    """An offloaded case's blocking fetches per decode step and cache hit rate, unpruned -> pruned ("-" for a
+    case with every expert on the device)."""
+    if "offload" not in r:
+        return "-", "-"
+    base, pruned = r["offload"]["unpruned"], r["offload"]["pruned"]
+    blocking = f"{base['blocking_fetches']:.2f} -> {pruned['blocking_fetches']:.2f}"
+    return blocking, f"{100 * base['hit_rate']:.1f}% -> {100 * pruned['hit_rate']:.1f}%"
+
+
 def write_table(records: list[dict], path: str) -> None:
+    """The Markdown table of every case, then `best_table`; offloaded cases add their cache columns."""
+    offloaded = any("offload" in r for r in records)
     header = ("processes", "batch", "rule", "knob", "pruned pairs", "step cut", "top-1 drop (rel.) ± 2 s.e.")
     header += ("ppl rise (rel.)", "agreement", "KL")
+    header += ("blocking fetches / step", "hit rate") if offloaded else ()
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(records, key=lambda r: (r["processes"], r["batch_size"], rule_label(r), r["knob"])):
         cells = (
@@ -89,6 +102,7 @@ def write_table(records: list[dict], path: str) -> None:
         )
         cells += (f"{100 * step_cut(r):.1f}%", f"{100 * top1_drop(r):.2f} ± {100 * top1_drop_error(r):.2f}%")
         cells += (f"{100 * ppl_rise(r):.2f}%", f"{100 * r['agreement']:.1f}%", f"{r['kl']:.4f}")
+        cells += offload_cells(r) if offloaded else ()
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", "Best decode step-time cut within accuracy limits (relative to the unpruned model):", ""]
     lines += best_table(records)

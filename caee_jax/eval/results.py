@@ -2,7 +2,7 @@
 
 A rerun resumes: cases already in the file are skipped. That is only sound when the file's records were
 measured on what this run would measure, so every record carries its provenance (model, evaluation text,
-window sizes, dtype, mesh, cost table, code version) and `check` refuses a run that differs:
+window sizes, dtype, offload setup, mesh, cost table, code version) and `check` refuses a run that differs:
   EXPERIMENT fields must be equal across the whole file (records of another model, text or code are not
     comparable with this run's);
   PER_CASE fields may differ between cases (batch 1 on fewer tokens, another mesh and its cost table), but a
@@ -27,7 +27,7 @@ from caee_jax.files import atomic_write
 # Recorded per case, and part of what identifies it (target, slack, refill: CAEE's; expert_means: the file)
 SETTINGS = ("compensation", "k_min", "target", "slack", "refill", "expert_means")
 CASE = ("rule", "knob", "batch_size", "processes", *SETTINGS)
-EXPERIMENT = ("model_fingerprint", "eval_sha256", "prefix", "steps", "dtype", "code")
+EXPERIMENT = ("model_fingerprint", "eval_sha256", "prefix", "steps", "dtype", "offload", "code")
 PER_CASE = ("eval_tokens", "mesh", "cost_table_sha256", "expert_means_sha256")
 CONTENT_HASH_LIMIT = 256 << 20  # model files up to this size are hashed; larger ones by size and mtime
 
@@ -88,12 +88,26 @@ def table_fingerprint(table) -> str | None:
     return hashlib.sha256(json.dumps(table.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def offload_provenance(manager) -> dict | None:
+    """An offloaded model's cache setup (`offload.cache.CacheManager`; None: every expert on the device): the
+    store's tier (and a disk store's content fingerprint), slots per MoE layer, eviction policy, prefetch."""
+    if manager is None:
+        return None
+    return dict(
+        store=manager.store.tier,
+        store_fingerprint=getattr(manager.store, "fingerprint", None),
+        slots=manager.slots,
+        policy=str(manager.policy),
+        prefetch=manager.prefetch,
+    )
+
+
 def provenance(
-    *, model, model_dir, preset_config, eval_file, eval_bytes, window, mesh, cost_table, table, expert_means
+    *, model, model_dir, preset_config, eval_file, eval_bytes, window, mesh, cost_table, table, expert_means, offload
 ) -> dict:
     """What a run measures on: `model` (a label) with the identity of `model_dir` or `preset_config`; the
     evaluation text; `window` (eval_tokens, prefix, steps, dtype); the mesh; the cost table (its path and
-    content `table`); the expert-means file; the code."""
+    content `table`); the expert-means file; `offload` (`offload_provenance`); the code."""
     return dict(
         model=model,
         model_fingerprint=model_fingerprint(model_dir, preset_config),
@@ -104,6 +118,7 @@ def provenance(
         cost_table=cost_table and os.path.abspath(cost_table),
         cost_table_sha256=table_fingerprint(table),
         expert_means_sha256=expert_means and sha256_file(expert_means),
+        offload=offload,
         code=code_version(),
     )
 
@@ -111,7 +126,10 @@ def provenance(
 def key(record: dict) -> tuple:
     """What identifies a measured case: the case and its provenance."""
     provenance = record.get("provenance") or {}
-    return tuple(record.get(name) for name in CASE) + tuple(provenance.get(f) for f in (*EXPERIMENT, *PER_CASE))
+    fields = (provenance.get(f) for f in (*EXPERIMENT, *PER_CASE))
+    return tuple(record.get(name) for name in CASE) + tuple(
+        json.dumps(value, sort_keys=True) if isinstance(value, dict) else value for value in fields
+    )
 
 
 def read(path: str, repair: bool) -> tuple[list[dict], str | None]:

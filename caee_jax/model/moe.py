@@ -45,13 +45,15 @@ class Routing(NamedTuple):
     """What the router chose for each token: ids [B, T, K] int32, gate weights [B, T, K] f32; keep_mask
     [B, T, K] bool: the pairs that ran (pruning); dropped_pairs: int32 scalar, kept pairs that
     expert-parallel dispatch had no slot for; expert_sums: [E, D] f32 when the call collects them
-    (`collect_expert_sums`), else None."""
+    (`collect_expert_sums`), else None; residency: [E] int32 tier of each expert when the decision was
+    made (offloaded experts, `offload.execute.residency`: 0 resident), else None."""
 
     topk_ids: jax.Array
     topk_weights: jax.Array
     keep_mask: jax.Array
     dropped_pairs: jax.Array
     expert_sums: jax.Array | None = None
+    residency: jax.Array | None = None
 
 
 def routing_counts(routing: Routing, num_experts: int, pruned: bool = True) -> jax.Array:
@@ -156,7 +158,7 @@ class MoE(nnx.Module):
         sums = self._expert_sums(flat, topk_ids, execution, placed) if collect_expert_sums else None
         k = topk_ids.shape[-1]
         routing = (topk_ids, topk_weights, decision.keep_mask)
-        return y, Routing(*(a.reshape(b, t, k) for a in routing), dropped, sums), expert_cache
+        return y, Routing(*(a.reshape(b, t, k) for a in routing), dropped, sums, tiers), expert_cache
 
     def _add_mean_outputs(self, y, topk_ids, topk_weights, keep_mask) -> jax.Array:
         """y [N, D] plus each pruned slot's calibrated mean output, weighted by its gate weight."""

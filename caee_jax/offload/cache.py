@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -77,6 +78,15 @@ class StepStats:
     fetch_wait_s: float = 0.0
     predicted_needed: int = 0
     predicted_hits: int = 0
+
+    @classmethod
+    def total(cls, steps) -> StepStats:
+        """The counters summed over several steps."""
+        total = cls()
+        for step in steps:
+            for field, value in vars(step).items():
+                setattr(total, field, getattr(total, field) + value)
+        return total
 
     @property
     def hit_rate(self) -> float:
@@ -155,6 +165,35 @@ class CacheManager:
         d, f, shape = c.hidden_size, c.moe_intermediate_size, (self.num_layers, self.slots)
         zeros = [jnp.zeros((*shape, *s), dtype) for s in ((d, f), (d, f), (f, d))]
         return ExpertCache(*zeros, jnp.full((self.num_layers, self.num_experts), -1, jnp.int32))
+
+    def twin(self) -> CacheManager:
+        """A manager of the same slots, policy, prefetch and miss price over its own reader of the same store
+        (`ExpertStore.reopen`): its residency, statistics and background reads are its own, so one side of a
+        comparison never warms, or reads for, the other's cache. Start it with its own `empty_cache()`."""
+        twin = CacheManager(self.store.reopen(), self.slots, self.policy, None, self.prefetch)
+        twin.fetch_s = self.fetch_s
+        return twin
+
+    def hold(self, cache: ExpertCache, layer: int, experts: Sequence[int]) -> ExpertCache:
+        """`cache` (donated by the caller) with exactly `experts` (distinct, at most `slots`) resident in MoE
+        layer `layer`, in slots 0.., read from the store; the host side matches and the layer's use history is
+        cleared. Not counted in the step statistics: a chosen starting residency (calibration, tests)."""
+        experts = [int(e) for e in experts]
+        if len(set(experts)) != len(experts) or len(experts) > self.slots:
+            raise ValueError(f"hold: {experts} are not at most {self.slots} distinct experts")
+        weights = self.store.read_many(layer, experts)
+        self.slot_expert[layer] = -1
+        self.slot_of[layer] = -1
+        self.slot_expert[layer, : len(experts)] = experts
+        self.slot_of[layer, experts] = np.arange(len(experts))
+        for history in (self.last_use, self.uses, self.decayed):
+            history[layer] = 0
+        self.predicted[layer] = None
+        written = [
+            w.at[layer, : len(experts)].set(np.stack([e[i] for e in weights])) if experts else w
+            for i, w in enumerate(cache[:3])
+        ]
+        return ExpertCache(*written, jnp.asarray(self.slot_of, jnp.int32))
 
     def take_step_stats(self) -> StepStats:
         """The counters since the last call, then zeroed."""

@@ -149,6 +149,7 @@ class DiskStore(ExpertStore):
         except StoreError:
             os.close(self._fd)
             raise
+        self._threads = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="disk-store")
         self._staging = staging
         self._staged: collections.OrderedDict[tuple[int, int], Future] = collections.OrderedDict()
@@ -269,6 +270,17 @@ class DiskStore(ExpertStore):
             self._index(layer, expert)
         futures = [self._take_staged(layer, e) or self._pool.submit(self._read_record, layer, e) for e in experts]
         return [future.result() for future in futures]
+
+    def reopen(self) -> DiskStore:
+        """The same directory opened again (own descriptor, pool and staging), checked to hold the same records."""
+        return DiskStore(
+            self.directory,
+            self.config,
+            self.dtype,
+            threads=self._threads,
+            staging=self._staging,
+            expected_fingerprint=self.fingerprint,
+        )
 
     def close(self) -> None:
         if self._fd < 0:

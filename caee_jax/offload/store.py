@@ -60,6 +60,11 @@ class ExpertStore:
         """Several experts of one layer (a store may read them concurrently)."""
         return [self.read(layer, e) for e in experts]
 
+    def reopen(self) -> ExpertStore:
+        """Another reader of the same experts with state of its own (descriptor, read pool, prefetch
+        staging): what one reader reads or stages never reaches the other (e.g. two sides of a comparison)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Releases files and threads (a no-op for stores that hold none)."""
 
@@ -92,6 +97,10 @@ class HostStore(ExpertStore):
 
     def read(self, layer: int, expert: int) -> ExpertWeights:
         return ExpertWeights(*(w[layer, expert] for w in self.weights))
+
+    def reopen(self) -> HostStore:
+        """The same host arrays (read-only, never copied): a host store keeps no read state."""
+        return HostStore(self.config, self.weights)
 
 
 def without_routed_experts(state: nnx.State) -> nnx.State:

@@ -110,20 +110,25 @@ def decode_step(
     return gather_replicated(ids), out.cache, counts, out.expert_cache
 
 
-@step_jit(static_argnames=("graphdef", "execution", "table"), donate_argnames=("cache",))
-def teacher_forced_step(graphdef, state, cache, tokens, positions, *, execution: Execution, table: CostTable | None):
+@step_jit(static_argnames=("graphdef", "execution", "table"), donate_argnames=("cache", "expert_cache"))
+def teacher_forced_step(
+    graphdef, state, cache, tokens, positions, expert_cache=None, *, execution: Execution, table: CostTable | None
+):
     """tokens [B] at positions [B] -> (log-probabilities [B, V], cache, routing counts [4] (`routing_counts`),
-    predicted MoE time per layer and device [2, L, S]: unpruned, as run (s; 0 without table))."""
-    model, out = _decode(graphdef, state, cache, tokens, positions, execution)
+    predicted MoE time per layer and device [2, L, S]: unpruned, as run (s; 0 without table; offloaded, a
+    non-resident expert adds its tier's fetch time), expert_cache)."""
+    model, out = _decode(graphdef, state, cache, tokens, positions, execution, expert_cache)
     logprobs = jax.nn.log_softmax(out.logits[:, 0], axis=-1)
     routing = out.routing
     predicted = jnp.zeros((2, 1, 1))
     if table is not None:
-        device_s = jax.vmap(lambda ids, keep: predict(table, ids[:, 0], keep[:, 0]).device_s)
+        device_s = jax.vmap(lambda ids, keep, tiers: predict(table, ids[:, 0], keep[:, 0], tiers).device_s)
         everything = jnp.ones_like(routing.keep_mask)
-        predicted = jnp.stack([device_s(routing.topk_ids, everything), device_s(routing.topk_ids, routing.keep_mask)])
+        predicted = jnp.stack(
+            [device_s(routing.topk_ids, keep, routing.residency) for keep in (everything, routing.keep_mask)]
+        )
     replicated = [gather_replicated(a) for a in (logprobs, _counts(model, out, execution), predicted)]
-    return replicated[0], out.cache, *replicated[1:]
+    return replicated[0], out.cache, *replicated[1:], out.expert_cache
 
 
 @step_jit(static_argnames=("graphdef", "execution"))

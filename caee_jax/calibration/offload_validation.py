@@ -1,0 +1,129 @@
+"""The cost model with non-resident experts, validated in situ: one offloaded MoE layer timed as it runs.
+
+Each case is a fresh routing (`costs.random_cases`) and a cold-ish cache: a random set of 0..S experts of
+MoE layer 0 resident (`CacheManager.hold`, restored before every timed run), the others in the store. The
+layer runs the real offloaded path (`offload.execute.run_offloaded`: host callbacks, the store's reads and
+its background reads of the layer's misses, slot writes), and its median time is compared with `predict`
+given that residency, where each kept miss costs its tier's `fetch_s` from the table.
+
+The table's fetch_s is timed apart from the runtime (one expert read and `device_put`, `costs.measure_fetch`),
+so the offloaded path's own costs are also fitted here: the time a case takes beyond its all-resident
+prediction as a fixed part per layer (the host callbacks every offloaded layer makes) plus a part per kept
+miss (non-negative least squares), checked on the other half of the cases (two-fold). Times in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from caee_jax.caee.cost_model import predict
+from caee_jax.caee.cost_table import CostTable
+from caee_jax.calibration.costs import Validation, nonnegative_lstsq, random_cases
+from caee_jax.offload.execute import run_offloaded
+
+LAYER = 0  # the MoE layer timed
+
+
+@functools.partial(jax.jit, static_argnames=("manager",), donate_argnames=("cache",))
+def _offloaded_layer(x, topk_ids, topk_weights, keep_mask, cache, layer_index, next_hint, *, manager):
+    return run_offloaded(x, topk_ids, topk_weights, keep_mask, cache, layer_index, manager, next_hint)
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadValidation(Validation):
+    """Validation plus, per case, misses [cases] (kept pairs' experts not resident) and the all-resident
+    prediction [cases]; fetch_s: the table's per-miss price of the store's tier."""
+
+    misses: np.ndarray
+    resident_predicted_s: np.ndarray
+    fetch_s: float
+    tier: str
+
+    def in_situ_costs(self, cases: np.ndarray) -> np.ndarray:
+        """[fixed s per layer, s per kept miss] fitted on `cases` (indices) to the time beyond the
+        all-resident prediction."""
+        features = np.stack([np.ones(len(cases)), self.misses[cases]], axis=1)
+        return nonnegative_lstsq(features, self.measured_s[cases] - self.resident_predicted_s[cases])
+
+    def summary(self) -> dict:
+        """Validation.summary, plus the misses, the MAPE of the cases without one, the table's fetch_s, the
+        fitted fixed and per-miss times and the MAPE of predictions that add them (two-fold: each half
+        predicted with the other half's fit)."""
+        halves = np.arange(len(self.misses)) % 2
+        folds = [np.flatnonzero(halves == h) for h in (0, 1)]
+        refit = np.empty_like(self.measured_s)
+        for fit, test in (folds, folds[::-1]):
+            fixed, per_miss = self.in_situ_costs(fit)
+            refit[test] = self.resident_predicted_s[test] + fixed + per_miss * self.misses[test]
+        errors = np.abs(refit - self.measured_s) / self.measured_s
+        fixed, per_miss = self.in_situ_costs(np.arange(len(self.misses)))
+        hits_only = self.misses == 0
+        return super().summary() | dict(
+            tier=self.tier,
+            misses_per_case=[float(self.misses.min()), float(self.misses.mean()), float(self.misses.max())],
+            mape_without_misses=float(
+                np.mean(np.abs(self.predicted_s - self.measured_s)[hits_only] / self.measured_s[hits_only])
+            )
+            if hits_only.any()
+            else None,
+            table_fetch_s=self.fetch_s,
+            in_situ_fixed_s=float(fixed),
+            in_situ_fetch_s=float(per_miss),
+            in_situ_mape=float(errors.mean()),
+            in_situ_median_ape=float(np.median(errors)),
+        )
+
+
+def validate_offloaded(
+    model, table: CostTable, *, cases_per_size: int = 8, repeats: int = 15, seed: int = 2
+) -> OffloadValidation:
+    """Times MoE layer 0 of an offloaded `model` (`caee_jax.load(..., offload=...)`) on fresh routings, each
+    with a random cold-ish residency, against `predict` with that residency."""
+    manager = model.execution.offload
+    if manager is None:
+        raise ValueError("validate_offloaded needs a model with offloaded experts (load it with offload=...)")
+    config = model.config
+    num_experts, tier = config.n_routed_experts, manager.store.tier_index
+    cases = random_cases(seed, cases_per_size, num_experts, config.num_experts_per_tok)
+    rng = np.random.default_rng(seed)
+    predict_fn = jax.jit(lambda ids, keep, tiers: predict(table, ids, keep, tiers).layer_s)
+    no_hint = np.zeros(num_experts, bool)  # no next-layer prefetch: the layer on its own
+    cache = model.expert_cache
+    measured, predicted, resident_predicted, misses = [], [], [], []
+    for case in tqdm(cases, desc="offloaded validation", disable=jax.process_index() != 0):
+        residents = rng.permutation(num_experts)[: rng.integers(0, manager.slots + 1)]
+        tiers = np.full(num_experts, tier, np.int32)
+        tiers[residents] = 0
+        x = rng.normal(size=(case.num_tokens, config.hidden_size)).astype(model.dtype)
+        weights = np.full(case.topk_ids.shape, 1.0 / case.topk_ids.shape[1], np.float32)
+        args = (x, case.topk_ids, weights, case.keep_mask)
+        times = []
+        for repeat in range(repeats + 1):  # the first run compiles (once) and warms up
+            cache = jax.block_until_ready(manager.hold(cache, LAYER, residents))  # not timed
+            manager.take_step_stats()
+            start = time.perf_counter()
+            _, cache = _offloaded_layer(*args, cache, np.int32(LAYER), no_hint, manager=manager)
+            jax.block_until_ready(cache)
+            if repeat:
+                times.append(time.perf_counter() - start)
+        measured.append(np.median(times))
+        predicted.append(float(predict_fn(case.topk_ids, case.keep_mask, tiers)))
+        resident_predicted.append(float(predict_fn(case.topk_ids, case.keep_mask, np.zeros_like(tiers))))
+        kept = np.unique(case.topk_ids[case.keep_mask])
+        misses.append(np.sum(tiers[kept] > 0))
+    model.expert_cache = cache
+    return OffloadValidation(
+        np.array(predicted),
+        np.array(measured),
+        np.array([case.num_tokens for case in cases]),
+        misses=np.array(misses, np.float64),
+        resident_predicted_s=np.array(resident_predicted),
+        fetch_s=float(table.devices[0].fetch_s[tier]),
+        tier=manager.store.tier,
+    )
