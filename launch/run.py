@@ -31,6 +31,7 @@ import time
 import jax
 
 import caee_jax
+from caee_jax import cli
 from caee_jax.caee import expert_means
 from caee_jax.caee.compensation import COMPENSATIONS
 from caee_jax.caee.cost_table import CostTableError
@@ -82,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     offload_options.add_arguments(parser)
     parser.add_argument("--offload-plot", help="with --offload: a PNG of each decode step's fetch vs compute time")
     distributed.add_arguments(parser, local_processes=False)
+    cli.add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -292,4 +294,4 @@ def _means_path(args) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

@@ -66,6 +66,8 @@ def encode_prompts(model, prompts: Sequence) -> list[list[int]]:
     out = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError(f"prompts[{i}] is an empty string: give some text to continue")
             if model.tokenizer is None:
                 raise ValueError(f"prompts[{i}] is text but the model has no tokenizer: pass token ids")
             prompt = model.tokenizer.encode(prompt)
