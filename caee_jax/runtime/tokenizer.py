@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import tokenizers
+from tokenizers.decoders import DecodeStream
 
 
 class Tokenizer:
@@ -53,3 +55,14 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def stream_decoder(self) -> Callable[[int], str | None]:
+        """A decoder of one sequence fed one id at a time: each call returns the text that id completes, or
+        None while a character's bytes are still incomplete (byte-level BPE splits characters across ids);
+        the returned pieces join to `decode` of all the ids."""
+        decoder = DecodeStream(skip_special_tokens=True)
+
+        def step(token: int) -> str | None:
+            return decoder.step(self._tokenizer, int(token))
+
+        return step
