@@ -62,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (needs a checkpoint with tokenizer.json)")
     prompt.add_argument("--prompt-ids", type=_token_ids, help="prompt as comma-separated token ids, e.g. 1,2,3")
+    prompt.add_argument("--chat", help="a user message, put in the checkpoint's chat template (tokenizer_config.json)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus share, in (0, 1]")
@@ -129,6 +130,8 @@ def main(argv=None) -> int:
         prompt = args.prompt_ids
     elif args.prompt is not None:
         prompt = args.prompt
+    elif args.chat is not None:
+        prompt = caee_jax.chat_prompt(model, args.chat)
     else:
         prompt = DEFAULT_PROMPT if model.tokenizer else [int(t) for t in DEFAULT_PROMPT_IDS.split(",")]
 

@@ -249,6 +249,17 @@ def _decode_loop(model, mesh, tokens, lengths, max_new_tokens, temperature, top_
     return Generation(generated, prefill_s, step_times, int(dropped), counts, prefill_offload, offload_steps)
 
 
+def chat_prompt(model, messages, add_generation_prompt: bool = True) -> str:
+    """The model's chat template applied to a conversation: a prompt for `generate` or `stream`.
+
+    messages: a user message string, or a list of {"role": "system" | "user" | "assistant", "content": str}
+    dicts. The template writes the BOS token itself; encoding the prompt does not add a second one.
+    """
+    if model.tokenizer is None:
+        raise ValueError("chat needs a model with a tokenizer (tokenizer.json) and a chat template")
+    return model.tokenizer.apply_chat_template(messages, add_generation_prompt)
+
+
 def generate(
     model,
     prompts: Sequence,
