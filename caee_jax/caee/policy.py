@@ -31,6 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from caee_jax import html
 from caee_jax.caee.compensation import Compensation, compensate
 from caee_jax.caee.cost_model import computed_rows, predict, row_tile
 from caee_jax.caee.cost_table import CostTable
@@ -67,6 +68,9 @@ class CAEEConfig:
     refill: bool = True
     compensation: Compensation = Compensation.NONE
     partial_alpha: float = 0.5
+
+    def _repr_html_(self) -> str:
+        return html.fields_table(self, "CAEE rule", columns=1)
 
     def __post_init__(self):
         object.__setattr__(self, "target", Target.parse(self.target, "target"))

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from caee_jax import html
 from caee_jax.offload.cache import StepStats
 from caee_jax.parallel.placement import batch_sharding, check_batch, mesh_context, to_mesh
 from caee_jax.runtime import steps
@@ -44,6 +45,21 @@ class Generation:
     decode_routing: tuple[int, int, int, int] = (0, 0, 0, 0)
     prefill_offload: StepStats | None = None
     decode_offload: list[StepStats] = dataclasses.field(default_factory=list)
+
+    def _repr_html_(self) -> str:
+        routed, kept, active, active_kept = self.decode_routing
+        rows = [
+            ["sequences", len(self.tokens)],
+            ["tokens generated", ", ".join(str(len(t)) for t in self.tokens)],
+            ["prefill (s, compilation included on first use)", self.prefill_s],
+            ["decode steps", len(self.decode_step_s)],
+            ["decode ms/token (median, first step skipped)", 1e3 * self.decode_s_per_token],
+            ["decode routed pairs / kept", f"{routed} / {kept} ({100 * self.pruned_pair_fraction:.1f}% pruned)"],
+            ["decode active experts (summed) before -> after", f"{active} -> {active_kept}"],
+        ]
+        if self.dropped_pairs:
+            rows.append(["expert-parallel dropped pairs", self.dropped_pairs])
+        return html.table("Generation", ["", "value"], rows)
 
     @property
     def pruned_pair_fraction(self) -> float:
