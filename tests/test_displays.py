@@ -38,4 +38,4 @@ def test_modules_render_with_treescope_sharded_arrays_included():
     with treescope.active_autovisualizer.set_scoped(treescope.ArrayAutovisualizer()):
         page = treescope.render_to_html(module, compressed=False)  # arrays drawn, with their sharding over devices
     assert "gate_proj" in page
-    assert "cpu" in treescope.render_to_html(treescope.render_array_sharding(experts)).lower()
+    assert "cpu" in treescope.render_to_html(treescope.render_array_sharding(experts), compressed=False).lower()

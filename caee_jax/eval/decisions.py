@@ -96,12 +96,20 @@ class Decisions:
             predicted_layer_cut=(1 - after / np.maximum(before, 1e-30)).tolist(),
         )
 
-    def _repr_html_(self, max_rows: int = 40) -> str:
-        rows = self.rows()
+    def html(self, position: int | None = None, layer: int | None = None, max_rows: int = 40) -> str:
+        """The rows as an HTML table (`IPython.display.HTML`), optionally of one token position and/or one
+        decoder layer, at most `max_rows` of them."""
+        rows = [
+            r
+            for r in self.rows()
+            if (position is None or r["position"] == position) and (layer is None or r["layer"] == layer)
+        ]
         header = list(rows[0]) if rows else []
         shown = [[r[h] for h in header] for r in rows[:max_rows]]
-        title = f"CAEE decisions ({len(rows)} routed slots; first {len(shown)} shown; rows() has them all)"
-        return html.table(title, header, shown)
+        return html.table(f"CAEE decisions: {len(shown)} of {len(rows)} routed slots shown", header, shown)
+
+    def _repr_html_(self) -> str:
+        return self.html()
 
 
 def caee_decisions(model, prompt, rule: CAEEConfig | None = None, table: CostTable | None = None) -> Decisions:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from caee_jax.calibration.costs import Validation
 from caee_jax.eval.decisions import PRUNED, REFILLED, Decisions
 
 # Colors of a (token, expert) cell in the decision heatmaps: not routed, kept, kept by refill, pruned.
@@ -52,18 +51,20 @@ def plot_decisions(decisions: Decisions, max_tokens: int = 48):
     return fig
 
 
-def plot_validation(validation: Validation, title: str = "cost table: predicted vs measured MoE layer time"):
+def plot_validation(validation, title: str = "cost table: predicted vs measured MoE layer time"):
     """Predicted against measured layer time (ms) of each validation routing, colored by its token count,
-    with the y = x line (`calibration.costs.validate`)."""
+    with the y = x line. validation: a `calibration.costs.Validation` (`validate`), or anything with its
+    predicted_s, measured_s [cases] seconds and num_tokens [cases]."""
     import matplotlib.pyplot as plt
 
-    measured, predicted = 1e3 * validation.measured_s, 1e3 * validation.predicted_s
+    measured, predicted = 1e3 * np.asarray(validation.measured_s), 1e3 * np.asarray(validation.predicted_s)
+    mape = np.mean(np.abs(predicted - measured) / measured)
     fig, ax = plt.subplots(figsize=(5, 4.5))
     points = ax.scatter(measured, predicted, c=np.log2(validation.num_tokens), cmap="viridis", s=18)
     limit = [0, 1.05 * max(measured.max(), predicted.max())]
     ax.plot(limit, limit, color="grey", lw=0.8, ls="--")
     ax.set(xlim=limit, ylim=limit, xlabel="measured (ms)", ylabel="predicted (ms)")
-    ax.set_title(f"{title}\nMAPE {100 * validation.mape:.1f}% over {len(measured)} routings", fontsize=9)
+    ax.set_title(f"{title}\nMAPE {100 * mape:.1f}% over {len(measured)} routings", fontsize=9)
     bar = fig.colorbar(points, ax=ax)
     bar.set_label("log2 tokens in the batch")
     fig.tight_layout()
