@@ -113,3 +113,12 @@ def test_run_py_chat_applies_the_template(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--- prompt ---\n<|bos|><user>hello\n<assistant>\n--- completion ---\n" in result.stdout
+
+
+def test_run_py_a_template_that_fails_to_render_is_one_line(tmp_path):
+    checkpoint = bundled_with_template(tmp_path, "{{ raise_exception('only user turns') }}")
+    command = [sys.executable, "launch/run.py", "--checkpoint", checkpoint, "--chat", "hello"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'tokenizer_config.json'}: chat_template failed to render: TemplateError: only user turns"
+    ]
