@@ -3,7 +3,7 @@
 from caee_jax.api import Model, init_random, load
 from caee_jax.config import ConfigError, ModelConfig, YarnScaling, preset
 from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
-from caee_jax.runtime.generate import Generation, generate, generate_with_stats
+from caee_jax.runtime.generate import Generation, chat_prompt, generate, generate_with_stats, stream
 from caee_jax.weights.orbax_checkpoint import load_mtp
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "Model",
     "ModelConfig",
     "YarnScaling",
+    "chat_prompt",
     "generate",
     "generate_with_stats",
     "init_random",
@@ -21,4 +22,5 @@ __all__ = [
     "load_mtp",
     "preset",
     "run_experts",
+    "stream",
 ]

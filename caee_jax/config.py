@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from caee_jax import html
+
 
 class ConfigError(ValueError):
     """An invalid or unsupported configuration value; the message names the field."""
@@ -45,6 +47,9 @@ class YarnScaling:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """DeepSeek-V3/R1 architecture hyper-parameters (HF `config.json` names)."""
+
+    def _repr_html_(self) -> str:
+        return html.fields_table(self, columns=3)
 
     vocab_size: int
     hidden_size: int

@@ -27,6 +27,7 @@ import sys
 import jax
 
 import caee_jax
+from caee_jax import cli
 from caee_jax.caee.cost_table import DEFAULT_DIR, CostTableError, save_table
 from caee_jax.calibration.costs import calibrate, validate
 from caee_jax.calibration.offload_validation import validate_offloaded
@@ -54,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     offload_options.add_arguments(parser)
     distributed.add_arguments(parser)
+    cli.add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -187,4 +189,4 @@ def _plot(result, table, path: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

@@ -19,6 +19,7 @@ import sys
 import jax
 
 import caee_jax
+from caee_jax import cli
 from caee_jax.caee import expert_means
 from caee_jax.calibration.expert_means import calibrate
 from caee_jax.eval.user_files import UserFileError, check_writable, read_text
@@ -36,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--backend", choices=["loop", "dense", "pallas"], default="loop")
     distributed.add_arguments(parser, local_processes=False)
+    cli.add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -77,4 +79,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

@@ -36,6 +36,7 @@ import jax
 from tqdm import tqdm
 
 import caee_jax
+from caee_jax import cli
 from caee_jax.caee import expert_means
 from caee_jax.caee.compensation import COMPENSATIONS
 from caee_jax.caee.cost_table import CostTableError
@@ -109,6 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     offload_options.add_arguments(parser)
     distributed.add_arguments(parser)
+    cli.add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -299,4 +301,4 @@ def _means_path(args) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

@@ -17,6 +17,7 @@ import sys
 
 import jax
 
+from caee_jax import cli
 from caee_jax.config import PRESETS, preset
 from caee_jax.memory_plan import GIB, plan_memory
 from caee_jax.parallel.mesh import MeshError, make_mesh, parse_mesh_spec
@@ -31,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="concurrent sequences")
     parser.add_argument("--context", type=int, default=4096, help="cache slots per sequence (tokens)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    cli.add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -90,4 +92,4 @@ def _runs(devices):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

@@ -31,6 +31,7 @@ import time
 import jax
 
 import caee_jax
+from caee_jax import cli
 from caee_jax.caee import expert_means
 from caee_jax.caee.compensation import COMPENSATIONS
 from caee_jax.caee.cost_table import CostTableError
@@ -61,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (needs a checkpoint with tokenizer.json)")
     prompt.add_argument("--prompt-ids", type=_token_ids, help="prompt as comma-separated token ids, e.g. 1,2,3")
+    prompt.add_argument("--chat", help="a user message, put in the checkpoint's chat template (tokenizer_config.json)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus share, in (0, 1]")
@@ -68,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--backend", choices=["loop", "dense", "pallas"], default="loop", help="expert backend")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--no-stream", action="store_true", help="print a text completion at the end, not as decoded")
     pruning = parser.add_argument_group("pruning (CAEE or a peer rule)")
     rule = pruning.add_mutually_exclusive_group()
     rule.add_argument("--prune", help="RULE=NUMBER, e.g. caee=0.8 (theta) or top_p=0.9 (knob)")
@@ -82,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     offload_options.add_arguments(parser)
     parser.add_argument("--offload-plot", help="with --offload: a PNG of each decode step's fetch vs compute time")
     distributed.add_arguments(parser, local_processes=False)
+    cli.add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -126,9 +130,13 @@ def main(argv=None) -> int:
         prompt = args.prompt_ids
     elif args.prompt is not None:
         prompt = args.prompt
+    elif args.chat is not None:
+        prompt = caee_jax.chat_prompt(model, args.chat)
     else:
         prompt = DEFAULT_PROMPT if model.tokenizer else [int(t) for t in DEFAULT_PROMPT_IDS.split(",")]
 
+    prompt_text = prompt if isinstance(prompt, str) else None
+    streaming = prompt_text is not None and not (args.json or args.no_stream) and jax.process_index() == 0
     try:
         result = caee_jax.generate_with_stats(
             model,
@@ -137,13 +145,15 @@ def main(argv=None) -> int:
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
+            on_step=_printer(model.tokenizer, prompt_text) if streaming else None,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if streaming:
+        print(flush=True)
     ids = result.tokens[0]
     text = model.tokenizer.decode(ids) if model.tokenizer else None
-    prompt_text = prompt if isinstance(prompt, str) else None
     report = {
         "model": source,
         "mesh": describe(mesh) if mesh else None,
@@ -191,10 +201,10 @@ def main(argv=None) -> int:
             f"decode: {100 * result.pruned_pair_fraction:.1f}% of {routed} routed pairs skipped; active experts per "
             f"layer and step {active / steps:.1f} -> {active_kept / steps:.1f}"
         )
-    if prompt_text is not None:
-        print(f"--- prompt ---\n{prompt_text}\n--- completion ---\n{text}")
-    else:
+    if prompt_text is None:
         print(f"prompt ids: {prompt}\ngenerated ids: {ids}" + (f"\ntext: {text!r}" if text is not None else ""))
+    elif not streaming:
+        print(f"--- prompt ---\n{prompt_text}\n--- completion ---\n{text}")
     if manager is not None:
         total = report["offload"]["decode_total"]
         print(
@@ -207,6 +217,19 @@ def main(argv=None) -> int:
         f"decode {1e3 * result.decode_s_per_token:.1f} ms/token ({report['decode_tokens_per_s']:.1f} tokens/s)"
     )
     return 0
+
+
+def _printer(tokenizer, prompt_text: str):
+    """Prints the prompt, then returns the `on_step` callback that prints the completion as it is decoded."""
+    print(f"--- prompt ---\n{prompt_text}\n--- completion ---", flush=True)
+    decode = tokenizer.stream_decoder()
+
+    def on_step(new_ids: list[int | None]) -> None:
+        piece = decode(new_ids[0]) if new_ids[0] is not None else None
+        if piece:
+            print(piece, end="", flush=True)
+
+    return on_step
 
 
 def _execution(args, mesh) -> Execution:
@@ -292,4 +315,4 @@ def _means_path(args) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caee_jax import html
 from caee_jax.files import atomic_write
 from caee_jax.routing.backend import ExpertBackend
 
@@ -109,6 +110,24 @@ class CostTable:
     devices: tuple[DeviceCosts, ...]
     placement: tuple[int, ...]
     fit: FitQuality
+
+    def _repr_html_(self) -> str:
+        """The setup it applies to, each device's costs in microseconds, and the fit."""
+        rows = [
+            [d, self.placement.count(d), *(1e6 * v for v in (c.fixed_s, c.pair_s, c.activation_s, *c.fetch_s[1:]))]
+            + [1e6 * c.comm_token_s]
+            for d, c in enumerate(self.devices)
+        ]
+        header = ["device", "experts", "fixed", "per pair", "per expert", "fetch host", "fetch disk", "per token"]
+        fit = self.fit
+        return (
+            html.fields_table(self.signature, "cost table: setup", columns=3)
+            + html.table("costs (µs)", header, rows)
+            + html.table(
+                "fit", ["samples", "R²", "MAPE", "median |residual| µs"],
+                [[fit.samples, fit.r2, fit.mape, 1e6 * fit.median_abs_residual_s]],
+            )
+        )  # fmt: skip
 
     def __post_init__(self):
         if not self.devices:

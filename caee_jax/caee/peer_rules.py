@@ -21,6 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from caee_jax import html
 from caee_jax.caee.compensation import Compensation
 from caee_jax.caee.knobs import check_number, check_slots
 from caee_jax.choice import Choice
@@ -47,6 +48,9 @@ class PeerRule:
     k_min: int = 1
     compensation: Compensation = Compensation.NONE
     partial_alpha: float = 0.5
+
+    def _repr_html_(self) -> str:
+        return html.fields_table(self, f"peer rule {self.name.value}", columns=1)
 
     def __post_init__(self):
         object.__setattr__(self, "name", PeerRuleName.parse(self.name, "peer rule"))

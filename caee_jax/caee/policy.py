@@ -31,6 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from caee_jax import html
 from caee_jax.caee.compensation import Compensation, compensate
 from caee_jax.caee.cost_model import computed_rows, predict, row_tile
 from caee_jax.caee.cost_table import CostTable
@@ -68,6 +69,9 @@ class CAEEConfig:
     compensation: Compensation = Compensation.NONE
     partial_alpha: float = 0.5
 
+    def _repr_html_(self) -> str:
+        return html.fields_table(self, "CAEE rule", columns=1)
+
     def __post_init__(self):
         object.__setattr__(self, "target", Target.parse(self.target, "target"))
         object.__setattr__(self, "compensation", Compensation.parse(self.compensation, "compensation"))
@@ -96,6 +100,30 @@ def refill(prune: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, num_e
     return prune & ~restore.reshape(prune.shape)
 
 
+class Explanation(NamedTuple):
+    """Every quantity of one layer's CAEE decision (steps 1-5 above); per slot [N, K] unless noted.
+
+    importance: share of the token's gate mass x K; cost_s: marginal predicted seconds on its device;
+    cost: cost_s relative to the batch's mean slot; score: importance / cost; device: the slot's expert
+    shard; protected: among the token's k_min heaviest (never pruned); candidate: not protected and score
+    < theta; eligible: a candidate on a device above its target; pruned: pruned before refill; keep: what
+    runs (pruned and not refilled). device_s [S]: predicted load unpruned (s); excess_s [S]: above target.
+    """
+
+    importance: jax.Array
+    cost_s: jax.Array
+    cost: jax.Array
+    score: jax.Array
+    device: jax.Array
+    protected: jax.Array
+    candidate: jax.Array
+    eligible: jax.Array
+    pruned: jax.Array
+    keep: jax.Array
+    device_s: jax.Array
+    excess_s: jax.Array
+
+
 def caee_prune(
     table: CostTable,
     config: CAEEConfig,
@@ -105,6 +133,18 @@ def caee_prune(
 ) -> Decision:
     """The CAEE decision for one MoE layer. topk_ids, topk_weights [N, K]; residency [E] int tier of each
     expert (0 resident, 1 host RAM, 2 disk; None: all resident): a miss costs its tier's fetch time."""
+    keep = explain(table, config, topk_ids, topk_weights, residency).keep
+    return Decision(keep, compensate(topk_weights, keep, config.compensation, config.partial_alpha))
+
+
+def explain(
+    table: CostTable,
+    config: CAEEConfig,
+    topk_ids: jax.Array,
+    topk_weights: jax.Array,
+    residency: jax.Array | None = None,
+) -> Explanation:
+    """`caee_prune`'s decision with its intermediate quantities (arguments as there)."""
     num_tokens, top_k = topk_ids.shape
     num_experts = len(table.placement)
     placement = table.placement_array()
@@ -123,7 +163,8 @@ def caee_prune(
     score = importance / jnp.where(mean_cost > 0, cost / mean_cost, 1.0)  # a table without slot costs: importance
 
     # Straggler target and each device's excess over it.
-    candidates = (weight_rank(topk_weights) >= config.k_min) & (score < config.theta)
+    protected = weight_rank(topk_weights) < config.k_min
+    candidates = ~protected & (score < config.theta)
     load = before.device_s
     if config.target is Target.FLOOR or table.num_devices == 1:
         floor = predict(table, topk_ids, ~candidates, residency).device_s  # every candidate pruned
@@ -146,7 +187,11 @@ def caee_prune(
     saved_before = cumulative - sorted_cost - jnp.concatenate([jnp.zeros(1), cumulative])[device_start][sorted_device]
     excess_of = jnp.concatenate([excess, jnp.zeros(1)])[sorted_device]
     prune_sorted = (sorted_device < table.num_devices) & (saved_before < excess_of)
-    prune = jnp.zeros(order.shape, bool).at[order].set(prune_sorted).reshape(topk_ids.shape)
+    pruned = jnp.zeros(order.shape, bool).at[order].set(prune_sorted).reshape(topk_ids.shape)
+    prune = pruned
     if config.refill:
-        prune = refill(prune, topk_ids, topk_weights, num_experts, row_tile(table, num_tokens))
-    return Decision(~prune, compensate(topk_weights, ~prune, config.compensation, config.partial_alpha))
+        prune = refill(pruned, topk_ids, topk_weights, num_experts, row_tile(table, num_tokens))
+    return Explanation(
+        importance, cost, cost / jnp.where(mean_cost > 0, mean_cost, 1.0), score, device, protected, candidates,
+        eligible, pruned, ~prune, load, excess,
+    )  # fmt: skip

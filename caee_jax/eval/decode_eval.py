@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caee_jax.caee.peer_rules import PeerRule
+from caee_jax.choice import Choice
 from caee_jax.model.execution import Execution
 from caee_jax.offload.cache import StepStats
 from caee_jax.parallel.placement import batch_sharding, mesh_context, to_mesh
@@ -170,3 +173,36 @@ def compare(
     if offloaded:
         model.expert_cache = experts[0]
     return result
+
+
+def sweep(
+    model,
+    rules: Sequence,
+    ids: np.ndarray,
+    *,
+    batch: int = 4,
+    prefix: int = 32,
+    steps_per_window: int = 8,
+    table=None,
+    seed: int = 0,
+) -> list[dict]:
+    """Each rule (a CAEEConfig or PeerRule) against the model unpruned, teacher-forced on `batch` windows of
+    the token stream `ids` [M] (`compare`): one record per rule, as launch/eval.py writes them (rule, knob,
+    batch_size, processes, the rule's settings and `Comparison.summary()`), the input of
+    `report.plot_pareto` and `report.write_table`. table: the cost table CAEE rules use."""
+    windows = windows_of(np.asarray(ids), prefix + steps_per_window + 1, batch, seed)
+    records = []
+    for rule in rules:
+        name = rule.name.value if isinstance(rule, PeerRule) else "caee"
+        settings = {
+            f.name: getattr(rule, f.name).value if isinstance(getattr(rule, f.name), Choice) else getattr(rule, f.name)
+            for f in dataclasses.fields(rule)
+            if f.name not in ("name", "knob", "theta", "enabled")
+        }
+        knob = rule.knob if isinstance(rule, PeerRule) else rule.theta
+        candidate = Execution(model.execution.backend, pruning=rule, cost_table=table)
+        summary = compare(model, candidate, windows, prefix, table=table).summary()
+        records.append(
+            dict(rule=name, knob=float(knob), batch_size=batch, processes=jax.process_count(), **settings, **summary)
+        )
+    return records

@@ -110,12 +110,10 @@ def write_table(records: list[dict], path: str) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def plot_pareto(records: list[dict], path: str) -> None:
+def plot_pareto(records: list[dict], path: str | None = None):
     """Per (processes, batch): step-time cut against the top-1 drop (with 2 s.e. bars), and against the
-    perplexity rise; one curve per rule, points in order of pruned pairs; dashed: the targets' limits."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    perplexity rise; one curve per rule, points in order of pruned pairs; dashed: the targets' limits.
+    Written as a PNG to `path` when given; returns the matplotlib Figure (a notebook displays it)."""
     import matplotlib.pyplot as plt
 
     groups = sorted({(r["processes"], r["batch_size"]) for r in records})
@@ -143,6 +141,8 @@ def plot_pareto(records: list[dict], path: str) -> None:
     handles = [plt.Line2D([], [], color=colors[label], marker="o", label=label) for label in labels]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+    plt.close(fig)  # not shown twice by pyplot's own display; the returned figure is
+    if path is not None:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, dpi=110, format="png")
+    return fig

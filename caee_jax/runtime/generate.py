@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from caee_jax import html
 from caee_jax.offload.cache import StepStats
 from caee_jax.parallel.placement import batch_sharding, check_batch, mesh_context, to_mesh
 from caee_jax.runtime import steps
@@ -45,6 +46,21 @@ class Generation:
     prefill_offload: StepStats | None = None
     decode_offload: list[StepStats] = dataclasses.field(default_factory=list)
 
+    def _repr_html_(self) -> str:
+        routed, kept, active, active_kept = self.decode_routing
+        rows = [
+            ["sequences", len(self.tokens)],
+            ["tokens generated", ", ".join(str(len(t)) for t in self.tokens)],
+            ["prefill (s, compilation included on first use)", self.prefill_s],
+            ["decode steps", len(self.decode_step_s)],
+            ["decode ms/token (median, first step skipped)", 1e3 * self.decode_s_per_token],
+            ["decode routed pairs / kept", f"{routed} / {kept} ({100 * self.pruned_pair_fraction:.1f}% pruned)"],
+            ["decode active experts (summed) before -> after", f"{active} -> {active_kept}"],
+        ]
+        if self.dropped_pairs:
+            rows.append(["expert-parallel dropped pairs", self.dropped_pairs])
+        return html.table("Generation", ["", "value"], rows)
+
     @property
     def pruned_pair_fraction(self) -> float:
         """Share of decode's routed (token, expert) pairs that pruning skipped."""
@@ -66,6 +82,8 @@ def encode_prompts(model, prompts: Sequence) -> list[list[int]]:
     out = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError(f"prompts[{i}] is an empty string: give some text to continue")
             if model.tokenizer is None:
                 raise ValueError(f"prompts[{i}] is text but the model has no tokenizer: pass token ids")
             prompt = model.tokenizer.encode(prompt)
@@ -88,8 +106,55 @@ def generate_with_stats(
     seed: int = 0,
     stop: Sequence[int] | None = None,
     max_cache_len: int | None = None,
+    on_step: Callable[[list[int | None]], None] | None = None,
 ) -> Generation:
-    """Like `generate`, with timings."""
+    """Like `generate`, with timings. on_step: called once per sampled position with each prompt's new id
+    (None for a prompt that has stopped), while the next decode step runs on the device."""
+    steps_of, mesh = _start(model, prompts, max_new_tokens, temperature, top_p, seed, stop, max_cache_len)
+    with mesh_context(mesh):
+        while True:
+            try:
+                new = next(steps_of)
+            except StopIteration as finished:
+                return finished.value
+            if on_step is not None:
+                on_step(new)
+
+
+def stream(
+    model,
+    prompt,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: Sequence[int] | None = None,
+) -> Iterator[str]:
+    """Yields the completion of one text prompt (or token-id list) as text pieces, as they are decoded.
+
+    Needs a model with a tokenizer. Pieces are whole UTF-8 characters: a character whose bytes span several
+    tokens comes out once its last token is decoded (`tokenizers.decoders.DecodeStream`), so the pieces
+    join to `model.tokenizer.decode(ids)`. Arguments as in `generate`. Between pieces no mesh context is
+    held: the caller's code runs as it would outside.
+    """
+    if model.tokenizer is None:
+        raise ValueError("stream needs a model with a tokenizer (tokenizer.json); use generate_with_stats(on_step=...)")
+    steps_of, mesh = _start(model, [prompt], max_new_tokens, temperature, top_p, seed, stop, None)
+    text = model.tokenizer.stream_decoder()
+    while True:
+        with mesh_context(mesh):
+            try:
+                new = next(steps_of)[0]
+            except StopIteration:
+                return
+        piece = text(new) if new is not None else None
+        if piece:
+            yield piece
+
+
+def _start(model, prompts, max_new_tokens, temperature, top_p, seed, stop, max_cache_len):
+    """Checks the arguments and sets up the batch -> (generator of each position's new ids [B] that returns
+    the Generation, mesh); iterate it under the mesh context."""
     ids = encode_prompts(model, prompts)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -114,8 +179,8 @@ def generate_with_stats(
 
     mesh = getattr(model, "mesh", None)
     check_batch(mesh, len(ids))
-    with mesh_context(mesh):
-        return _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len)
+    args = (model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len)
+    return _generate(*args), mesh
 
 
 def _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len):
@@ -123,7 +188,11 @@ def _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, 
     (or emptied, matching its host side, if a step fails: its buffer was donated)."""
     manager = model.execution.offload
     try:
-        return _decode_loop(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len)
+        return (
+            yield from _decode_loop(
+                model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len
+            )
+        )
     except BaseException:
         if manager is not None:
             model.expert_cache = manager.empty_cache()
@@ -159,6 +228,7 @@ def _decode_loop(model, mesh, tokens, lengths, max_new_tokens, temperature, top_
     step_times = []
     routing_counts = np.zeros(4, np.int64)
     for step in range(max_new_tokens):
+        new: list[int | None] = [None] * len(next_host)
         for b, token in enumerate(next_host):
             if done[b]:
                 continue
@@ -166,7 +236,9 @@ def _decode_loop(model, mesh, tokens, lengths, max_new_tokens, temperature, top_
                 done[b] = True
             else:
                 generated[b].append(int(token))
+                new[b] = int(token)
         if done.all() or step == max_new_tokens - 1:
+            yield new
             break
         start = time.perf_counter()
         next_ids, cache, counts, model.expert_cache = steps.decode_step(
@@ -182,6 +254,7 @@ def _decode_loop(model, mesh, tokens, lengths, max_new_tokens, temperature, top_
             model.expert_cache,
             execution=model.execution,
         )
+        yield new  # the caller's use of the new ids overlaps the step just dispatched
         next_host = np.asarray(next_ids)
         step_times.append(time.perf_counter() - start)
         routing_counts += np.asarray(counts)
@@ -190,6 +263,17 @@ def _decode_loop(model, mesh, tokens, lengths, max_new_tokens, temperature, top_
             offload_steps.append(manager.take_step_stats())
     counts = tuple(int(c) for c in routing_counts)
     return Generation(generated, prefill_s, step_times, int(dropped), counts, prefill_offload, offload_steps)
+
+
+def chat_prompt(model, messages, add_generation_prompt: bool = True) -> str:
+    """The model's chat template applied to a conversation: a prompt for `generate` or `stream`.
+
+    messages: a user message string, or a list of {"role": "system" | "user" | "assistant", "content": str}
+    dicts. The template writes the BOS token itself; encoding the prompt does not add a second one.
+    """
+    if model.tokenizer is None:
+        raise ValueError("chat needs a model with a tokenizer (tokenizer.json) and a chat template")
+    return model.tokenizer.apply_chat_template(messages, add_generation_prompt)
 
 
 def generate(

@@ -151,3 +151,11 @@ def expert_sums(graphdef, state, tokens, *, execution: Execution):
     everything = jnp.ones_like(routing.keep_mask)
     counts = jax.vmap(lambda ids: expert_load(ids, everything[0], model.config.n_routed_experts).pairs)
     return gather_replicated(routing.expert_sums), gather_replicated(counts(routing.topk_ids))
+
+
+@step_jit(static_argnames=("graphdef", "execution"))
+def routing(graphdef, state, tokens, *, execution: Execution):
+    """tokens [B, T] -> (topk_ids int32, topk_weights f32, keep_mask bool), each [L, B, T, K]: every MoE
+    layer's routing and the pairs that ran."""
+    out = nnx.merge(graphdef, state)(tokens, execution=execution).routing
+    return tuple(gather_replicated(a) for a in (out.topk_ids, out.topk_weights, out.keep_mask))
