@@ -14,6 +14,7 @@ import argparse
 import os
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -90,11 +91,12 @@ def plot(results: list[simulate.Result], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", default="8,16,32,64")
-    parser.add_argument("--batches", default="16,64,256", help="tokens per decode step, whole deployment")
-    parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens routed (half history, half steps)")
+    parser.add_argument("--batches", default="16,64,256,4096", help="tokens per decode step, whole deployment")
+    parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens routed (half history, half steps)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps simulated per case and MoE layer")
     parser.add_argument("--redundant", type=int, default=32, help="EPLB's extra slots (rounded up to the devices)")
     parser.add_argument("--theta", type=float, default=CAEEConfig().theta)
+    parser.add_argument("--device-models", default="cpu-scaled,H100,H200")
     parser.add_argument("--plot", help="PNG to write")
     args = parser.parse_args()
 
@@ -104,11 +106,8 @@ def main() -> None:
         ids = model.text_ids(f.read())[: args.tokens + 1]
     scores = score_tokens(model, ids, window=512, batch=8, progress=False)
     r1_ids, r1_weights = simulate.r1_routing(scores.topk_ids, scores.topk_weights, model.config.n_routed_experts)
-    device_models = [
-        r1_costs.scaled_cpu(load_table(os.path.join(DEFAULT_DIR, CPU_TABLE))),
-        r1_costs.H100,
-        r1_costs.H200,
-    ]
+    known = [r1_costs.scaled_cpu(load_table(os.path.join(DEFAULT_DIR, CPU_TABLE))), r1_costs.H100, r1_costs.H200]
+    device_models = [device for device in known if device.name in args.device_models.split(",")]
     caee = CAEEConfig(theta=args.theta)
     results = []
     for device in device_models:
@@ -118,6 +117,10 @@ def main() -> None:
                     r1_ids, r1_weights, device, devices, batch, steps=args.steps, redundant=args.redundant, caee=caee
                 )
     print(f"routing: {r1_ids.shape[1]} held-out tokens x {r1_ids.shape[0]} MoE layers, re-sampled to 256 experts top-8")
+    for name, routing, experts in (("bundled", scores.topk_ids, model.config.n_routed_experts), ("R1", r1_ids, 256)):
+        loads = np.stack([np.bincount(layer.reshape(-1), minlength=experts) for layer in routing])
+        skew = ", ".join(f"{row.max() / row.mean():.2f}" for row in loads)
+        print(f"{name} expert loads, max / mean per MoE layer: {skew}")
     print(f"CAEE: {caee}")
     for device in device_models:
         print(
