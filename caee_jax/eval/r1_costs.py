@@ -26,6 +26,7 @@ from caee_jax.routing.backend import ExpertBackend
 R1_HIDDEN, R1_WIDTH, R1_EXPERTS, R1_TOP_K, R1_GROUPS = 7168, 2048, 256, 8, 8
 EXPERT_PARAMS = 3 * R1_HIDDEN * R1_WIDTH  # gate, up [D, F] and down [F, D]
 PAIR_FLOPS = 2 * EXPERT_PARAMS  # one token through one SwiGLU expert
+BF16_BYTES, FP8_BYTES = 2, 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +49,9 @@ def scaled_cpu(table: CostTable, name: str = "cpu-scaled") -> DeviceModel:
     sig = table.signature
     small_params = 3 * sig.hidden_size * sig.moe_intermediate_size
     small_bytes = np.dtype(sig.dtype).itemsize
-    bytes_ratio = EXPERT_PARAMS * 2 / (small_params * small_bytes)
+    bytes_ratio = EXPERT_PARAMS * BF16_BYTES / (small_params * small_bytes)
     flops_ratio = EXPERT_PARAMS / small_params
-    token_ratio = R1_HIDDEN * 2 / (sig.hidden_size * small_bytes)
+    token_ratio = R1_HIDDEN * BF16_BYTES / (sig.hidden_size * small_bytes)
 
     def mean(field: str) -> float:
         return float(np.mean([getattr(d, field) for d in table.devices]))
@@ -74,12 +75,12 @@ def from_specs(
     name: str, hbm_bytes_s: float, flops_s: float, link_bytes_s: float, fixed_s: float = 20e-6
 ) -> DeviceModel:
     """R1 with FP8 experts on a device with these datasheet figures (bytes/s, FLOP/s, bytes/s per device)."""
-    pair_bytes = R1_HIDDEN * 1 + R1_HIDDEN * 2  # FP8 dispatch, bf16 combine
+    pair_bytes = R1_HIDDEN * FP8_BYTES + R1_HIDDEN * BF16_BYTES  # FP8 dispatch, bf16 combine
     return DeviceModel(
         name=name,
         fixed_s=fixed_s,
         pair_s=PAIR_FLOPS / flops_s + pair_bytes / link_bytes_s,
-        activation_s=EXPERT_PARAMS * 1 / hbm_bytes_s,
+        activation_s=EXPERT_PARAMS * FP8_BYTES / hbm_bytes_s,
         comm_token_s=0.0,
         backend=ExpertBackend.PALLAS,
         dtype="float8_e4m3fn",

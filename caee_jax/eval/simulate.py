@@ -31,6 +31,7 @@ from caee_jax.eval.r1_costs import R1_EXPERTS, R1_GROUPS, R1_TOP_K, DeviceModel,
 from caee_jax.parallel import eplb
 
 METHODS = ("contiguous", "caee", "eplb", "eplb+caee")
+WITH_CAEE = {"contiguous": "caee", "eplb": "eplb+caee"}  # a placement -> the method pruning on it
 
 
 def r1_routing(
@@ -121,7 +122,7 @@ def simulate(
             table = r1_table(device, placement.slot_device, devices)
             slot_ids = np.stack([placement.route(layer, s) for s in step_ids])
             totals[name].append(price(table, slot_ids, step_weights, None))
-            totals[f"{name}+caee" if name == "eplb" else "caee"].append(price(table, slot_ids, step_weights, caee))
+            totals[WITH_CAEE[name]].append(price(table, slot_ids, step_weights, caee))
     results = []
     for method in METHODS:
         per_step = np.concatenate(totals[method])  # [layers * steps, 4]
