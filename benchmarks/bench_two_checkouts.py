@@ -9,6 +9,8 @@ bootstrap 95% interval over rounds, and whether ids and accuracy figures are ide
 
     git worktree add /tmp/base <commit>
     .venv/bin/python benchmarks/bench_two_checkouts.py --base /tmp/base --rounds 5
+
+--job-args adds flags to both jobs, e.g. --job-args "--offload host --cache-experts 0.25".
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -34,15 +37,15 @@ def run_job(tree: str, argv: list[str]) -> str:
     return result.stdout
 
 
-def generate(tree: str, tokens: int) -> dict:
-    out = json.loads(run_job(tree, ["launch/run.py", "--json", "--max-new-tokens", str(tokens)]))
+def generate(tree: str, tokens: int, extra: list[str]) -> dict:
+    out = json.loads(run_job(tree, ["launch/run.py", "--json", "--max-new-tokens", str(tokens), *extra]))
     return dict(ids=out["generated_ids"], decode_s=out["decode_s_per_token"])
 
 
-def eval_case(tree: str, batch: int, theta: float, eval_tokens: int) -> dict:
+def eval_case(tree: str, batch: int, theta: float, eval_tokens: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = ["--rules", "caee", "--knobs", f"caee={theta}", "--batch-sizes", str(batch)]
-        run_job(tree, ["launch/eval.py", *args, "--eval-tokens", str(eval_tokens), "--out", out])
+        run_job(tree, ["launch/eval.py", *args, "--eval-tokens", str(eval_tokens), "--out", out, *extra])
         with open(os.path.join(out, "results.jsonl")) as f:
             record = json.loads(f.readline())
     keys = ("step_time_s", "step_time_unpruned_s", "top1_acc", "ppl", "pruned_pair_fraction")
@@ -66,14 +69,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--theta", type=float, default=0.9)
     parser.add_argument("--eval-tokens", type=int, default=2048)
+    parser.add_argument("--job-args", default="", help="flags added to both jobs (run.py and eval.py)")
     args = parser.parse_args()
+    extra = shlex.split(args.job_args)
     trees = {"base": os.path.abspath(args.base), "candidate": os.path.abspath(args.candidate)}
     runs = {name: [] for name in trees}
     for round_ in range(args.rounds):
         order = list(trees) if round_ % 2 == 0 else list(trees)[::-1]
         for name in order:
-            result = generate(trees[name], args.new_tokens)
-            result |= eval_case(trees[name], args.batch, args.theta, args.eval_tokens)
+            result = generate(trees[name], args.new_tokens, extra)
+            result |= eval_case(trees[name], args.batch, args.theta, args.eval_tokens, extra)
             runs[name].append(result)
             print(f"round {round_ + 1}/{args.rounds} {name}: {json.dumps(result | {'ids': '...'})}", file=sys.stderr)
 

@@ -44,7 +44,9 @@ def store_dir(tmp_path_factory):
 
 
 def offloaded(offload: Offload, execution="loop") -> caee_jax.Model:
-    return caee_jax.init_random("tiny", execution=execution, offload=offload)
+    """The resident tiny model's weights with the experts offloaded (`init_random` with a disk store would
+    not draw the experts, and so would draw the other weights differently)."""
+    return caee_jax.Model(caee_jax.init_random("tiny").module, None, execution, None, offload)
 
 
 @pytest.mark.parametrize(
@@ -89,6 +91,10 @@ class CountingStore:
     def read(self, layer, expert):
         self.reads.append((layer, expert))
         return self.store.read(layer, expert)
+
+    def read_many(self, layer, experts):
+        self.reads.extend((layer, expert) for expert in experts)
+        return self.store.read_many(layer, experts)
 
 
 @pytest.mark.parametrize("rule", ["top_p=0.6", "caee=1.5"])
