@@ -13,9 +13,10 @@ from caee_jax.weights.hf_layout import is_ignored, recipes
 from caee_jax.weights.hf_source import HFSource
 
 
-def abstract_model(config: ModelConfig, dtype) -> DeepseekV3:
-    """The model with ShapeDtypeStructs in place of arrays: nothing is allocated."""
-    return nnx.eval_shape(lambda: DeepseekV3(config, dtype=dtype, rngs=nnx.Rngs(0)))
+def abstract_model(config: ModelConfig, dtype, weights=None) -> DeepseekV3:
+    """The model with ShapeDtypeStructs in place of arrays: nothing is allocated. weights: the routed
+    experts' storage (`routing/storage.py`), None: dtype."""
+    return nnx.eval_shape(lambda: DeepseekV3(config, dtype=dtype, rngs=nnx.Rngs(0), weights=weights))
 
 
 def load_hf_model(directory: str, config: ModelConfig, dtype=jnp.float32) -> DeepseekV3:
