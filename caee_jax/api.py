@@ -157,7 +157,8 @@ def load(
     dtype: parameter dtype, "float32" (parity) or "bfloat16" (speed); default float32 for HF directories
     and the stored dtype for converted ones. weights: how the routed experts are held, "f32", "bf16" or
     "fp8" (float8_e4m3fn with a float32 scale per 128x128 block: `routing/storage.py`), independently of
-    dtype; None keeps them in dtype. execution: as in `Model` (an `Execution` with pruning and
+    dtype; None keeps them in dtype (an FP8 release's experts load as their bytes and scales, unchanged,
+    with "fp8"). execution: as in `Model` (an `Execution` with pruning and
     cost table, or a backend: "loop", the CPU default, "dense", "pallas"). mesh: as in `Model`. offload: an
     `Offload` (experts in a store behind a device cache; `offload/`), or None (every expert on device).
     """
@@ -175,10 +176,10 @@ def load(
     mesh = _mesh(mesh)
     if is_converted(path):
         module = restore_model(path, config, dtype or _dtype(read_metadata(path)["dtype"]), mesh)
+        if weights is not None:
+            module.store_experts(Storage.parse(weights, "weights"))
     else:
-        module = load_hf_model(path, config, dtype or jnp.float32)
-    if weights is not None:
-        module.store_experts(Storage.parse(weights, "weights"))
+        module = load_hf_model(path, config, dtype or jnp.float32, weights)
     return Model(module, Tokenizer.from_dir(path, config.eos_ids), execution, mesh, offload)
 
 

@@ -77,19 +77,29 @@ def _block_amax(weight: jax.Array, block: tuple[int, int]) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames="block")
 def _divide_blocks(weight: jax.Array, scale: jax.Array, block: tuple[int, int]) -> jax.Array:
-    m, n = weight.shape[-2:]
-    expanded = jnp.repeat(scale, block[0], axis=-2, total_repeat_length=scale.shape[-2] * block[0])[..., :m, :]
-    expanded = jnp.repeat(expanded, block[1], axis=-1, total_repeat_length=scale.shape[-1] * block[1])[..., :n]
-    return (weight.astype(jnp.float32) / expanded).astype(FP8_DTYPE)
+    return (weight.astype(jnp.float32) / _expand(scale, weight.shape[-2:], block)).astype(FP8_DTYPE)
 
 
 def block_dequantize(weight: jax.Array, scale: jax.Array, dtype, block: tuple[int, int] = BLOCK) -> jax.Array:
     """float8_e4m3fn [..., M, N] and float32 scales [..., Mb, Nb] -> [..., M, N] in `dtype`: each element
-    float32(q) * its block's scale, rounded once to `dtype` (the release's `weight_dequant`)."""
-    m, n = weight.shape[-2:]
-    expanded = jnp.repeat(scale, block[0], axis=-2, total_repeat_length=scale.shape[-2] * block[0])[..., :m, :]
-    expanded = jnp.repeat(expanded, block[1], axis=-1, total_repeat_length=scale.shape[-1] * block[1])[..., :n]
-    return (weight.astype(jnp.float32) * expanded).astype(dtype)
+    float32(q) * its block's scale, rounded once to `dtype` (the release's `weight_dequant`), bit for bit.
+
+    XLA:CPU widens float8 in software; here q's bits are moved into a float16 whose value is q / 256
+    (e4m3 and float16 share the exponent field's meaning up to their biases, 7 and 15, subnormals
+    included), which the CPU widens to float32 in hardware; the 256 is folded into the scale (a power
+    of two: the product is unchanged). The scales reach their elements by broadcast, not by a gather.
+    """
+    bits = jax.lax.bitcast_convert_type(weight, jnp.uint8).astype(jnp.uint16)
+    half = jax.lax.bitcast_convert_type(((bits & 0x80) << 8) | ((bits & 0x7F) << 7), jnp.float16)
+    value = jnp.where(bits & 0x7F == 0x7F, jnp.nan, half.astype(jnp.float32))  # e4m3fn's NaN
+    return (value * _expand(scale * 256, weight.shape[-2:], block)).astype(dtype)
+
+
+def _expand(scale: jax.Array, shape: tuple[int, int], block: tuple[int, int]) -> jax.Array:
+    """Block scales [..., Mb, Nb] -> one per element [..., M, N]."""
+    *lead, mb, nb = scale.shape
+    full = jnp.broadcast_to(scale[..., :, None, :, None], (*lead, mb, block[0], nb, block[1]))
+    return full.reshape(*lead, mb * block[0], nb * block[1])[..., : shape[0], : shape[1]]
 
 
 def check_scales(name: str, weight_shape: tuple[int, ...], scale, block: tuple[int, int] = BLOCK) -> None:

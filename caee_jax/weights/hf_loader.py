@@ -9,6 +9,7 @@ from flax import nnx
 
 from caee_jax.config import ModelConfig
 from caee_jax.model.transformer import DeepseekV3
+from caee_jax.routing.storage import BLOCK, FP8_DTYPE, Storage, scale_shape
 from caee_jax.weights.hf_layout import is_ignored, recipes
 from caee_jax.weights.hf_source import HFSource
 
@@ -19,21 +20,47 @@ def abstract_model(config: ModelConfig, dtype, weights=None) -> DeepseekV3:
     return nnx.eval_shape(lambda: DeepseekV3(config, dtype=dtype, rngs=nnx.Rngs(0), weights=weights))
 
 
-def load_hf_model(directory: str, config: ModelConfig, dtype=jnp.float32) -> DeepseekV3:
+def load_hf_model(directory: str, config: ModelConfig, dtype=jnp.float32, weights=None) -> DeepseekV3:
     """Builds the model from the directory's safetensors (FP8 block-scaled weights dequantised). The whole
-    inventory is checked first (`HFSource.check`; MTP layers and rotary buffers are skipped)."""
+    inventory is checked first (`HFSource.check`; MTP layers and rotary buffers are skipped).
+
+    weights: the routed experts' storage (`routing/storage.py`; None: dtype). "fp8" from a release whose
+    routed experts are FP8 in 128x128 blocks keeps their bytes and scales unchanged (transposed to the
+    model's [in, out]); from any other source the experts are block-quantised after loading.
+    """
     source = HFSource(directory, config)
-    model = abstract_model(config, dtype)
-    graphdef, state = nnx.split(model)
-    flat = dict(nnx.to_flat_state(state))
+    weights = None if weights is None else Storage.parse(weights, "weights")
     all_recipes = recipes(config)
     source.check(all_recipes, skip=lambda name: is_ignored(name, config))
+    experts = {
+        ("moe_layers", "ffn", proj): proj.removesuffix("_proj") for proj in ("gate_proj", "up_proj", "down_proj")
+    }
+    keep = weights is Storage.FP8 and source.block == BLOCK
+    keep = keep and all(source.is_fp8(n) for r in all_recipes if r.target in experts for n in r.sources)
+    graphdef, state = nnx.split(abstract_model(config, dtype, Storage.FP8 if keep else None))
+    flat = dict(nnx.to_flat_state(state))
     for recipe in all_recipes:
         variable = flat[recipe.target]
-        value = recipe.build(lambda name, transpose=False, dtype=variable.dtype: source.read(name, dtype, transpose))
+        if keep and recipe.target in experts:
+            value, scale = _fp8_stack(source, recipe.sources, variable.shape)
+            flat[("moe_layers", "ffn", f"{experts[recipe.target]}_scale")].set_value(jnp.asarray(scale))
+        else:
+            value = recipe.build(lambda name, transpose=False, d=variable.dtype: source.read(name, d, transpose))
         assert value.shape == variable.shape, (recipe.target, value.shape, variable.shape)
         variable.set_value(jnp.asarray(value))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    if weights is not None and not keep:
+        model.store_experts(weights)
+    return model
+
+
+def _fp8_stack(source: HFSource, names: tuple[str, ...], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A routed-expert stack [L, E, in, out] float8_e4m3fn and its scales [L, E, in/128, out/128] from the
+    per-expert HF tensors `names` (layer-major, as the stacked recipe lists them), bytes unchanged."""
+    value, scale = np.empty(shape, FP8_DTYPE), np.empty(scale_shape(shape), np.float32)
+    for i, name in enumerate(names):
+        value.reshape(-1, *shape[2:])[i], scale.reshape(-1, *scale.shape[2:])[i] = source.read_fp8(name, True)
+    return value, scale
 
 
 def num_params(model: DeepseekV3) -> int:

@@ -119,6 +119,14 @@ class HFSource:
             return dequantize(value, self.reader.read(name + SCALE_SUFFIX), dtype, self.block, transpose)
         return np.ascontiguousarray(value.T if transpose else value, dtype=dtype)
 
+    def read_fp8(self, name: str, transpose: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """An FP8 tensor's bytes and its float32 block scales, unchanged (transpose: both transposed, so
+        [out, in] blocks become [in, out] blocks; the blocks are square in the release)."""
+        value, scale = self.reader.read(name), np.asarray(self.reader.read(name + SCALE_SUFFIX), np.float32)
+        if transpose:
+            value, scale = value.T, scale.T
+        return np.ascontiguousarray(value), np.ascontiguousarray(scale)
+
     def nbytes(self, name: str) -> int:
         """Bytes the tensor occupies in the checkpoint, its FP8 scale included."""
         scale = name + SCALE_SUFFIX
