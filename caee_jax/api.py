@@ -176,7 +176,7 @@ def load(
     mesh = _mesh(mesh)
     if is_converted(path):
         module = restore_model(path, config, dtype or _dtype(read_metadata(path)["dtype"]), mesh)
-        if weights is not None:
+        if weights is not None and Storage.parse(weights, "weights") is not module.expert_storage:
             module.store_experts(Storage.parse(weights, "weights"))
     else:
         module = load_hf_model(path, config, dtype or jnp.float32, weights)

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 from test_bf16_compile import decode_hlo, materialised_f32_shapes
+from test_caee_policy import table
 from test_expert_parallel import mesh_of, run
 
 import caee_jax
+from caee_jax.caee.rule_config import parse_rule
 from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
 from caee_jax.model.execution import Execution
 from caee_jax.offload.cache import Offload
@@ -63,7 +65,7 @@ def restored(model, weights: str):
     """The same model with its routed experts re-stored as `weights` (a copy)."""
     module = nnx.merge(*nnx.split(model.module))
     module.store_experts(weights)
-    return caee_jax.Model(module, mesh=model.mesh)
+    return caee_jax.Model(module, execution=model.execution, mesh=model.mesh)
 
 
 def greedy(model):
@@ -91,6 +93,15 @@ def test_fp8_experts_on_a_mesh_equal_one_device():
     for got, want in zip(*both, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
         np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_caee_prunes_fp8_experts_as_it_prunes_their_float32_values():
+    execution = Execution("loop", pruning=parse_rule("caee=1.5"), cost_table=table(16, 1, 4, backend="loop"))
+    model = caee_jax.init_random("tiny", seed=3, weights="fp8", execution=execution)
+    pruned = np.asarray(model(TOKENS))
+    np.testing.assert_allclose(pruned, np.asarray(restored(model, "f32")(TOKENS)), atol=1e-5, rtol=0)
+    unpruned = caee_jax.init_random("tiny", seed=3, weights="fp8")
+    assert np.abs(pruned - np.asarray(unpruned(TOKENS))).max() > 1e-3  # CAEE did prune
 
 
 def test_fp8_experts_cannot_be_cut_inside_a_scale_block():

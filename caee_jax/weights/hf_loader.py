@@ -9,8 +9,8 @@ from flax import nnx
 
 from caee_jax.config import ModelConfig
 from caee_jax.model.transformer import DeepseekV3
-from caee_jax.routing.storage import BLOCK, FP8_DTYPE, Storage, scale_shape
-from caee_jax.weights.hf_layout import is_ignored, recipes
+from caee_jax.routing.storage import BLOCK, Storage
+from caee_jax.weights.hf_layout import fp8_scale_recipes, is_ignored, recipes
 from caee_jax.weights.hf_source import HFSource
 
 
@@ -32,35 +32,22 @@ def load_hf_model(directory: str, config: ModelConfig, dtype=jnp.float32, weight
     weights = None if weights is None else Storage.parse(weights, "weights")
     all_recipes = recipes(config)
     source.check(all_recipes, skip=lambda name: is_ignored(name, config))
-    experts = {
-        ("moe_layers", "ffn", proj): proj.removesuffix("_proj") for proj in ("gate_proj", "up_proj", "down_proj")
-    }
+    experts = [("moe_layers", "ffn", proj) for proj in ("gate_proj", "up_proj", "down_proj")]
     keep = weights is Storage.FP8 and source.block == BLOCK
     keep = keep and all(source.is_fp8(n) for r in all_recipes if r.target in experts for n in r.sources)
+    if keep:  # the experts' targets become float8 (read as stored) and their scales are read too
+        all_recipes += fp8_scale_recipes(config)
     graphdef, state = nnx.split(abstract_model(config, dtype, Storage.FP8 if keep else None))
     flat = dict(nnx.to_flat_state(state))
     for recipe in all_recipes:
         variable = flat[recipe.target]
-        if keep and recipe.target in experts:
-            value, scale = _fp8_stack(source, recipe.sources, variable.shape)
-            flat[("moe_layers", "ffn", f"{experts[recipe.target]}_scale")].set_value(jnp.asarray(scale))
-        else:
-            value = recipe.build(lambda name, transpose=False, d=variable.dtype: source.read(name, d, transpose))
+        value = recipe.build(lambda name, transpose=False, dtype=variable.dtype: source.read(name, dtype, transpose))
         assert value.shape == variable.shape, (recipe.target, value.shape, variable.shape)
         variable.set_value(jnp.asarray(value))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     if weights is not None and not keep:
         model.store_experts(weights)
     return model
-
-
-def _fp8_stack(source: HFSource, names: tuple[str, ...], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """A routed-expert stack [L, E, in, out] float8_e4m3fn and its scales [L, E, in/128, out/128] from the
-    per-expert HF tensors `names` (layer-major, as the stacked recipe lists them), bytes unchanged."""
-    value, scale = np.empty(shape, FP8_DTYPE), np.empty(scale_shape(shape), np.float32)
-    for i, name in enumerate(names):
-        value.reshape(-1, *shape[2:])[i], scale.reshape(-1, *scale.shape[2:])[i] = source.read_fp8(name, True)
-    return value, scale
 
 
 def num_params(model: DeepseekV3) -> int:

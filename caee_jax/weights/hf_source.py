@@ -112,20 +112,21 @@ class HFSource:
             )
 
     def read(self, name: str, dtype, transpose: bool = False) -> np.ndarray:
-        """The tensor in `dtype`: FP8 dequantised with its scale (rounded once), others cast.
+        """The tensor in `dtype`: FP8 dequantised with its scale (rounded once), others cast; with dtype
+        float8_e4m3fn an FP8 tensor's bytes unchanged (its scale is read apart, `name + "_scale_inv"`).
         transpose: a 2-D tensor transposed ([out, in] -> [in, out]), contiguous."""
         value = self.reader.read(name)
+        if np.dtype(dtype) == FP8_DTYPE:
+            if value.dtype != FP8_DTYPE:
+                raise CheckpointError(
+                    f"{self.reader.file_of(name)}: {name!r} is {value.dtype}, not FP8; cannot keep FP8"
+                )
+            if self.block != BLOCK:
+                raise CheckpointError(f"{self.directory}: FP8 blocks {self.block}; keeping FP8 needs {BLOCK}")
+            return np.ascontiguousarray(value.T if transpose else value)
         if value.dtype == FP8_DTYPE:
             return dequantize(value, self.reader.read(name + SCALE_SUFFIX), dtype, self.block, transpose)
         return np.ascontiguousarray(value.T if transpose else value, dtype=dtype)
-
-    def read_fp8(self, name: str, transpose: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """An FP8 tensor's bytes and its float32 block scales, unchanged (transpose: both transposed, so
-        [out, in] blocks become [in, out] blocks; the blocks are square in the release)."""
-        value, scale = self.reader.read(name), np.asarray(self.reader.read(name + SCALE_SUFFIX), np.float32)
-        if transpose:
-            value, scale = value.T, scale.T
-        return np.ascontiguousarray(value), np.ascontiguousarray(scale)
 
     def nbytes(self, name: str) -> int:
         """Bytes the tensor occupies in the checkpoint, its FP8 scale included."""
