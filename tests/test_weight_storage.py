@@ -107,8 +107,9 @@ def test_fp8_experts_cannot_be_cut_inside_a_scale_block():
         caee_jax.init_random("tiny", weights="fp8", mesh="expert=4,tensor=2")(TOKENS)
 
 
-def test_the_fp8_decode_step_never_converts_a_whole_expert_stack():
-    model = caee_jax.init_random("tiny", weights="fp8")
+@pytest.mark.parametrize("weights", ["fp8", "bf16"])
+def test_the_decode_step_never_converts_a_whole_expert_stack(weights):
+    model = caee_jax.init_random("tiny", weights=weights)  # float32 compute
     stacks = {tuple(w.shape) for w in model.module.moe_layers.ffn.expert_weights}
     assert all(len(s) == 4 for s in stacks)  # [L, E, ...]
     layer = {s[1:] for s in stacks}  # one layer's experts [E, ...]
