@@ -61,6 +61,13 @@ def test_block_dequantize_matches_the_release_reference_and_keeps_leading_axes()
     np.testing.assert_array_equal(bf16, hf_fp8.dequantize(q[0, 0], scale[0, 0], dtype=jnp.bfloat16))
 
 
+def test_block_dequantize_widens_every_e4m3_code_exactly():
+    """All 256 byte values (NaN codes included) with a scale of 1 equal ml_dtypes' float32 widening."""
+    codes = np.arange(256, dtype=np.uint8).reshape(16, 16).view(FP8_DTYPE)
+    got = np.asarray(block_dequantize(jnp.asarray(codes), jnp.ones((1, 1), jnp.float32), jnp.float32))
+    np.testing.assert_array_equal(got, codes.astype(np.float32))  # NaN where NaN
+
+
 def restored(model, weights: str):
     """The same model with its routed experts re-stored as `weights` (a copy)."""
     module = nnx.merge(*nnx.split(model.module))

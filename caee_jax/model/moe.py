@@ -91,12 +91,14 @@ class MoE(nnx.Module):
         d, e, f = config.hidden_size, config.n_routed_experts, config.moe_intermediate_size
         self.router = param(rngs, (d, e), ("embed", "router"), dtype)
         self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32), logical_axes=("router",))
-        stored = dtype if weights is None else Storage.parse(weights, "weights").dtype
+        weights = None if weights is None else Storage.parse(weights, "weights")
         shapes = {"gate": (e, d, f), "up": (e, d, f), "down": (e, f, d)}
         for name, shape in shapes.items():
-            setattr(self, f"{name}_proj", param(rngs, shape, EXPERT_AXES[name], stored))
+            setattr(
+                self, f"{name}_proj", param(rngs, shape, EXPERT_AXES[name], dtype if weights is None else weights.dtype)
+            )
             scale = None
-            if weights is not None and Storage(weights).scaled:
+            if weights is not None and weights.scaled:
                 scale = param(rngs, scale_shape(shape), SCALE_AXES[name], jnp.float32, ones=True)
             setattr(self, f"{name}_scale", nnx.data(scale))
         shared_width = f * config.n_shared_experts

@@ -87,7 +87,8 @@ def block_dequantize(weight: jax.Array, scale: jax.Array, dtype, block: tuple[in
     XLA:CPU widens float8 in software; here q's bits are moved into a float16 whose value is q / 256
     (e4m3 and float16 share the exponent field's meaning up to their biases, 7 and 15, subnormals
     included), which the CPU widens to float32 in hardware; the 256 is folded into the scale (a power
-    of two: the product is unchanged). The scales reach their elements by broadcast, not by a gather.
+    of two: the product is unchanged). e4m3fn's NaN codes stay NaN. The scales reach their elements by
+    broadcast, not by a gather.
     """
     bits = jax.lax.bitcast_convert_type(weight, jnp.uint8).astype(jnp.uint16)
     half = jax.lax.bitcast_convert_type(((bits & 0x80) << 8) | ((bits & 0x7F) << 7), jnp.float16)
