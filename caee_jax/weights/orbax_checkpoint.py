@@ -219,8 +219,15 @@ def _allocate(targets: dict[Path, jax.ShapeDtypeStruct]) -> dict[Path, jax.Array
 
 
 def _put_layer(stack: dict, layer: dict, index: jax.Array) -> dict:
-    """stack[p][index] = layer[p] for every parameter."""
-    return {p: jax.lax.dynamic_update_index_in_dim(s, layer[p].astype(s.dtype), index, 0) for p, s in stack.items()}
+    """stack[p][index] = layer[p] for every parameter, moved as unsigned integers of the same width: XLA:CPU
+    updates a narrow float array by widening all of it (float8 in software: an FP8 stack took minutes)."""
+
+    def put(s, new):
+        bits, move = np.dtype(f"uint{8 * s.dtype.itemsize}"), jax.lax.bitcast_convert_type
+        updated = jax.lax.dynamic_update_index_in_dim(move(s, bits), move(new.astype(s.dtype), bits), index, 0)
+        return move(updated, s.dtype)
+
+    return {p: put(s, layer[p]) for p, s in stack.items()}
 
 
 def restore_model(directory: str, config: ModelConfig, dtype, mesh: Mesh | None = None) -> DeepseekV3:
