@@ -12,6 +12,7 @@ converted (bf16) sizes. Medians over repeats. Deletes its files at the end.
 
     .venv/bin/python benchmarks/bench_convert.py                          # 3 GB FP8 -> 5.7 GB bf16, ~6 min
     .venv/bin/python benchmarks/bench_convert.py --layers 4 --repeats 1   # quicker
+    .venv/bin/python benchmarks/bench_convert.py --keep-fp8                # routed experts kept as FP8
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from caee_jax.config import ModelConfig
+from caee_jax.routing.storage import Storage
 from caee_jax.weights.fp8 import FP8_DTYPE, scale_shape
 from caee_jax.weights.hf_layout import hf_shape, layer_recipes, may_be_fp8, top_recipes
 from caee_jax.weights.hf_source import SCALE_SUFFIX, HFSource
@@ -129,11 +131,11 @@ def run_measured(command: list[str], env: dict, workdir: str) -> tuple[float, in
     return seconds, maxrss_kib * 1024, done.stdout
 
 
-def sizes(source_dir: str) -> dict:
-    """Source and converted (bf16) bytes: whole checkpoint and largest unit."""
+def sizes(source_dir: str, keep_fp8: bool) -> dict:
+    """Source and converted (bf16; routed experts FP8 with keep_fp8) bytes: whole checkpoint and largest unit."""
     config = ModelConfig.from_hf(source_dir)
     source = HFSource(source_dir, config)
-    plan = units(config, ml_dtypes.bfloat16, 0)
+    plan = units(config, ml_dtypes.bfloat16, 0, Storage.FP8 if keep_fp8 else None)
     per_unit = []
     for unit in plan:
         names = {n for recipe in unit.recipes for n in recipe.sources}
@@ -159,6 +161,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default="/tmp/caee-bench-convert")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic and converted checkpoints")
+    parser.add_argument("--keep-fp8", action="store_true", help="convert with --keep-fp8 (routed experts stay FP8)")
     parser.add_argument("--json", action="store_true", help="print one JSON object of results")
     args = parser.parse_args()
 
@@ -170,12 +173,13 @@ def main() -> None:
         start = time.perf_counter()
         write_checkpoint(source_dir, config_dict(args), seed=0)
         print(f"wrote {source_dir} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        result = {"load_average": os.getloadavg(), **sizes(source_dir)}
+        result = {"load_average": os.getloadavg(), "keep_fp8": args.keep_fp8, **sizes(source_dir, args.keep_fp8)}
         _, result["baseline_rss_bytes"], _ = run_measured([sys.executable, "-c", BASELINE], env, args.workdir)
         converts, restores = [], {name: [] for name in MESHES}
         for repeat in range(args.repeats):
             shutil.rmtree(out, ignore_errors=True)
             command = [sys.executable, "-m", "checkpoints_tools.convert_hf", "--hf-dir", source_dir, "--out", out]
+            command += ["--keep-fp8"] if args.keep_fp8 else []
             seconds, rss, _ = run_measured([*command, "--no-progress"], env, args.workdir)
             converts.append((seconds, rss))
             for name, mesh in MESHES.items():
@@ -204,7 +208,8 @@ def main() -> None:
         return
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     print(f"load average at start: {result['load_average']}")
-    print(f"checkpoint: {gib(result['source_bytes'])} FP8 source -> {gib(result['converted_bytes'])} bf16")
+    kept = " (routed experts FP8, --keep-fp8)" if args.keep_fp8 else ""
+    print(f"checkpoint: {gib(result['source_bytes'])} FP8 source -> {gib(result['converted_bytes'])} bf16{kept}")
     print(
         f"largest unit ({result['largest_unit']}): {gib(result['largest_unit_source_bytes'])} source, "
         f"{gib(result['largest_unit_converted_bytes'])} converted"

@@ -21,6 +21,7 @@ from caee_jax.offload.store import HostStore, without_routed_experts
 from caee_jax.parallel.mesh import make_mesh
 from caee_jax.parallel.placement import batch_sharding, check_batch, mesh_context, place_state, to_mesh
 from caee_jax.routing.backend import ExpertBackend
+from caee_jax.routing.storage import Storage
 from caee_jax.runtime import steps
 from caee_jax.runtime.tokenizer import Tokenizer
 from caee_jax.weights.hf_loader import load_hf_model
@@ -69,6 +70,13 @@ class Model:
         self.tokenizer = tokenizer
         self.execution = _execution(execution)
         self.mesh = _mesh(mesh)
+        if module.moe_layers is not None:
+            module.moe_layers.ffn.check_scales("moe_layers.ffn")
+        if module.expert_storage is Storage.FP8 and self.execution.backend is not ExpertBackend.LOOP:
+            raise ValueError(
+                f"backend {self.execution.backend.value!r} cannot run fp8-stored experts (block scales); use 'loop' "
+                "or store the experts as f32/bf16"
+            )
         self.graphdef, self.state = nnx.split(module)
         if self.mesh is not None:
             self.state = place_state(self.state, self.mesh)
@@ -80,8 +88,10 @@ class Model:
         """Moves the routed experts into an expert store behind a device cache (`offload/`)."""
         if self.mesh is not None:
             raise ValueError("offloaded experts run on one device for now; load without a mesh")
+        if self.weights is Storage.FP8:
+            raise ValueError("offloaded experts are stored as f32 or bf16; this model holds them as fp8")
         if offload.store == "disk":
-            store = DiskStore(offload.directory, self.config, offload.dtype or self.dtype)
+            store = DiskStore(offload.directory, self.config, offload.dtype or self.weights.dtype)
         else:
             store = HostStore.from_state(self.config, self.state)
         manager = offload.manager(store, self.execution.cost_table)
@@ -102,7 +112,13 @@ class Model:
 
     @property
     def dtype(self):
+        """The compute dtype (and that of every parameter but the routed experts)."""
         return self.module.embed.embedding.dtype
+
+    @property
+    def weights(self) -> Storage | None:
+        """How the routed experts are stored (`routing/storage.py`); None without MoE layers."""
+        return self.module.expert_storage
 
     def text_ids(self, text: str) -> np.ndarray:
         """A text as one token stream [M] int64: the tokenizer's ids, or, for a model without one (a
@@ -135,14 +151,19 @@ class Model:
             return logits
 
 
-def load(path: str | os.PathLike | None = None, *, dtype=None, execution="loop", mesh=None, offload=None) -> Model:
+def load(
+    path: str | os.PathLike | None = None, *, dtype=None, weights=None, execution="loop", mesh=None, offload=None
+) -> Model:
     """Loads a checkpoint directory; without a path, the bundled small model (`docs/MODEL_CARD.md`).
 
     Either HF format (config.json + *.safetensors, sharded index and DeepSeek's FP8 block-scaled weights
     included; read on the host, then placed) or converted by `python -m checkpoints_tools.convert_hf`
     (Orbax; every parameter restored straight onto its sharding on `mesh`, whatever mesh it was written from).
     dtype: parameter dtype, "float32" (parity) or "bfloat16" (speed); default float32 for HF directories
-    and the stored dtype for converted ones. execution: as in `Model` (an `Execution` with pruning and
+    and the stored dtype for converted ones. weights: how the routed experts are held, "f32", "bf16" or
+    "fp8" (float8_e4m3fn with a float32 scale per 128x128 block: `routing/storage.py`), independently of
+    dtype; None keeps them in dtype (an FP8 release's experts load as their bytes and scales, unchanged,
+    with "fp8"). execution: as in `Model` (an `Execution` with pruning and
     cost table, or a backend: "loop", the CPU default, "dense", "pallas"). mesh: as in `Model`. offload: an
     `Offload` (experts in a store behind a device cache; `offload/`), or None (every expert on device).
     """
@@ -160,15 +181,25 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, execution="loop",
     mesh = _mesh(mesh)
     if is_converted(path):
         module = restore_model(path, config, dtype or _dtype(read_metadata(path)["dtype"]), mesh)
+        if weights is not None and Storage.parse(weights, "weights") is not module.expert_storage:
+            module.store_experts(Storage.parse(weights, "weights"))
     else:
-        module = load_hf_model(path, config, dtype or jnp.float32)
+        module = load_hf_model(path, config, dtype or jnp.float32, weights)
     return Model(module, Tokenizer.from_dir(path, config.eos_ids), execution, mesh, offload)
 
 
 def init_random(
-    config: ModelConfig | str, *, seed: int = 0, dtype="float32", execution="loop", mesh=None, offload=None
+    config: ModelConfig | str,
+    *,
+    seed: int = 0,
+    dtype="float32",
+    weights=None,
+    execution="loop",
+    mesh=None,
+    offload=None,
 ) -> Model:
     """A model with random weights (normal(0, 0.02)) for a config or preset name: tests, demos, benchmarks.
+    weights: the routed experts' storage as in `load` (drawn in float32, then stored so: fp8 block-quantised).
 
     With a disk `offload` the routed experts come from the store, so they are never drawn (a model whose
     experts exceed host RAM can be built); the other weights then differ from the same seed's resident ones.
@@ -180,4 +211,7 @@ def init_random(
     graphdef, state = nnx.split(abstract)
     if offload is not None and offload.store == "disk":
         state = without_routed_experts(state)
-    return Model(nnx.merge(graphdef, random_state(state, seed)), None, execution, mesh, offload)
+    module = nnx.merge(graphdef, random_state(state, seed))
+    if weights is not None:
+        module.store_experts(Storage.parse(weights, "weights"))
+    return Model(module, None, execution, mesh, offload)

@@ -23,6 +23,7 @@ from caee_jax.model.execution import Execution
 from caee_jax.parallel.mesh import describe
 from caee_jax.parallel.placement import batch_sharding
 from caee_jax.parallel.rules import partition_spec, state_shardings
+from caee_jax.routing.storage import Storage
 from caee_jax.runtime import steps
 from caee_jax.weights.hf_loader import abstract_model
 
@@ -48,6 +49,7 @@ class DevicePlan:
 class MemoryPlan:
     mesh: str
     dtype: str
+    weights: str
     batch: int
     context: int
     total_params: int
@@ -72,10 +74,19 @@ class MemoryPlan:
 
 
 def plan_memory(
-    config: ModelConfig, mesh: Mesh, *, dtype=jnp.bfloat16, batch: int, context: int, device_memory_bytes: int
+    config: ModelConfig,
+    mesh: Mesh,
+    *,
+    dtype=jnp.bfloat16,
+    weights: Storage | str | None = None,
+    batch: int,
+    context: int,
+    device_memory_bytes: int,
 ) -> MemoryPlan:
-    """Per-device parameter and cache bytes of `config` on `mesh` at `batch` sequences of `context` tokens."""
-    graphdef, state = nnx.split(abstract_model(config, dtype))
+    """Per-device parameter and cache bytes of `config` on `mesh` at `batch` sequences of `context` tokens;
+    weights: the routed experts' storage ("f32", "bf16", "fp8" with its block scales; None: dtype)."""
+    weights = None if weights is None else Storage.parse(weights, "weights")
+    graphdef, state = nnx.split(abstract_model(config, dtype, weights))
     shardings = state_shardings(state, mesh)
     cache_sharding = NamedSharding(mesh, partition_spec(("layers", "batch")))
     cache = LatentCache(
@@ -104,7 +115,9 @@ def plan_memory(
         DevicePlan(i, device.process_index, int(params[i]), int(experts[i]), int(cached[i]))
         for device, i in index.items()
     ]
-    return MemoryPlan(describe(mesh), jnp.dtype(dtype).name, batch, context, total_params, device_memory_bytes, devices)
+    stored = jnp.dtype(dtype).name if weights is None else weights.value
+    name = jnp.dtype(dtype).name
+    return MemoryPlan(describe(mesh), name, stored, batch, context, total_params, device_memory_bytes, devices)
 
 
 def _bytes_per_device(shape, dtype, sharding: NamedSharding, index: dict) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Convert an HF DeepSeek-layout checkpoint (FP8 block-scaled, bf16 or fp32) into caee-jax's Orbax format.
 
-    python -m checkpoints_tools.convert_hf --hf-dir SRC --out DST [--dtype bfloat16|float32] [--verify]
-        [--expert-store STORE]
+    python -m checkpoints_tools.convert_hf --hf-dir SRC --out DST [--dtype bfloat16|float32] [--keep-fp8]
+        [--verify] [--expert-store STORE]
 
 - Checks the whole source first, from the safetensors headers (`HFSource.check`): a missing, unexpected,
   misshapen or wrongly typed tensor, an FP8 tensor without its scale, a truncated or corrupted file or an
@@ -16,6 +16,9 @@
   nothing. Before the rename every unit must have its marker and an intact Orbax item (`check_unit`).
 - Resumable: a unit's marker (DST.partial/.done/UNIT) is written once its data is fsynced; a rerun with
   the same arguments skips marked units and rewrites any unit that was cut short.
+- --keep-fp8 stores the routed experts as the release has them: their float8_e4m3fn bytes and float32
+  128x128 block scales, unchanged (transposed to [in, out]); `caee_jax.load` then holds them as FP8
+  (`routing/storage.py`). Every other tensor is dequantised to --dtype as usual.
 - --verify checks every unit's item, then re-reads a sample of parameters from DST and compares them bit for
   bit with the source (dequantised to the target dtype); exit status 2 on a damaged unit or a mismatch.
 - --expert-store STORE then writes DST's routed experts as a disk expert store for offloading
@@ -42,7 +45,8 @@ from caee_jax.caee import expert_means
 from caee_jax.config import ConfigError, ModelConfig
 from caee_jax.files import LockedError, atomic_write, exclusive_lock
 from caee_jax.offload.store import StoreError
-from caee_jax.weights.hf_layout import is_buffer, mtp_module
+from caee_jax.routing.storage import BLOCK, Storage
+from caee_jax.weights.hf_layout import fp8_expert_scale_recipes, is_buffer, mtp_module, stacks
 from caee_jax.weights.hf_source import HFSource
 from caee_jax.weights.orbax_checkpoint import (
     FORMAT,
@@ -55,6 +59,7 @@ from caee_jax.weights.orbax_checkpoint import (
     read_metadata,
     restore_unit,
     save_unit,
+    stored_weights,
     units,
 )
 from caee_jax.weights.safetensors_io import CheckpointError
@@ -81,7 +86,7 @@ class ConversionError(Exception):
     """The destination cannot be written as asked (it exists, or a partial run of another conversion)."""
 
 
-def plan_units(source: HFSource, config: ModelConfig, dtype: np.dtype, log=print) -> list[Unit]:
+def plan_units(source: HFSource, config: ModelConfig, dtype: np.dtype, log=print, keep_fp8: bool = False) -> list[Unit]:
     """Every unit to write, after checking the whole source. MTP modules are kept when the source has them."""
     mtp = config.num_nextn_predict_layers
     if mtp and not any(mtp_module(name, config) is not None for name in source.reader):
@@ -90,9 +95,21 @@ def plan_units(source: HFSource, config: ModelConfig, dtype: np.dtype, log=print
             f"num_nextn_predict_layers = {mtp}; converting the main model only"
         )
         mtp = 0
-    plan = units(config, dtype, mtp)
+    plan = units(config, dtype, mtp, Storage.FP8 if keep_fp8 else None)
     source.check([recipe for unit in plan for recipe in unit.recipes], skip=is_buffer)
     return plan
+
+
+def _check_fp8_experts(source: HFSource, config: ModelConfig) -> None:
+    """--keep-fp8 needs every routed expert weight in FP8 with 128x128 blocks; CheckpointError names the first
+    that is not (a missing one is named by the source check)."""
+    if source.block != BLOCK:
+        raise CheckpointError(f"{source.directory}: FP8 blocks {source.block}; --keep-fp8 needs {BLOCK}")
+    for layer in dict(stacks(config))["moe_layers"]:
+        for name in (n for recipe in fp8_expert_scale_recipes(config, layer) for n in recipe.sources):
+            if name in source.reader and not source.is_fp8(name):
+                file, dtype = source.reader.file_of(name), source.reader.dtype(name)
+                raise CheckpointError(f"{file}: tensor {name!r} is {dtype}; --keep-fp8 needs FP8 routed experts")
 
 
 def _fingerprint(source: HFSource, dtype: np.dtype) -> str:
@@ -225,30 +242,44 @@ def build_unit(source: HFSource, unit: Unit, on_read=None) -> dict[tuple[str, ..
     return values
 
 
-def convert(hf_dir: str, out: str, dtype: str = "bfloat16", progress: bool = True, log=print) -> dict:
-    """Converts `hf_dir` into `out` (see the module docstring); returns a summary (units, bytes, seconds)."""
+def convert(
+    hf_dir: str, out: str, dtype: str = "bfloat16", progress: bool = True, log=print, keep_fp8: bool = False
+) -> dict:
+    """Converts `hf_dir` into `out` (see the module docstring); returns a summary (units, bytes, seconds).
+    keep_fp8: routed experts stored as the release's FP8 bytes and block scales (--keep-fp8)."""
     started = time.perf_counter()
     dtype, out = DTYPES[dtype], os.path.normpath(out)
     _refuse_existing(out)
     config = ModelConfig.from_hf(hf_dir)
     source = HFSource(hf_dir, config)
-    plan = plan_units(source, config, dtype, log)
+    if keep_fp8:
+        _check_fp8_experts(source, config)
+    plan = plan_units(source, config, dtype, log, keep_fp8)
     total = sum(source.nbytes(name) for unit in plan for name in {n for r in unit.recipes for n in r.sources})
     # Locked from the first write to the rename: two runs interleaving on one DST.partial would remove
     # and rewrite each other's units. Taken after the source checks, so a bad source leaves nothing behind.
     with exclusive_lock(out):
         _refuse_existing(out)  # again: another run may have published DST while this one checked the source
-        written, skipped = _convert_locked(hf_dir, out, source, plan, dtype, total, progress, log)
+        written, skipped = _convert_locked(hf_dir, out, source, plan, dtype, total, progress, log, keep_fp8)
     seconds = time.perf_counter() - started
     return {"units": len(plan), "written": written, "skipped": skipped, "source_bytes": total, "seconds": seconds}
 
 
 def _convert_locked(
-    hf_dir: str, out: str, source: HFSource, plan: list[Unit], dtype: np.dtype, total: int, progress: bool, log
+    hf_dir: str,
+    out: str,
+    source: HFSource,
+    plan: list[Unit],
+    dtype: np.dtype,
+    total: int,
+    progress: bool,
+    log,
+    keep_fp8: bool,
 ) -> tuple[int, int]:
     """Writes (or resumes) DST.partial and publishes it as DST; returns (units written, units skipped).
     total: the source bytes the plan reads (progress bar and metadata)."""
-    partial = _start_or_resume(out, _fingerprint(source, dtype), dtype, log)
+    fingerprint = _fingerprint(source, dtype) + ("+keep-fp8" if keep_fp8 else "")
+    partial = _start_or_resume(out, fingerprint, dtype, log)
     written = skipped = 0
     if not is_converted(partial):
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress) as bar:
@@ -262,8 +293,8 @@ def _convert_locked(
                 _remove_unit_leftovers(partial, unit)
                 counted: set[str] = set()
 
-                def on_read(name: str, counted=counted) -> None:
-                    if name not in counted:
+                def on_read(name: str, counted=counted, names=names) -> None:
+                    if name not in counted and name in names:  # a scale is counted with its weight
                         counted.add(name)
                         bar.update(source.nbytes(name))
 
@@ -282,6 +313,7 @@ def _convert_locked(
             "dtype": dtype.name,
             "units": [unit.name for unit in plan],
             "mtp_modules": sum(unit.name.startswith("mtp/") for unit in plan),
+            **({"weights": Storage.FP8.value} if keep_fp8 else {}),
             "source": {"fp8_block": list(source.block), "bytes": total, "tensors": len(list(source.reader))},
         }
         _write_durably(os.path.join(partial, METADATA), json.dumps(metadata, indent=2))
@@ -310,7 +342,7 @@ def verify(hf_dir: str, out: str, samples: int = 8, seed: int = 0, log=print) ->
     config = ModelConfig.from_hf(out)
     source = HFSource(hf_dir, config)
     dtype = DTYPES[metadata["dtype"]]
-    plan = units(config, dtype, metadata["mtp_modules"])
+    plan = units(config, dtype, metadata["mtp_modules"], stored_weights(out))
     damaged = damaged_units(out, plan, log)
     pairs = [(unit, recipe) for unit in plan if unit.name not in damaged for recipe in unit.recipes]
     picked = random.Random(seed).sample(pairs, min(samples, len(pairs)))
@@ -348,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json + safetensors)")
     parser.add_argument("--out", required=True, help="destination directory (must not exist)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="stored parameter dtype")
+    parser.add_argument(
+        "--keep-fp8", action="store_true", help="store the routed experts as the release's FP8 bytes + block scales"
+    )
     parser.add_argument("--verify", action="store_true", help="then compare a sample of parameters with the source")
     parser.add_argument("--verify-samples", type=int, default=8, help="parameters compared by --verify")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -357,11 +392,16 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
+    if args.keep_fp8 and args.expert_store:
+        log("error: --expert-store holds f32/bf16 experts; it cannot be written from --keep-fp8 (FP8) experts")
+        return 2
     try:
         if args.verify and is_converted(args.out):
             log(f"{args.out} is already a complete conversion: verifying it")
         else:
-            summary = convert(args.hf_dir, args.out, args.dtype, progress=not args.no_progress, log=log)
+            summary = convert(
+                args.hf_dir, args.out, args.dtype, progress=not args.no_progress, log=log, keep_fp8=args.keep_fp8
+            )
             megabytes = summary["source_bytes"] / 2**20
             print(
                 f"converted {args.hf_dir} -> {args.out}: {summary['units']} units ({summary['skipped']} resumed), "

@@ -21,6 +21,7 @@ from caee_jax import cli
 from caee_jax.config import PRESETS, preset
 from caee_jax.memory_plan import GIB, plan_memory
 from caee_jax.parallel.mesh import MeshError, make_mesh, parse_mesh_spec
+from caee_jax.routing.storage import Storage
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,6 +30,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mesh", default="expert=16", help="mesh axes, e.g. data=2,expert=8 (simulated devices)")
     parser.add_argument("--device-memory-gib", type=float, default=141.0, help="memory of one device (GiB)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument(
+        "--weights",
+        choices=Storage.names(),
+        help="routed experts' storage (fp8: e4m3 + 128x128 block scales); default: --dtype",
+    )
     parser.add_argument("--batch", type=int, default=16, help="concurrent sequences")
     parser.add_argument("--context", type=int, default=4096, help="cache slots per sequence (tokens)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -51,6 +57,7 @@ def main(argv=None) -> int:
             config,
             make_mesh(sizes, jax.devices()[:num_devices]),
             dtype=args.dtype,
+            weights=args.weights,
             batch=args.batch,
             context=args.context,
             device_memory_bytes=int(args.device_memory_gib * GIB),
@@ -63,7 +70,8 @@ def main(argv=None) -> int:
         print(json.dumps(report))
         return 0
     print(
-        f"{args.preset}: {plan.total_params:,} parameters ({args.dtype}) on mesh {plan.mesh}; "
+        f"{args.preset}: {plan.total_params:,} parameters ({args.dtype}, routed experts {plan.weights}) on mesh "
+        f"{plan.mesh}; "
         f"batch {plan.batch} x context {plan.context}"
     )
     print(f"{'devices':>12} {'params GiB':>11} {'experts GiB':>12} {'cache GiB':>10} {'total GiB':>10}  fits")
@@ -75,7 +83,11 @@ def main(argv=None) -> int:
             f"{row.cache_bytes / GIB:10.2f} {row.total_bytes / GIB:10.2f}  {fits}"
         )
     verdict = "fits" if plan.fits else "does NOT fit"
-    print(f"busiest device: {plan.max_device_bytes / GIB:.2f} of {args.device_memory_gib:g} GiB: {verdict}")
+    margin = (plan.device_memory_bytes - plan.max_device_bytes) / GIB
+    print(
+        f"busiest device: {plan.max_device_bytes / GIB:.2f} of {args.device_memory_gib:g} GiB: {verdict} "
+        f"(margin {margin:.2f} GiB)"
+    )
     return 0
 
 

@@ -48,6 +48,7 @@ from caee_jax.offload import options as offload_options
 from caee_jax.offload.store import StoreError
 from caee_jax.parallel import distributed
 from caee_jax.parallel.mesh import describe
+from caee_jax.routing.storage import Storage
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 DEFAULT_PROMPT_IDS = "0,11,23,5,42,7"
@@ -68,6 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus share, in (0, 1]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--weights",
+        choices=Storage.names(),
+        help="routed experts' storage (fp8: e4m3 + 128x128 block scales); default: --dtype",
+    )
     parser.add_argument("--backend", choices=["loop", "dense", "pallas"], default="loop", help="expert backend")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--no-stream", action="store_true", help="print a text completion at the end, not as decoded")
@@ -102,7 +108,7 @@ def main(argv=None) -> int:
         execution = _execution(args, mesh)
         if args.offload_plot and not offload:
             raise ValueError("--offload-plot needs --offload host|disk")
-        options = dict(dtype=args.dtype, execution=execution, mesh=mesh, offload=offload)
+        options = dict(dtype=args.dtype, weights=args.weights, execution=execution, mesh=mesh, offload=offload)
         if args.preset:
             model = caee_jax.init_random(args.preset, seed=args.seed, **options)
             source = f"preset {args.preset} (random weights)"

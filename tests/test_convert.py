@@ -33,7 +33,7 @@ from caee_jax.parallel.rules import state_shardings
 from caee_jax.weights.fp8 import FP8_DTYPE, dequantize
 from caee_jax.weights.hf_layout import hf_shape, mtp_recipes
 from caee_jax.weights.orbax_checkpoint import restore_model, restore_unit, units
-from caee_jax.weights.safetensors_io import INDEX_NAME, SafetensorsFile
+from caee_jax.weights.safetensors_io import INDEX_NAME, CheckpointError, SafetensorsFile
 from checkpoints_tools import convert_hf
 from checkpoints_tools.fp8_checkpoint import quantize, write_release_checkpoint
 
@@ -366,3 +366,30 @@ def test_expert_store_from_a_converted_checkpoint_equals_the_loaded_experts(rele
     with open(tmp_path / "store" / "manifest.json") as f, open(tmp_path / "float32" / "manifest.json") as g:
         assert json.load(f)["fingerprint"] == json.load(g)["fingerprint"]
     capsys.readouterr()
+
+
+def test_keep_fp8_stores_the_release_experts_unchanged(release, tmp_path):
+    """--keep-fp8: the routed experts restore as the release's FP8 bytes and block scales (transposed), the
+    model computes exactly what the FP8 HF directory loaded with weights="fp8" computes, --verify passes."""
+    fp8_dir, _, tensors, hf_dir = release
+    out = str(tmp_path / "kept")
+    convert_hf.convert(fp8_dir, out, "float32", progress=False, log=quiet, keep_fp8=True)
+    kept, direct = caee_jax.load(out), caee_jax.load(fp8_dir, weights="fp8")
+    assert kept.weights == direct.weights == "fp8"
+    ffn = kept.module.moe_layers.ffn
+    quantized, scale = quantize(tensors["model.layers.1.mlp.experts.5.up_proj.weight"])  # MoE stack index 0
+    np.testing.assert_array_equal(np.asarray(ffn.up_proj[...])[0, 5].view(np.uint8), quantized.T.view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(ffn.up_scale[...])[0, 5], scale.T)
+    tokens = random_tokens(131, (2, 9), seed=3)
+    np.testing.assert_array_equal(np.asarray(kept(tokens)), np.asarray(direct(tokens)))
+    assert convert_hf.verify(fp8_dir, out, samples=4, log=quiet)
+    with pytest.raises(CheckpointError, match=r"experts\.0\.gate_proj\.weight' is float32; --keep-fp8 needs FP8"):
+        convert_hf.convert(hf_dir, str(tmp_path / "not-fp8"), progress=False, log=quiet, keep_fp8=True)
+    assert not os.path.exists(tmp_path / "not-fp8")
+
+
+def test_keep_fp8_cannot_feed_an_expert_store(release, tmp_path, capsys):
+    args = ["--hf-dir", release[0], "--out", str(tmp_path / "o"), "--keep-fp8", "--expert-store", str(tmp_path / "s")]
+    assert convert_hf.main(args) == 2
+    assert "cannot be written from --keep-fp8" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")

@@ -13,6 +13,7 @@ from conftest import make_hf_model, random_tokens
 from safetensors.numpy import load_file
 
 import caee_jax
+from caee_jax.routing.storage import block_quantize
 from caee_jax.weights.fp8 import FP8_DTYPE, dequantize
 from checkpoints_tools.fp8_checkpoint import quantize, write_release_checkpoint
 
@@ -85,3 +86,34 @@ def test_fp8_directory_loads_within_fp8_error_of_the_original(tmp_path):
         expected = reference(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
     got = np.asarray(loaded(tokens))
     assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+
+
+def test_an_fp8_release_loads_with_fp8_experts_keeping_its_bytes_and_scales(tmp_path):
+    """load(weights="fp8") of a release (128x128 blocks) holds each routed expert's FP8 bytes and scales
+    as stored (transposed to [in, out]) and computes what the dequantising load computes."""
+    reference = make_hf_model(seed=5)
+    reference.save_pretrained(tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    with open(tmp_path / "hf" / "config.json") as f:
+        config = json.load(f)
+    fp8_dir = str(tmp_path / "fp8")
+    write_release_checkpoint(fp8_dir, tensors, config, num_shards=2)
+    kept = caee_jax.load(fp8_dir, weights="fp8")
+    assert kept.weights == "fp8"
+    ffn = kept.module.moe_layers.ffn
+    name = "model.layers.2.mlp.experts.7.down_proj.weight"  # layer 2 = MoE stack index 1
+    quantized, scale = quantize(tensors[name])
+    np.testing.assert_array_equal(np.asarray(ffn.down_proj[...])[1, 7].view(np.uint8), quantized.T.view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(ffn.down_scale[...])[1, 7], scale.T)
+    tokens = random_tokens(131, (2, 9), seed=2)
+    dequantised = caee_jax.load(fp8_dir)
+    np.testing.assert_allclose(np.asarray(kept(tokens)), np.asarray(dequantised(tokens)), atol=1e-5, rtol=0)
+
+
+def test_block_quantize_of_the_runtime_equals_the_release_writer():
+    weight = np.random.default_rng(3).normal(0, 0.05, (2, 300, 140)).astype(np.float32)
+    q, scale = block_quantize(weight)
+    for i in range(2):
+        want_q, want_scale = quantize(weight[i])
+        np.testing.assert_array_equal(np.asarray(q[i]).view(np.uint8), want_q.view(np.uint8))
+        np.testing.assert_array_equal(np.asarray(scale[i]), want_scale)

@@ -59,3 +59,25 @@ def test_per_device_bytes_add_up_to_the_model_and_its_replicas():
     cache = sum(dev.cache_bytes for dev in plan.devices)
     assert cache == 4 * config.num_hidden_layers * 4 * 32 * config.latent_dim * 4  # replicated over 4 expert shards
     assert plan.fits == (np.max([dev.total_bytes for dev in plan.devices]) <= 1 << 20)
+
+
+def test_r1_671b_with_fp8_experts_fits_one_node_of_8_h200():
+    """The release's storage (FP8 e4m3 routed experts + float32 128x128 block scales, the rest bf16) on 8
+    devices of 141 GiB at batch 16 x 4096 context; bf16 experts do not fit there."""
+    args = ["--mesh", "expert=8", "--device-memory-gib", "141", "--batch", "16", "--context", "4096", "--json"]
+    plans = {}
+    for weights in ("fp8", "bf16"):
+        result = subprocess.run(
+            PLAN + args + ["--weights", weights], capture_output=True, text=True, timeout=300, cwd=ROOT
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        plans[weights] = json.loads(result.stdout)
+    fp8, bf16 = plans["fp8"], plans["bf16"]
+    assert fp8["weights"] == "fp8" and fp8["fits"] and not bf16["fits"]
+    config = preset("deepseek-r1-671b")
+    layers, e, d, f = config.num_moe_layers, config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+    scales = 3 * layers * e * -(-d // 128) * -(-f // 128)
+    assert fp8["total_params"] == R1_PARAMS + scales
+    device = fp8["devices"][0]
+    assert device["expert_param_bytes"] == (3 * layers * e * d * f + 4 * scales) // 8  # 1 byte + f32 scales
+    assert bf16["devices"][0]["param_bytes"] - device["param_bytes"] == (3 * layers * e * d * f - 4 * scales) // 8

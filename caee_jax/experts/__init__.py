@@ -14,8 +14,32 @@ from caee_jax.experts.dense import run_dense
 from caee_jax.experts.loop import run_loop
 from caee_jax.pallas import run_pallas
 from caee_jax.routing.backend import ExpertBackend, ExpertWeights
+from caee_jax.routing.storage import FP8_DTYPE, scale_shape
 
-__all__ = ["ExpertBackend", "ExpertWeights", "run_experts"]
+__all__ = ["ExpertBackend", "ExpertWeights", "check_storage", "run_experts"]
+
+
+def check_storage(weights: ExpertWeights, scales: ExpertWeights | None, backend: ExpertBackend) -> None:
+    """ValueError naming the tensor when `backend` cannot run these weights: fp8 weights without block
+    scales, scales of the wrong shape, or block-scaled weights on a backend other than LOOP."""
+    for name, w in zip(ExpertWeights._fields, weights, strict=True):
+        if w.dtype == FP8_DTYPE and scales is None:
+            raise ValueError(f"routed expert weights {name} are {w.dtype} without block scales ({name}_scale)")
+    if scales is None:
+        return
+    if backend is not ExpertBackend.LOOP:
+        raise ValueError(
+            f"backend {backend.value!r} cannot run fp8-stored experts (block scales); use 'loop' or store the "
+            "experts as f32/bf16"
+        )
+    for name, w, s in zip(ExpertWeights._fields, weights, scales, strict=True):
+        if w.dtype != FP8_DTYPE:
+            raise ValueError(f"routed expert weights {name} are {w.dtype} but come with block scales ({name}_scale)")
+        if tuple(s.shape) != scale_shape(w.shape):
+            raise ValueError(
+                f"{name}_scale: block scales of shape {tuple(s.shape)} for weights {tuple(w.shape)}; "
+                f"need {scale_shape(w.shape)}"
+            )
 
 
 def run_experts(
@@ -28,6 +52,7 @@ def run_experts(
     *,
     layer_index: jax.Array | None = None,
     capacity_factor: float = 2.0,
+    scales: ExpertWeights | None = None,
 ) -> jax.Array:
     """Combined routed-expert output [N, D] (dtype of x).
 
@@ -37,12 +62,16 @@ def run_experts(
       The loop and pallas backends then read only the active experts of that layer: slicing the layer out first
       (as a scan input would) makes XLA copy all of its experts on every call.
     capacity_factor: only for CAPACITY.
+    scales: block scales of fp8-stored weights (`routing/storage.py`), shaped like `weights` with the last
+      two axes in 128 x 128 blocks; only LOOP runs them. Weights in another dtype than x are widened to it
+      per active expert (LOOP) or as they are read (the others).
     """
     backend = ExpertBackend(backend)
     weights = ExpertWeights(*(jnp.asarray(w) for w in weights))
+    check_storage(weights, scales, backend)
     with jax.named_scope(f"experts_{backend.value}"):
         if backend is ExpertBackend.LOOP:
-            return run_loop(x, topk_ids, topk_weights, keep_mask, weights, layer_index=layer_index)
+            return run_loop(x, topk_ids, topk_weights, keep_mask, weights, layer_index=layer_index, scales=scales)
         if backend is ExpertBackend.PALLAS:
             return run_pallas(x, topk_ids, topk_weights, keep_mask, weights, layer_index=layer_index)
         if layer_index is not None:

@@ -3,7 +3,9 @@
 Kept (token, expert) pairs are sorted by expert. The outer loop visits only experts with at least one
 kept pair (so a pruned or unused expert's weights are never read); the inner loop visits
 ceil(pairs / tile_rows) row tiles of that expert. Trip counts are data, not shapes: a new routing or
-keep mask never recompiles. Letters: N tokens, D hidden, F expert width, K top-k, P = N*K pairs.
+keep mask never recompiles. Weights stored narrower than the compute dtype (`routing/storage.py`) are
+widened, or dequantised from fp8 with their block scales, one active expert at a time inside the loop:
+nothing converts a whole stack. Letters: N tokens, D hidden, F expert width, K top-k, P = N*K pairs.
 """
 
 from __future__ import annotations
@@ -13,18 +15,25 @@ import jax.numpy as jnp
 
 from caee_jax.routing.backend import ExpertWeights, default_tile_rows
 from caee_jax.routing.ops import expert_groups
+from caee_jax.routing.storage import block_dequantize
 
 
-def run_loop(x, topk_ids, topk_weights, keep_mask, weights, tile_rows: int | None = None, layer_index=None):
+def run_loop(
+    x, topk_ids, topk_weights, keep_mask, weights, tile_rows: int | None = None, layer_index=None, scales=None
+):
     """x [N, D], topk_ids/topk_weights/keep_mask [N, K], weights (gate, up [E, D, F]; down [E, F, D]) -> [N, D].
 
     With `layer_index` (int scalar), weights carry a leading layer axis and experts are read as [layer, expert].
+    scales: the fp8 weights' block scales (ExpertWeights of [E, ceil(D/128), ceil(F/128)] ...), else None.
     """
     num_experts = weights.gate.shape[0 if layer_index is None else 1]
 
     def read_expert(expert, state):
         where = expert if layer_index is None else (layer_index, expert)
-        return ExpertWeights(*(w[where] for w in weights)), state
+        if scales is None:
+            return ExpertWeights(*(w[where].astype(x.dtype) for w in weights)), state
+        pairs = zip(weights, scales, strict=True)
+        return ExpertWeights(*(block_dequantize(w[where], s[where], x.dtype) for w, s in pairs)), state
 
     out, _ = loop_over_experts(x, topk_ids, topk_weights, keep_mask, num_experts, read_expert, None, tile_rows)
     return out

@@ -29,6 +29,14 @@ from caee_jax.offload.execute import residency, run_offloaded
 from caee_jax.parallel.expert_parallel import EXPERT_AXIS, execute, expert_parallel_mesh
 from caee_jax.routing.backend import ExpertWeights
 from caee_jax.routing.ops import expert_load
+from caee_jax.routing.storage import (
+    FP8_DTYPE,
+    Storage,
+    block_dequantize,
+    block_quantize,
+    check_scales,
+    scale_shape,
+)
 
 
 class RouterBias(nnx.Variable):
@@ -66,17 +74,33 @@ def routing_counts(routing: Routing, num_experts: int, pruned: bool = True) -> j
     return jnp.stack([routing.keep_mask.size, jnp.sum(routing.keep_mask), before, after]).astype(jnp.int32)
 
 
-class MoE(nnx.Module):
-    """Router + routed experts + shared experts (width moe_intermediate_size * n_shared_experts)."""
+EXPERT_AXES = {"gate": ("experts", "embed", "moe_ffw"), "up": ("experts", "embed", "moe_ffw")}
+EXPERT_AXES["down"] = ("experts", "moe_ffw", "embed")
+SCALE_AXES = {name: tuple(f"{a}_blocks" if a != "experts" else a for a in axes) for name, axes in EXPERT_AXES.items()}
 
-    def __init__(self, config: ModelConfig, dtype, *, rngs: nnx.Rngs):
+
+class MoE(nnx.Module):
+    """Router + routed experts + shared experts (width moe_intermediate_size * n_shared_experts).
+
+    weights: how the routed experts are stored (`routing/storage.py`; None: in `dtype`). fp8 adds
+    {gate,up,down}_scale: float32 block scales [E, ceil(D/128), ceil(F/128)] ([E, ceil(F/128), ceil(D/128)]).
+    """
+
+    def __init__(self, config: ModelConfig, dtype, *, rngs: nnx.Rngs, weights: Storage | None = None):
         self.config = config
         d, e, f = config.hidden_size, config.n_routed_experts, config.moe_intermediate_size
         self.router = param(rngs, (d, e), ("embed", "router"), dtype)
         self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32), logical_axes=("router",))
-        self.gate_proj = param(rngs, (e, d, f), ("experts", "embed", "moe_ffw"), dtype)
-        self.up_proj = param(rngs, (e, d, f), ("experts", "embed", "moe_ffw"), dtype)
-        self.down_proj = param(rngs, (e, f, d), ("experts", "moe_ffw", "embed"), dtype)
+        weights = None if weights is None else Storage.parse(weights, "weights")
+        shapes = {"gate": (e, d, f), "up": (e, d, f), "down": (e, f, d)}
+        for name, shape in shapes.items():
+            setattr(
+                self, f"{name}_proj", param(rngs, shape, EXPERT_AXES[name], dtype if weights is None else weights.dtype)
+            )
+            scale = None
+            if weights is not None and weights.scaled:
+                scale = param(rngs, scale_shape(shape), SCALE_AXES[name], jnp.float32, ones=True)
+            setattr(self, f"{name}_scale", nnx.data(scale))
         shared_width = f * config.n_shared_experts
         self.shared = nnx.data(
             MLP(d, shared_width, dtype, rngs=rngs, width_axis="shared_ffw") if shared_width else None
@@ -86,6 +110,40 @@ class MoE(nnx.Module):
     @property
     def expert_weights(self) -> ExpertWeights:
         return ExpertWeights(self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+
+    @property
+    def expert_scales(self) -> ExpertWeights | None:
+        """The block scales of fp8-stored experts, else None."""
+        if self.gate_scale is None:
+            return None
+        return ExpertWeights(self.gate_scale[...], self.up_scale[...], self.down_scale[...])
+
+    def check_scales(self, prefix: str) -> None:
+        """ValueError naming the tensor (`prefix`.name) for fp8 weights without scales, or scales of the wrong
+        shape or not finite and positive (concrete values only: not under jit or eval_shape)."""
+        for name in EXPERT_AXES:
+            variable, scale = getattr(self, f"{name}_proj"), getattr(self, f"{name}_scale")
+            if scale is None and variable.dtype == FP8_DTYPE:
+                raise ValueError(f"{prefix}.{name}_proj: {variable.dtype} weights without block scales")
+            if scale is not None:
+                check_scales(f"{prefix}.{name}_scale", variable.shape, scale[...])
+
+    def store_experts(self, weights: Storage | str) -> None:
+        """Re-stores the routed experts as `weights` (fp8: `block_quantize`; from fp8: dequantised first)."""
+        weights = Storage.parse(weights, "weights")
+        for name in EXPERT_AXES:
+            variable, scale = getattr(self, f"{name}_proj"), getattr(self, f"{name}_scale")
+            value = variable[...]
+            if scale is not None:
+                value = block_dequantize(value, scale[...], jnp.float32)
+            scale = None
+            if weights.scaled:
+                value, scale_value = block_quantize(value)
+                axes = ("layers", *SCALE_AXES[name]) if value.ndim == 4 else SCALE_AXES[name]
+                scale = nnx.Param(scale_value, logical_axes=axes, init="ones")
+            # New variables, not set_value: a copy of this module (nnx.merge of its split) shares them.
+            setattr(self, f"{name}_proj", variable.replace(value.astype(weights.dtype)))
+            setattr(self, f"{name}_scale", nnx.data(scale))
 
     def __call__(
         self,
@@ -141,6 +199,7 @@ class MoE(nnx.Module):
                 execution.backend,
                 dispatch=execution.dispatch,
                 capacity_factor=execution.ep_capacity_factor,
+                scales=self.expert_scales,
                 **placed,
             )
         else:
@@ -183,5 +242,6 @@ class MoE(nnx.Module):
             ones = jnp.ones(ids.shape, jnp.float32)
             everything = jnp.ones(ids.shape, bool)
             args = (pairs, ids, ones, everything, self.expert_weights, execution.backend)
+            placed = dict(placed, scales=self.expert_scales)
             outputs, _ = execute(*args, dispatch=execution.dispatch, capacity_factor=None, **placed)
             return jax.ops.segment_sum(outputs.astype(jnp.float32), ids[:, 0], self.config.n_routed_experts)

@@ -19,18 +19,19 @@ from caee_jax.model.execution import DEFAULT_EXECUTION, Execution
 from caee_jax.model.layers import MLP, Embed, RMSNorm, param
 from caee_jax.model.moe import ExpertMeans, MoE, Routing
 from caee_jax.offload.cache import ExpertCache
+from caee_jax.routing.storage import Storage
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm block: h + MLA(norm(h)), then h + FFN(norm(h)) where FFN is a dense MLP or MoE."""
 
-    def __init__(self, config: ModelConfig, dtype, *, moe: bool, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, dtype, *, moe: bool, rngs: nnx.Rngs, weights: Storage | None = None):
         d = config.hidden_size
         self.attn_norm = RMSNorm(d, config.rms_norm_eps, dtype, rngs=rngs)
         self.attn = MLAttention(config, dtype, rngs=rngs)
         self.ffn_norm = RMSNorm(d, config.rms_norm_eps, dtype, rngs=rngs)
         if moe:
-            self.ffn = MoE(config, dtype, rngs=rngs)
+            self.ffn = MoE(config, dtype, rngs=rngs, weights=weights)
         else:
             self.ffn = MLP(d, config.intermediate_size, dtype, rngs=rngs)
 
@@ -63,15 +64,18 @@ class DecoderLayer(nnx.Module):
         return h + ffn_out, cache, routing, expert_cache
 
 
-def stacked_layers(config: ModelConfig, dtype, *, moe: bool, count: int, rngs: nnx.Rngs) -> DecoderLayer | None:
-    """`count` DecoderLayers as one module whose parameters carry a leading "layers" axis (None if 0)."""
+def stacked_layers(
+    config: ModelConfig, dtype, *, moe: bool, count: int, rngs: nnx.Rngs, weights: Storage | None = None
+) -> DecoderLayer | None:
+    """`count` DecoderLayers as one module whose parameters carry a leading "layers" axis (None if 0);
+    weights: the routed experts' storage (`MoE`)."""
     if count == 0:
         return None
 
     @nnx.split_rngs(splits=count)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make(layer_rngs):
-        return DecoderLayer(config, dtype, moe=moe, rngs=layer_rngs)
+        return DecoderLayer(config, dtype, moe=moe, rngs=layer_rngs, weights=weights)
 
     layers = make(rngs)
     for _, variable in nnx.iter_graph(layers):
@@ -92,17 +96,34 @@ class ModelOutput(NamedTuple):
 
 
 class DeepseekV3(nnx.Module):
-    """The causal language model."""
+    """The causal language model: parameters in `dtype` (the compute dtype), except the routed experts when
+    `weights` names their storage (`routing/storage.py`: "f32", "bf16", "fp8")."""
 
-    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, weights: Storage | None = None):
         self.config = config
         self.embed = Embed(config.vocab_size, config.hidden_size, dtype, rngs=rngs)
         self.dense_layers = nnx.data(stacked_layers(config, dtype, moe=False, count=config.num_dense_layers, rngs=rngs))
-        self.moe_layers = nnx.data(stacked_layers(config, dtype, moe=True, count=config.num_moe_layers, rngs=rngs))
+        moe_count = config.num_moe_layers
+        self.moe_layers = nnx.data(stacked_layers(config, dtype, moe=True, count=moe_count, rngs=rngs, weights=weights))
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, rngs=rngs)
         head_shape = (config.hidden_size, config.vocab_size)
         tied = config.tie_word_embeddings
         self.lm_head = nnx.data(None if tied else param(rngs, head_shape, ("embed", "vocab"), dtype))
+
+    @property
+    def expert_storage(self) -> Storage | None:
+        """How the routed experts are stored (None: a model without MoE layers)."""
+        if self.moe_layers is None:
+            return None
+        ffn = self.moe_layers.ffn
+        if ffn.gate_scale is not None:
+            return Storage.FP8
+        return Storage.BF16 if ffn.gate_proj.dtype == jnp.bfloat16 else Storage.F32
+
+    def store_experts(self, weights: Storage | str) -> None:
+        """Re-stores the routed experts of every MoE layer as `weights` (`MoE.store_experts`)."""
+        if self.moe_layers is not None:
+            self.moe_layers.ffn.store_experts(weights)
 
     def set_expert_means(self, means) -> None:
         """Sets each MoE layer's calibrated mean expert outputs, [L_moe, E, D] (stored float32), for `mean`
@@ -196,7 +217,7 @@ def _next_routers(state: nnx.State, count: int):
 
 
 def _is_routed_expert(path, value) -> bool:
-    """The MoE's stacked routed-expert weights: ffn.{gate,up,down}_proj of a layer whose ffn routes."""
-    return (
-        len(path) == 2 and path[0] == "ffn" and path[1] in ("gate_proj", "up_proj", "down_proj") and (value.ndim == 4)
-    )
+    """The MoE's stacked routed-expert weights (and fp8 block scales): ffn.{gate,up,down}_{proj,scale} of a
+    layer whose ffn routes."""
+    names = {f"{w}_{kind}" for w in ("gate", "up", "down") for kind in ("proj", "scale")}
+    return len(path) == 2 and path[0] == "ffn" and path[1] in names and value.ndim == 4

@@ -16,6 +16,8 @@ Letters: N tokens, D hidden, K top-k, E experts (E_l local), S expert shards, C 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -23,6 +25,7 @@ from caee_jax.choice import Choice
 from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
 from caee_jax.parallel.rules import LOGICAL_RULES, partition_spec
 from caee_jax.routing.ops import capacity_slots, rank_in_group
+from caee_jax.routing.storage import BLOCK
 
 # The mesh axes the collectives run over, from the one rules table.
 EXPERT_AXIS, WIDTH_AXIS, BATCH_AXIS = (LOGICAL_RULES[role] for role in ("experts", "moe_ffw", "batch"))
@@ -55,16 +58,20 @@ def execute(
     capacity_factor: float | None,
     layer_index: jax.Array | None,
     decode: bool,
+    scales: ExpertWeights | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The execute stage: the routed experts on x [N, D] -> (y [N, D], dropped pairs: int32 scalar), on one
-    device (`mesh` None) or expert-parallel over `mesh` (AUTO: gather when `decode`, else all_to_all)."""
+    device (`mesh` None) or expert-parallel over `mesh` (AUTO: gather when `decode`, else all_to_all).
+    scales: fp8 weights' block scales (`run_experts`)."""
     with jax.named_scope("execute"):
         args = (x, topk_ids, topk_weights, keep_mask, weights, backend)
         if mesh is None:
-            return run_experts(*args, layer_index=layer_index), jnp.zeros((), jnp.int32)
+            return run_experts(*args, layer_index=layer_index, scales=scales), jnp.zeros((), jnp.int32)
         if dispatch is Dispatch.AUTO:
             dispatch = Dispatch.GATHER if decode else Dispatch.ALL_TO_ALL
-        return run_experts_parallel(*args, dispatch=dispatch, capacity_factor=capacity_factor, layer_index=layer_index)
+        return run_experts_parallel(
+            *args, dispatch=dispatch, capacity_factor=capacity_factor, layer_index=layer_index, scales=scales
+        )
 
 
 def run_experts_parallel(
@@ -78,12 +85,14 @@ def run_experts_parallel(
     dispatch: Dispatch | str,
     capacity_factor: float | None = None,
     layer_index: jax.Array | None = None,
+    scales: ExpertWeights | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Like `run_experts` over the context mesh. Returns (y [N, D], dropped pairs: int32 scalar).
 
     x [N, D] and the routing [N, K] are sharded over `data` (N divisible by its size); weights as the
     logical-axis rules shard them (experts over `expert`, width over `tensor`); dispatch GATHER or
-    ALL_TO_ALL; layer_index: int scalar when weights hold every layer ([L, E, ...]).
+    ALL_TO_ALL; layer_index: int scalar when weights hold every layer ([L, E, ...]); scales: fp8 block
+    scales, sharded with their experts and columns (a width shard must hold whole 128-column blocks).
     """
     dispatch = Dispatch.parse(dispatch, "dispatch")
     if dispatch is Dispatch.AUTO:
@@ -99,23 +108,37 @@ def run_experts_parallel(
     in_ffw, out_ffw = (*lead, "experts", "embed", "moe_ffw"), (*lead, "experts", "moe_ffw", "embed")
     weight_specs = ExpertWeights(partition_spec(in_ffw), partition_spec(in_ffw), partition_spec(out_ffw))
     tokens, routing, scalar = partition_spec(("batch", "embed")), partition_spec(("batch", "top_k")), partition_spec(())
+    scale_specs = None
+    if scales is not None:
+        _check_block_columns(weights.gate.shape[-1], mesh.shape[WIDTH_AXIS])
+        in_blocks = (*lead, "experts", "embed_blocks", "moe_ffw_blocks")
+        out_blocks = (*lead, "experts", "moe_ffw_blocks", "embed_blocks")
+        scale_specs = ExpertWeights(partition_spec(in_blocks), partition_spec(in_blocks), partition_spec(out_blocks))
 
-    def local(x, topk_ids, topk_weights, keep_mask, weights, layer_index):
-        layer_index = layer_index if lead else None
+    def local(x, topk_ids, topk_weights, keep_mask, weights, layer_index, scales):
+        run = functools.partial(run_experts, backend=backend, layer_index=layer_index if lead else None, scales=scales)
         if dispatch is Dispatch.GATHER:
-            y = _gather_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer_index)
-            return y, jnp.zeros((), jnp.int32)
-        return _all_to_all_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer_index, capacity_factor)
+            return _gather_local(x, topk_ids, topk_weights, keep_mask, weights, run), jnp.zeros((), jnp.int32)
+        return _all_to_all_local(x, topk_ids, topk_weights, keep_mask, weights, run, capacity_factor)
 
     mapped = jax.shard_map(
         local,
-        in_specs=(tokens, routing, routing, routing, weight_specs, scalar),
+        in_specs=(tokens, routing, routing, routing, weight_specs, scalar, scale_specs),
         out_specs=(tokens, scalar),
         # The backends' loop carries start as unsharded zeros; varying-axis typing would reject them.
         check_vma=False,
     )
     layer_index = jnp.zeros((), jnp.int32) if layer_index is None else layer_index
-    return mapped(x, topk_ids, topk_weights, keep_mask, weights, layer_index)
+    return mapped(x, topk_ids, topk_weights, keep_mask, weights, layer_index, scales)
+
+
+def _check_block_columns(width: int, shards: int) -> None:
+    """fp8 experts cut over the width axis: each shard's F / shards columns must be whole scale blocks."""
+    if shards > 1 and (width % shards or (width // shards) % BLOCK[1]):
+        raise ValueError(
+            f"fp8 experts of width {width} cannot be cut over {shards} '{WIDTH_AXIS}' devices: each shard's "
+            f"columns must be whole {BLOCK[1]}-column blocks of the block scales"
+        )
 
 
 def _local_ids(topk_ids, num_local: int):
@@ -125,10 +148,10 @@ def _local_ids(topk_ids, num_local: int):
     return jnp.where(mine, local, 0), mine
 
 
-def _gather_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer_index):
+def _gather_local(x, topk_ids, topk_weights, keep_mask, weights, run):
     num_local = weights.gate.shape[-3]
     local_ids, mine = _local_ids(topk_ids, num_local)
-    y = run_experts(x, local_ids, topk_weights, keep_mask & mine, weights, backend, layer_index=layer_index)
+    y = run(x, local_ids, topk_weights, keep_mask & mine, weights)
     return jax.lax.psum(y, (EXPERT_AXIS, WIDTH_AXIS))
 
 
@@ -139,7 +162,7 @@ def slots_per_shard(pairs: int, shards: int, capacity_factor: float | None) -> i
     return max(1, min(pairs, capacity_slots(pairs, shards, capacity_factor)))
 
 
-def _all_to_all_local(x, topk_ids, topk_weights, keep_mask, weights, backend, layer_index, capacity_factor):
+def _all_to_all_local(x, topk_ids, topk_weights, keep_mask, weights, run, capacity_factor):
     shards = jax.lax.axis_size(EXPERT_AXIS)
     num_local = weights.gate.shape[-3]
     num_tokens, k = topk_ids.shape
@@ -177,7 +200,7 @@ def _all_to_all_local(x, topk_ids, topk_weights, keep_mask, weights, backend, la
     recv_x, recv_id, recv_ok = exchange(send_x), exchange(send_id), exchange(send_ok)
 
     ones = jnp.ones((shards * capacity, 1), jnp.float32)
-    out = run_experts(recv_x, recv_id[:, None], ones, recv_ok[:, None], weights, backend, layer_index=layer_index)
+    out = run(recv_x, recv_id[:, None], ones, recv_ok[:, None], weights)
     back = exchange(out)  # [S*C, D]: row dest*C + rank holds this shard's pair output
     contrib = back[jnp.minimum(slot, shards * capacity - 1)].astype(jnp.float32) * jnp.where(sent, pair_w, 0)[:, None]
     y = jnp.zeros((per_shard, dim), jnp.float32).at[token].add(contrib)

@@ -15,6 +15,8 @@ LOGICAL_RULES: dict[str, str | None] = {
     "batch": "data",
     "experts": "expert",
     "moe_ffw": "tensor",
+    "moe_ffw_blocks": "tensor",  # fp8 block scales follow their columns (`routing/storage.py`)
+    "embed_blocks": None,
     "ffw": "tensor",
     "shared_ffw": "tensor",
     "heads": "tensor",

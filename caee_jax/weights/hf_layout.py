@@ -88,6 +88,26 @@ def _experts(path: tuple[str, ...], names: tuple[str, ...]) -> Recipe:
     return Recipe(path, names, build, export)
 
 
+def fp8_expert_scale_recipes(config: ModelConfig, layer: int) -> list[Recipe]:
+    """The block scales of HF MoE layer `layer`'s routed experts as Recipes for the targets
+    ffn.{gate,up,down}_scale [E, in/bm, out/bn] (FP8-stored experts, `routing/storage.py`): each expert's
+    `weight_scale_inv` transposed like its weight. Sources are the weights (whose scales the source check
+    requires); the build reads `name + "_scale_inv"`."""
+    m = f"model.layers.{layer}.mlp."
+    out = []
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        names = tuple(f"{m}experts.{e}.{proj}.weight" for e in range(config.n_routed_experts))
+
+        def build(get: Getter, names=names) -> np.ndarray:
+            return np.stack([get(name + "_scale_inv", transpose=True) for name in names])
+
+        def export(value: np.ndarray, hf: dict[str, np.ndarray], names=names) -> None:
+            hf.update((name + "_scale_inv", value[e].T) for e, name in enumerate(names))
+
+        out.append(Recipe(("ffn", proj.replace("_proj", "_scale")), names, build, export))
+    return out
+
+
 def layer_recipes(config: ModelConfig, layer: int) -> list[Recipe]:
     """HF decoder layer `layer` (`model.layers.{layer}.`) as Recipes whose targets are paths inside one
     DecoderLayer (no layer axis); MoE from first_k_dense_replace on."""
@@ -169,6 +189,12 @@ def recipes(config: ModelConfig) -> list[Recipe]:
         per_layer = [layer_recipes(config, i) for i in layer_ids]
         result += [_stack_layers(stack, layers) for layers in zip(*per_layer, strict=True)]
     return result
+
+
+def fp8_scale_recipes(config: ModelConfig) -> list[Recipe]:
+    """The routed experts' block scales of every MoE layer, stacked [L, E, ...] (`fp8_expert_scale_recipes`)."""
+    per_layer = [fp8_expert_scale_recipes(config, i) for i in dict(stacks(config))["moe_layers"]]
+    return [_stack_layers("moe_layers", layers) for layers in zip(*per_layer, strict=True)]
 
 
 def _stack_layers(stack: str, layers: tuple[Recipe, ...]) -> Recipe:

@@ -112,9 +112,18 @@ class HFSource:
             )
 
     def read(self, name: str, dtype, transpose: bool = False) -> np.ndarray:
-        """The tensor in `dtype`: FP8 dequantised with its scale (rounded once), others cast.
+        """The tensor in `dtype`: FP8 dequantised with its scale (rounded once), others cast; with dtype
+        float8_e4m3fn an FP8 tensor's bytes unchanged (its scale is read apart, `name + "_scale_inv"`).
         transpose: a 2-D tensor transposed ([out, in] -> [in, out]), contiguous."""
         value = self.reader.read(name)
+        if np.dtype(dtype) == FP8_DTYPE:
+            if value.dtype != FP8_DTYPE:
+                raise CheckpointError(
+                    f"{self.reader.file_of(name)}: {name!r} is {value.dtype}, not FP8; cannot keep FP8"
+                )
+            if self.block != BLOCK:
+                raise CheckpointError(f"{self.directory}: FP8 blocks {self.block}; keeping FP8 needs {BLOCK}")
+            return np.ascontiguousarray(value.T if transpose else value)
         if value.dtype == FP8_DTYPE:
             return dequantize(value, self.reader.read(name + SCALE_SUFFIX), dtype, self.block, transpose)
         return np.ascontiguousarray(value.T if transpose else value, dtype=dtype)

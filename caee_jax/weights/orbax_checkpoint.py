@@ -38,7 +38,15 @@ from caee_jax.files import fsync
 from caee_jax.model.mtp import MTPLayer
 from caee_jax.model.transformer import DeepseekV3
 from caee_jax.parallel.rules import state_shardings
-from caee_jax.weights.hf_layout import Recipe, layer_recipes, mtp_recipes, stacks, top_recipes
+from caee_jax.routing.storage import Storage
+from caee_jax.weights.hf_layout import (
+    Recipe,
+    fp8_expert_scale_recipes,
+    layer_recipes,
+    mtp_recipes,
+    stacks,
+    top_recipes,
+)
 from caee_jax.weights.hf_loader import abstract_model
 from caee_jax.weights.safetensors_io import CheckpointError
 
@@ -73,14 +81,17 @@ def _shape_dtype(variable: nnx.Variable, drop_layer_axis: bool = False) -> jax.S
     return jax.ShapeDtypeStruct(shape, variable.dtype)
 
 
-def units(config: ModelConfig, dtype, mtp_modules: int) -> list[Unit]:
-    """Every item of a converted checkpoint, in writing order: top, dense layers, MoE layers, MTP modules."""
-    flat = _flat_abstract(abstract_model(config, dtype))
+def units(config: ModelConfig, dtype, mtp_modules: int, weights: Storage | None = None) -> list[Unit]:
+    """Every item of a converted checkpoint, in writing order: top, dense layers, MoE layers, MTP modules.
+    weights: the routed experts' storage (fp8: the MoE items hold float8 experts and their block scales)."""
+    flat = _flat_abstract(abstract_model(config, dtype, weights))
     top = top_recipes(config)
     out = [Unit("top", top, {r.target: _shape_dtype(flat[r.target]) for r in top})]
     for stack, layer_ids in stacks(config):
         for index, layer in enumerate(layer_ids):
             recipes = layer_recipes(config, layer)
+            if stack == "moe_layers" and weights is Storage.FP8:
+                recipes += fp8_expert_scale_recipes(config, layer)
             abstract = {r.target: _shape_dtype(flat[(stack, *r.target)], drop_layer_axis=True) for r in recipes}
             out.append(Unit(f"{stack}/{index:03d}", recipes, abstract))
     mtp = _flat_abstract(_abstract_mtp(config, dtype)) if mtp_modules else {}
@@ -157,6 +168,13 @@ def _stored_parameters(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     return stored
 
 
+def stored_weights(directory: str) -> Storage | None:
+    """The routed experts' storage of a converted checkpoint: fp8 when converted with --keep-fp8, else None
+    (the checkpoint's dtype)."""
+    weights = read_metadata(directory).get("weights")
+    return None if weights is None else Storage.parse(weights, f"{directory}: weights")
+
+
 def is_converted(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, METADATA))
 
@@ -201,13 +219,21 @@ def _allocate(targets: dict[Path, jax.ShapeDtypeStruct]) -> dict[Path, jax.Array
 
 
 def _put_layer(stack: dict, layer: dict, index: jax.Array) -> dict:
-    """stack[p][index] = layer[p] for every parameter."""
-    return {p: jax.lax.dynamic_update_index_in_dim(s, layer[p].astype(s.dtype), index, 0) for p, s in stack.items()}
+    """stack[p][index] = layer[p] for every parameter, moved as unsigned integers of the same width: XLA:CPU
+    updates a narrow float array by widening all of it (float8 in software: an FP8 stack took minutes)."""
+
+    def put(s, new):
+        bits, move = np.dtype(f"uint{8 * s.dtype.itemsize}"), jax.lax.bitcast_convert_type
+        updated = jax.lax.dynamic_update_index_in_dim(move(s, bits), move(new.astype(s.dtype), bits), index, 0)
+        return move(updated, s.dtype)
+
+    return {p: put(s, layer[p]) for p, s in stack.items()}
 
 
 def restore_model(directory: str, config: ModelConfig, dtype, mesh: Mesh | None = None) -> DeepseekV3:
-    """The main model from a converted checkpoint, every parameter on its target sharding (`rules.py`)."""
-    graphdef, state = nnx.split(abstract_model(config, dtype))
+    """The main model from a converted checkpoint, every parameter on its target sharding (`rules.py`);
+    routed experts in the checkpoint's storage (metadata "weights", fp8 for `convert_hf --keep-fp8`)."""
+    graphdef, state = nnx.split(abstract_model(config, dtype, stored_weights(directory)))
     targets = _targets(state, mesh)
     stack_names = {stack for stack, _ in stacks(config)}
     values = restore_unit(os.path.join(directory, "top"), {p: t for p, t in targets.items() if p[0] not in stack_names})
@@ -239,6 +265,10 @@ class ExpertLayers:
     than memory."""
 
     def __init__(self, directory: str, config: ModelConfig, name: str, dtype=None):
+        if stored_weights(directory) is Storage.FP8:
+            raise CheckpointError(
+                f"{directory}: FP8 routed experts (--keep-fp8) cannot go to an expert store (f32/bf16)"
+            )
         stored = jnp.dtype(read_metadata(directory)["dtype"])
         stacked = _flat_abstract(abstract_model(config, stored))[("moe_layers", "ffn", f"{name}_proj")]
         self.directory, self.shape, self.dtype = directory, tuple(stacked.shape), jnp.dtype(dtype or stored)
