@@ -220,11 +220,14 @@ def main(argv=None) -> int:
 
 
 def _printer(tokenizer, prompt_text: str):
-    """Prints the prompt, then returns the `on_step` callback that prints the completion as it is decoded."""
-    print(f"--- prompt ---\n{prompt_text}\n--- completion ---", flush=True)
-    decode = tokenizer.stream_decoder()
+    """The `on_step` callback that prints the prompt at the first step (a refused prompt prints nothing),
+    then the completion as it is decoded."""
+    decode, started = tokenizer.stream_decoder(), []
 
     def on_step(new_ids: list[int | None]) -> None:
+        if not started:
+            print(f"--- prompt ---\n{prompt_text}\n--- completion ---", flush=True)
+            started.append(True)
         piece = decode(new_ids[0]) if new_ids[0] is not None else None
         if piece:
             print(piece, end="", flush=True)
