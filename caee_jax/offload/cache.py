@@ -6,9 +6,11 @@ change, so residency is data and nothing recompiles as experts come and go.
 
 Host state (`CacheManager`): which expert sits in which slot, use statistics, the eviction policy and
 per-step counters. The compiled step talks to it through ordered host callbacks (`execute.py`): once
-per layer to announce which experts the layer will run (hits are recorded, misses start reading in the
-background) and once per miss, when the loop reaches that expert, to get its weights and a slot. The
-host decides; the device applies, so the two always agree.
+per layer to announce which experts the layer will run (hits are recorded; the misses are read together
+and returned with the slots they take, as many as fit in slots the layer does not need), and once per
+miss that did not fit, when the loop reaches that expert. A host callback costs far more than a copy
+here (~0.3-1.5 ms each on this 2-core machine, docs/RESULTS.md), hence one call per layer, not per miss.
+The host decides; the device applies, so the two always agree.
 
 Policies (which resident expert leaves when a slot is needed), never an expert the current layer has yet
 to run while another choice exists (then the one it runs last):
@@ -202,12 +204,15 @@ class CacheManager:
 
     # Host callbacks, called by the compiled step in program order (`execute.py`).
 
-    def announce(self, layer, kept: np.ndarray, routed: np.ndarray, next_hint: np.ndarray) -> None:
+    def announce(self, layer, kept: np.ndarray, routed: np.ndarray, next_hint: np.ndarray, *, bound: int):
         """Layer `layer` will run the experts `kept` [E] bool (routed [E]: before pruning). Records hits and
-        use, counts misses, drops staged reads this layer does not need, starts reading the misses in the
-        background (before any prediction, so they come first on the read pool), scores the previous layer's
-        prediction of `kept`, and (with `prefetch`) starts reading the next layer's predicted experts
-        `next_hint` [E] bool that are not resident."""
+        use, counts misses, drops staged reads this layer does not need, starts reading the misses (before
+        any prediction, so they come first on the read pool), scores the previous layer's prediction of
+        `kept`, and (with `prefetch`) starts reading the next layer's predicted experts `next_hint` [E] bool
+        that are not resident. Then loads the misses, in increasing id, into slots the layer does not need,
+        up to `bound` of them (what does not fit is fetched by the loop, `fetch`), in one call instead of
+        one per miss. Returns padded to `bound`: (slots int32 (S: none), experts int32 (E: none), evicted
+        experts int32 (E: none), gate, up [bound, D, F], down [bound, F, D])."""
         layer = int(layer)
         kept, routed, next_hint = (np.asarray(a, bool) for a in (kept, routed, next_hint))
         if self.predicted[layer] is not None:
@@ -225,23 +230,63 @@ class CacheManager:
         self.step.hits += int(np.sum(kept & resident))
         self.step.misses += int(np.sum(kept & ~resident))
         self.step.pruned_misses += int(np.sum(routed & ~kept & ~resident))
+        misses = np.flatnonzero(kept & ~resident).tolist()
         prefetch = getattr(self.store, "prefetch", None)
         if prefetch is not None:
-            misses = np.flatnonzero(kept & ~resident).tolist()
             self.store.retain(layer, misses)  # mispredicted reads make room for this layer's misses
             prefetch(layer, misses)
         if layer + 1 < self.num_layers and next_hint.any():
             self.predicted[layer + 1] = next_hint
             if prefetch is not None and self.prefetch:
                 prefetch(layer + 1, np.flatnonzero(next_hint & (self.slot_of[layer + 1] < 0)).tolist())
+        return self._load(layer, misses, bound)
+
+    def _load(self, layer: int, misses: list[int], bound: int):
+        """`announce`'s loads: the first misses that find a slot the layer does not need, read together."""
+        placed = []  # (expert, slot, evicted)
+        for expert in misses[:bound]:
+            slot = self._victim(layer, expert, upfront=True)
+            if slot is None:
+                break
+            placed.append((expert, slot, int(self.slot_expert[layer, slot])))
+            self._assign(layer, expert, slot)
+        experts = [expert for expert, _, _ in placed]
+        start = time.perf_counter()
+        self._count_fetches(layer, experts)
+        weights = self.store.read_many(layer, experts)
+        self.step.fetch_wait_s += time.perf_counter() - start
+        c = self.store.config
+        d, f = c.hidden_size, c.moe_intermediate_size
+        out = [np.full(bound, fill, np.int32) for fill in (self.slots, self.num_experts, self.num_experts)]
+        stacks = [np.zeros((bound, *shape), self.store.dtype) for shape in ((d, f), (d, f), (f, d))]
+        for i, ((expert, slot, evicted), read) in enumerate(zip(placed, weights, strict=True)):
+            out[0][i], out[1][i], out[2][i] = slot, expert, evicted if evicted >= 0 else self.num_experts
+            for stack, w in zip(stacks, read, strict=True):
+                stack[i] = w
+        return (*out, *stacks)
+
+    def _assign(self, layer: int, expert: int, slot: int) -> None:
+        evicted = int(self.slot_expert[layer, slot])
+        if evicted >= 0:
+            self.slot_of[layer, evicted] = -1
+        self.slot_expert[layer, slot] = expert
+        self.slot_of[layer, expert] = slot
+
+    def _count_fetches(self, layer: int, experts: Sequence[int]) -> None:
+        ready = getattr(self.store, "ready", None)
+        prefetched = sum(bool(ready is not None and ready(layer, e)) for e in experts)
+        self.step.fetches += len(experts)
+        self.step.prefetched_fetches += prefetched
+        self.step.blocking_fetches += len(experts) - prefetched
+        self.step.bytes_read += len(experts) * self.store.expert_bytes
 
     def fetch(self, layer, expert):
-        """Expert `expert` of layer `layer`, not resident: reads it and gives it a slot. Returns (slot int32,
-        evicted expert int32 or E when the slot was empty, gate, up [D, F], down [F, D])."""
+        """Expert `expert` of layer `layer`, not resident (a miss `announce` found no slot for): reads it and
+        gives it a slot. Returns (slot int32, evicted expert int32 or E when the slot was empty, gate, up
+        [D, F], down [F, D])."""
         layer, expert = int(layer), int(expert)
         start = time.perf_counter()
-        ready = getattr(self.store, "ready", None)
-        prefetched = bool(ready is not None and ready(layer, expert))
+        self._count_fetches(layer, [expert])
         weights = self.store.read(layer, expert)
         self.step.fetch_wait_s += time.perf_counter() - start
         if self.hit_at_announce[layer, expert]:  # evicted since by this layer's own fetches: a miss after all
@@ -250,28 +295,22 @@ class CacheManager:
             self.step.misses += 1
         slot = self._victim(layer, expert)
         evicted = int(self.slot_expert[layer, slot])
-        if evicted >= 0:
-            self.slot_of[layer, evicted] = -1
-        self.slot_expert[layer, slot] = expert
-        self.slot_of[layer, expert] = slot
-        self.step.fetches += 1
-        self.step.prefetched_fetches += int(prefetched)
-        self.step.blocking_fetches += int(not prefetched)
-        self.step.bytes_read += self.store.expert_bytes
+        self._assign(layer, expert, slot)
         evicted = evicted if evicted >= 0 else self.num_experts
         return (np.int32(slot), np.int32(evicted), *(np.asarray(w, self.store.dtype) for w in weights))
 
-    def _victim(self, layer: int, expert: int) -> int:
+    def _victim(self, layer: int, expert: int, upfront: bool = False) -> int | None:
         """The slot for `expert`: an empty one, else the policy's choice among experts this layer does not
-        need or has already run (the loop visits experts in increasing id); when every slot holds an expert
-        the layer still has to run, the one it runs last (it is refetched then)."""
+        need or (in the loop, not `upfront`) has already run (the loop visits experts in increasing id); when
+        every slot holds an expert the layer still has to run: None upfront, else the one it runs last (it
+        is refetched then)."""
         experts = self.slot_expert[layer]
         empty = np.flatnonzero(experts < 0)
         if empty.size:
             return int(empty[0])
-        candidates = np.flatnonzero(~self.needed[layer, experts] | (experts < expert))
+        candidates = np.flatnonzero(~self.needed[layer, experts] | ((not upfront) & (experts < expert)))
         if candidates.size == 0:
-            return int(np.argmax(experts))
+            return None if upfront else int(np.argmax(experts))
         owners = experts[candidates]
         if self.policy is Policy.LRU:
             keys = (self.last_use[layer, owners],)

@@ -8,6 +8,8 @@ enough: an expert is used once per layer and step). Letters: N tokens, K top-k, 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import io_callback
@@ -39,11 +41,45 @@ def run_offloaded(
     with jax.named_scope("execute_offloaded"):
         kept = expert_load(topk_ids, keep_mask, num_experts).active
         routed = expert_load(topk_ids, jnp.ones_like(keep_mask), num_experts).active
-        io_callback(manager.announce, None, layer_index, kept, routed, next_hint, ordered=True)
+        cache = _announce(cache, layer_index, manager, kept, routed, next_hint, keep_mask.size)
         y, cache = loop_over_experts(
             x, topk_ids, topk_weights, keep_mask, num_experts, _reader(layer_index, manager), cache
         )
     return y, cache
+
+
+def _announce(cache: ExpertCache, layer_index, manager: CacheManager, kept, routed, next_hint, pairs: int):
+    """`CacheManager.announce` of the layer, its loaded misses written into their slots (at most min(S, pairs)
+    of them: a layer of N tokens runs at most N * K experts). kept, routed, next_hint: [E] bool."""
+    bound = min(manager.slots, pairs)
+    return _load_misses(cache, layer_index, manager, (kept, routed, next_hint), bound=bound)
+
+
+def _load_misses(cache: ExpertCache, layer_index, manager: CacheManager, announced, *, bound: int) -> ExpertCache:
+    """`cache` with the layer's misses that `CacheManager.announce` placed written into their slots.
+    announced: (kept, routed, next_hint) [E] bool each; bound: static upper limit on misses loaded (a layer of
+    N tokens has at most N * K active experts)."""
+    store = manager.store
+    d, f = store.config.hidden_size, store.config.moe_intermediate_size
+    index = jax.ShapeDtypeStruct((bound,), jnp.int32)
+    shapes = (index, index, index, *(jax.ShapeDtypeStruct((bound, *s), store.dtype) for s in ((d, f), (d, f), (f, d))))
+    announce = functools.partial(manager.announce, bound=bound)
+    slots, experts, evicted, *weights = io_callback(announce, shapes, layer_index, *announced, ordered=True)
+    bits = cache_bits(store.dtype)
+
+    def write(i, cache: ExpertCache) -> ExpertCache:  # in place (a scatter copied the whole cache)
+        start = (layer_index, slots[i], 0, 0)
+        new = (jax.lax.bitcast_convert_type(w[i], bits)[None, None] for w in weights)
+        return ExpertCache(
+            *(jax.lax.dynamic_update_slice(w, n, start) for w, n in zip(cache[:3], new, strict=True)), cache.slot_of
+        )
+
+    if bound:
+        cache = jax.lax.fori_loop(0, jnp.sum(slots < manager.slots), write, cache)  # loaded misses come first
+    slot_of = (
+        cache.slot_of.at[layer_index, evicted].set(-1, mode="drop").at[layer_index, experts].set(slots, mode="drop")
+    )
+    return cache._replace(slot_of=slot_of)
 
 
 def _reader(layer_index, manager: CacheManager):
