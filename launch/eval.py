@@ -16,7 +16,10 @@ OUT/pareto.png the latency cut against the accuracy drop, one curve per rule.
 CAEE uses the stored cost table of this mesh (launch/calibrate.py; --cost-table to pick another,
 --cost-table-any-setup to use it although it was calibrated for another setup).
 --compensation mean uses calibrated mean expert outputs (launch/calibrate_means.py): --expert-means FILE,
-by default the model directory's expert_means.npz.
+by default the model directory's expert_means.npz. --expert-importance and --layer-sensitivity scale CAEE's
+importance by its calibration (launch/calibrate_importance.py): --importance FILE, by default the model
+directory's importance.npz; an evaluation text that is the calibration text (same SHA-256) is refused.
+Every calibration file used is part of the provenance (path and SHA-256).
 
 Offloaded experts (one device): --offload host, or --offload disk --store-dir DIR (written by `python -m
 checkpoints_tools.expert_store`), --cache-experts N|FRACTION, --cache-policy, --no-prefetch, as in
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import sys
 
@@ -37,7 +41,7 @@ from tqdm import tqdm
 
 import caee_jax
 from caee_jax import cli
-from caee_jax.caee import expert_means
+from caee_jax.caee import expert_means, importance
 from caee_jax.caee.compensation import COMPENSATIONS
 from caee_jax.caee.cost_table import CostTableError
 from caee_jax.caee.peer_rules import PEER_RULES, check_top_k
@@ -96,6 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--k-min", type=int, default=1)
     parser.add_argument("--compensation", default="none", choices=COMPENSATIONS)
     parser.add_argument("--expert-means", help="with --compensation mean (default: the model's expert_means.npz)")
+    parser.add_argument(
+        "--expert-importance", action="store_true", help="CAEE: scale importance by each expert's output-norm factor"
+    )
+    parser.add_argument(
+        "--layer-sensitivity", action="store_true", help="CAEE: scale importance by each MoE layer's sensitivity"
+    )
+    parser.add_argument("--importance", help="CAEE's importance calibration (default: the model's importance.npz)")
     parser.add_argument("--slack", type=float, default=0.0)
     parser.add_argument("--target", default="floor", choices=TARGETS)
     parser.add_argument(
@@ -148,8 +159,9 @@ def sweep(args, top_k: int | None = None) -> list[tuple[str, float]]:
 def _rule_settings(args) -> dict:
     """The rule fields besides the knob that the command line sets."""
     return dict(
-        k_min=args.k_min, target=args.target, slack=args.slack, refill=args.refill, compensation=args.compensation
-    )
+        k_min=args.k_min, target=args.target, slack=args.slack, refill=args.refill, compensation=args.compensation,
+        expert_importance=args.expert_importance, layer_sensitivity=args.layer_sensitivity,
+    )  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -188,6 +200,7 @@ def run(args, offload: Offload | None = None) -> int:
     the output before the model loads, the results file before the first case."""
     sweep(args)
     means_path = _means_path(args)
+    importance_path = _importance_path(args)
     check_writable(args.out, "--out", directory=True)
     model_dir = args.model or caee_jax.api.BUNDLED_MODEL
     path = args.eval_file or os.path.join(model_dir, "heldout.txt")
@@ -195,10 +208,10 @@ def run(args, offload: Offload | None = None) -> int:
     mesh = distributed.join(args)
     lead = jax.process_index() == 0
     with exclusive_lock(args.out) if lead else contextlib.nullcontext():
-        return _evaluate(args, mesh, lead, means_path, path, contents, offload)
+        return _evaluate(args, mesh, lead, means_path, importance_path, path, contents, offload)
 
 
-def _evaluate(args, mesh, lead, means_path, path, contents, offload) -> int:
+def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, offload) -> int:
     """Loads the model, checks the results file against this run's provenance, runs the missing cases."""
     options = dict(dtype=args.dtype, mesh=mesh, offload=offload)
     model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
@@ -207,8 +220,17 @@ def _evaluate(args, mesh, lead, means_path, path, contents, offload) -> int:
             expert_means.load_means(model, means_path)
         except expert_means.ExpertMeansError as error:
             raise UserFileError(f"--compensation mean: {error}") from None
-    rules = sweep(args, model.config.num_experts_per_tok)
     text, data = contents
+    if importance_path:
+        try:
+            calibration = importance.load_importance(model, importance_path)
+        except importance.ImportanceError as error:
+            raise UserFileError(f"--expert-importance/--layer-sensitivity: {error}") from None
+        if calibration.text_sha256 == hashlib.sha256(data).hexdigest():
+            raise UserFileError(
+                f"--eval-file {path}: is the text {importance_path} was calibrated on; evaluate on other text"
+            )
+    rules = sweep(args, model.config.num_experts_per_tok)
     ids = model.text_ids(text)
     length = args.prefix + args.steps + 1
     if len(ids) <= length:
@@ -226,10 +248,12 @@ def _evaluate(args, mesh, lead, means_path, path, contents, offload) -> int:
         cost_table=args.cost_table,
         table=table,
         expert_means=means_path,
+        importance=importance_path,
         offload=results.offload_provenance(model.execution.offload),
     )
     settings = {name: getattr(args, name) for name in results.SETTINGS}
     settings["expert_means"] = means_path and os.path.abspath(means_path)
+    settings["importance"] = importance_path and os.path.abspath(importance_path)
     processes = jax.process_count()
     cases = [
         dict(rule=rule, knob=knob, batch_size=batch, processes=processes, **settings)
@@ -287,6 +311,17 @@ def _table(args, model, mesh):
         raise UserFileError("--cost-table-any-setup needs --cost-table FILE")
     backend = model.execution.backend
     return select_table(model.config, mesh, model.dtype, backend, args.cost_table, override=args.cost_table_any_setup)
+
+
+def _importance_path(args) -> str | None:
+    """The importance calibration that --expert-importance / --layer-sensitivity use (None without them)."""
+    if not (args.expert_importance or args.layer_sensitivity):
+        if args.importance:
+            raise UserFileError("--importance is only used with --expert-importance or --layer-sensitivity")
+        return None
+    if args.preset and not args.importance:
+        raise UserFileError("--expert-importance/--layer-sensitivity with --preset need --importance FILE")
+    return args.importance or importance.default_path(args.model or caee_jax.api.BUNDLED_MODEL)
 
 
 def _means_path(args) -> str | None:
