@@ -49,7 +49,7 @@ from caee_jax.caee.policy import TARGETS
 from caee_jax.caee.rule_config import rule_of
 from caee_jax.calibration.tables import select_table
 from caee_jax.config import PRESETS, preset
-from caee_jax.eval import report, results
+from caee_jax.eval import frontier, report, results
 from caee_jax.eval.decode_eval import Comparison, compare, windows_of
 from caee_jax.eval.user_files import UserFileError, check_writable, read_text
 from caee_jax.files import LockedError, exclusive_lock
@@ -284,7 +284,7 @@ def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, off
             results.append(results_path, record)
     if lead:
         records, _ = results.read(results_path, repair=False)
-        report.write_table(records, os.path.join(args.out, "results.md"))
+        report.write_table(records, os.path.join(args.out, "results.md"), frontier.matched_sections(records))
         report.plot_pareto(records, os.path.join(args.out, "pareto.png"))
         print(f"{len(records)} cases in {results_path}; table results.md, plot pareto.png")
     return 0
