@@ -7,8 +7,9 @@ nor calibration reads:
   numpy   numpy 2.4.6's own Python sources: numerical library code, long NumPy-style docstrings
   flax    flax 0.12.8's Python sources: neural-network library code, type annotations, JAX idioms
 
-A manifest pins each text (package, version, files in order with their SHA-256): building checks every
-file against it, so the same manifest always gives the same bytes, offline, or fails naming the file.
+A manifest pins each text (package, version, files in order with their SHA-256, the text's SHA-256):
+building checks every file and the result against it, so the same manifest always gives the same bytes,
+offline, or fails naming the file.
 
     python -m checkpoints_tools.foreign_texts select --package numpy --out configs/heldout/numpy.json
     python -m checkpoints_tools.foreign_texts build --manifest configs/heldout/numpy.json --out runs/heldout-numpy.txt
@@ -90,7 +91,7 @@ def select(package: str, chars: int, file_chars: int) -> dict:
         total += len(_section(relative, text[:file_chars]))
         if total >= chars:
             break
-    return dict(
+    manifest = dict(
         format=FORMAT,
         package=package,
         version=importlib.metadata.version(package),
@@ -100,6 +101,8 @@ def select(package: str, chars: int, file_chars: int) -> dict:
         files=chosen,
         skipped_for_stdlib_overlap=skipped,
     )
+    manifest["text_sha256"] = hashlib.sha256(build(manifest).encode()).hexdigest()
+    return manifest
 
 
 def _section(relative: str, text: str) -> str:
@@ -128,7 +131,10 @@ def build(manifest: dict, where: str = "manifest") -> str:
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise ManifestError(f"{where}: {path}: SHA-256 differs from the manifest's {entry['sha256'][:12]}...")
         parts.append(_section(entry["path"], data.decode("utf-8", errors="replace")[: manifest["file_chars"]]))
-    return "".join(parts)[: manifest["chars"]]
+    text = "".join(parts)[: manifest["chars"]]
+    if "text_sha256" in manifest and hashlib.sha256(text.encode()).hexdigest() != manifest["text_sha256"]:
+        raise ManifestError(f"{where}: the built text's SHA-256 differs from field 'text_sha256'")
+    return text
 
 
 def main(argv=None) -> None:
