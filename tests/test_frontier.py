@@ -14,6 +14,7 @@ def record(rule: str, pruned: float, cut: float, drop: float, rise: float, se: f
         rule=rule, knob=pruned, batch_size=16, processes=1, pruned_pair_fraction=pruned,
         step_time_s=1 - cut, step_time_unpruned_s=1.0, top1_acc=0.5 * (1 - drop), top1_acc_unpruned=0.5,
         top1_diff_se=0.5 * se / 2, ppl=10 * (1 + rise), ppl_unpruned=10.0,
+        predicted_moe_s=1 - cut / 2, predicted_moe_unpruned_s=1.0,
     )  # fmt: skip
 
 
@@ -27,7 +28,8 @@ def test_cut_is_interpolated_at_the_level_and_none_beyond():
     assert frontier.cut_at(rows, frontier.top1_drop, 0.006) == pytest.approx(0.15)
     assert frontier.cut_at(rows, frontier.top1_drop, 0.002) == pytest.approx(0.05)  # from (0, 0)
     assert frontier.cut_at(rows, frontier.top1_drop, 0.01) is None
-    assert frontier.both_limits_cut(rows, 0.006, 0.02) == pytest.approx(0.15)
+    assert frontier.both_limits_cut(rows, 0.006, 0.02) == pytest.approx((0.15, False))
+    assert frontier.both_limits_cut(rows, 0.5, 0.5) == pytest.approx((0.20, True))  # no limit binds
 
 
 def test_a_lucky_noisy_point_does_not_stand_for_the_rule():
@@ -46,5 +48,10 @@ def test_matched_table_compares_caee_with_the_best_peer():
     records = [record("caee", p, 2 * p, 0.05 * p, 0.1 * p) for p in (0.05, 0.1, 0.2, 0.3)]
     records += [record("top_p", p, p, 0.05 * p, 0.1 * p) for p in (0.05, 0.1, 0.2, 0.3)]
     text = "\n".join(frontier.matched_table(records))
-    assert "Best peer rule under both limits: top_p (20.0%)" in text
-    assert "| caee | 2.00x | +10.0 points |" in text
+    assert "Best peer rule under both limits: top_p (20.0%); at ppl rise 2% alone: top_p." in text
+    assert "| caee | 2.00x | 2.00x | +10.0 points |" in text
+
+
+def test_the_predicted_latency_axis_reads_the_cost_models_cut():
+    rows = [record("r", 0.1, 0.10, 0.004, 0.01), record("r", 0.2, 0.20, 0.008, 0.02)]
+    assert frontier.cut_at(rows, frontier.ppl_rise, 0.02, latency=frontier.predicted_cut) == pytest.approx(0.10)
