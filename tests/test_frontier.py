@@ -55,3 +55,10 @@ def test_matched_table_compares_caee_with_the_best_peer():
 def test_the_predicted_latency_axis_reads_the_cost_models_cut():
     rows = [record("r", 0.1, 0.10, 0.004, 0.01), record("r", 0.2, 0.20, 0.008, 0.02)]
     assert frontier.cut_at(rows, frontier.ppl_rise, 0.02, latency=frontier.predicted_cut) == pytest.approx(0.10)
+
+
+def test_without_a_cost_table_only_the_measured_cut_is_shown():
+    records = [record("top_p", p, p, 0.05 * p, 0.1 * p) | dict(predicted_moe_s=0.0, predicted_moe_unpruned_s=0.0)
+               for p in (0.1, 0.2)]  # fmt: skip
+    text = "\n".join(frontier.matched_sections(records))
+    assert "measured decode step cut" in text and "predicted" not in text

@@ -147,12 +147,15 @@ def matched_table(records: list[dict], max_drop: float = 0.01, max_rise: float =
 
 
 def matched_sections(records: list[dict]) -> list[str]:
-    """`matched_table` per (processes, batch) group, on the measured step cut and on the predicted MoE-time
-    cut, each under a heading line: a `report.write_table` section."""
+    """`matched_table` per (processes, batch) group, on the measured step cut and (when the run had a cost
+    table) on the predicted MoE-time cut, each under a heading line: a `report.write_table` section."""
     lines = []
     for processes, batch in sorted({(r["processes"], r["batch_size"]) for r in records}):
         group = [r for r in records if (r["processes"], r["batch_size"]) == (processes, batch)]
-        for latency, what in ((step_cut, "measured decode step cut"), (predicted_cut, "predicted MoE-time cut")):
+        axes = [(step_cut, "measured decode step cut")]
+        if all(r["predicted_moe_unpruned_s"] > 0 for r in group):  # predicted when the run had a cost table
+            axes.append((predicted_cut, "predicted MoE-time cut"))
+        for latency, what in axes:
             lines += ["", f"Cut at matched accuracy, {what}, {processes} process(es), batch {batch} "
                       "(`eval/frontier.py`):", ""]  # fmt: skip
             lines += matched_table(group, latency=latency)
