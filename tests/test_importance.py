@@ -3,6 +3,7 @@ calibration (deterministic, resumable), its file, one-layer pruning, and the lau
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -177,3 +178,24 @@ def test_calibrate_importance_py_refuses_the_heldout_text(tmp_path):
             [sys.executable, script, "--text", text, "--out", str(tmp_path / "x.npz")], capture_output=True, text=True
         )
         assert done.returncode == 2 and "held-out evaluation text" in done.stderr
+
+
+def test_eval_py_refuses_the_calibration_text_and_run_py_a_peer_rule_with_options(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(open(os.path.join(caee_jax.api.BUNDLED_MODEL, "heldout.txt")).read()[:3000])
+    config = caee_jax.init_random("tiny", seed=0).config
+    layers, experts = config.num_moe_layers, config.n_routed_experts
+    digest = hashlib.sha256(text.read_bytes()).hexdigest()
+    counts = np.full((layers, experts), 0, np.int64)
+    counts[:, 0] = 4 * config.num_experts_per_tok
+    result = Calibration(np.ones((layers, experts), np.float32), np.ones(layers, np.float32),
+                         np.ones(layers, np.float32), counts, 4, digest)  # fmt: skip
+    path = str(tmp_path / "importance.npz")
+    importance.save(path, result, config)
+    command = [sys.executable, os.path.join(ROOT, "launch", "eval.py"), "--preset", "tiny", "--eval-file", str(text)]
+    command += ["--out", str(tmp_path / "out"), "--rules", "caee", "--layer-sensitivity", "--importance", path]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2 and "is the text" in done.stderr and "calibrated on" in done.stderr
+    run = [sys.executable, os.path.join(ROOT, "launch", "run.py"), "--prune", "top_p=0.9", "--expert-importance"]
+    done = subprocess.run(run, capture_output=True, text=True)
+    assert done.returncode == 2 and "are CAEE options" in done.stderr
