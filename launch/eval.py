@@ -18,7 +18,9 @@ CAEE uses the stored cost table of this mesh (launch/calibrate.py; --cost-table 
 --compensation mean uses calibrated mean expert outputs (launch/calibrate_means.py): --expert-means FILE,
 by default the model directory's expert_means.npz. --expert-importance and --layer-sensitivity scale CAEE's
 importance by its calibration (launch/calibrate_importance.py): --importance FILE, by default the model
-directory's importance.npz; an evaluation text that is the calibration text (same SHA-256) is refused.
+directory's importance.npz; both are on by default when that calibration exists (the bundled model's
+does), --no-expert-importance --no-layer-sensitivity give CAEE by gate weight alone. An evaluation text
+that is the calibration text (same SHA-256) is refused.
 Every calibration file used is part of the provenance (path and SHA-256).
 
 Offloaded experts (one device): --offload host, or --offload disk --store-dir DIR (written by `python -m
@@ -100,12 +102,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--k-min", type=int, default=1)
     parser.add_argument("--compensation", default="none", choices=COMPENSATIONS)
     parser.add_argument("--expert-means", help="with --compensation mean (default: the model's expert_means.npz)")
-    parser.add_argument(
-        "--expert-importance", action="store_true", help="CAEE: scale importance by each expert's output-norm factor"
-    )
-    parser.add_argument(
-        "--layer-sensitivity", action="store_true", help="CAEE: scale importance by each MoE layer's sensitivity"
-    )
+    scales = {"expert-importance": "each expert's output-norm factor", "layer-sensitivity": "its layer's sensitivity"}
+    for flag, what in scales.items():
+        parser.add_argument(
+            f"--{flag}",
+            action=argparse.BooleanOptionalAction,
+            help=f"CAEE: scale importance by {what} (default: on when the model has an importance calibration)",
+        )
     parser.add_argument("--importance", help="CAEE's importance calibration (default: the model's importance.npz)")
     parser.add_argument("--slack", type=float, default=0.0)
     parser.add_argument("--target", default="floor", choices=TARGETS)
@@ -198,6 +201,7 @@ def _offload(args) -> Offload | None:
 def run(args, offload: Offload | None = None) -> int:
     """The sweep; user mistakes raise the errors `main` reports, as early as they can be found: the rules and
     the output before the model loads, the results file before the first case."""
+    _resolve_importance_options(args)
     sweep(args)
     means_path = _means_path(args)
     importance_path = _importance_path(args)
@@ -311,6 +315,19 @@ def _table(args, model, mesh):
         raise UserFileError("--cost-table-any-setup needs --cost-table FILE")
     backend = model.execution.backend
     return select_table(model.config, mesh, model.dtype, backend, args.cost_table, override=args.cost_table_any_setup)
+
+
+def _resolve_importance_options(args) -> None:
+    """--expert-importance / --layer-sensitivity not given: on when CAEE is swept and an importance calibration
+    is at hand (--importance, or the model directory's importance.npz), as measured in docs/RESULTS.md
+    (issue 20); else off."""
+    caee = "caee" in [r.strip() for r in args.rules.split(",")]
+    available = bool(args.importance) or (
+        not args.preset and os.path.isfile(importance.default_path(args.model or caee_jax.api.BUNDLED_MODEL))
+    )
+    for name in ("expert_importance", "layer_sensitivity"):
+        if getattr(args, name) is None:
+            setattr(args, name, caee and available)
 
 
 def _importance_path(args) -> str | None:

@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 
@@ -81,8 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     pruning.add_argument("--cost-table-any-setup", action="store_true", help=ANY_SETUP_HELP)
     pruning.add_argument("--compensation", choices=COMPENSATIONS, help="overrides the rule's compensation")
     pruning.add_argument("--expert-means", help="for compensation mean (default: CHECKPOINT/expert_means.npz)")
-    pruning.add_argument("--expert-importance", action="store_true", help="CAEE: weigh by expert output norms")
-    pruning.add_argument("--layer-sensitivity", action="store_true", help="CAEE: weigh by layer sensitivity")
+    auto = "default with --prune caee=...: on when the checkpoint has importance.npz"
+    for flag, what in (("expert-importance", "expert output norms"), ("layer-sensitivity", "layer sensitivity")):
+        pruning.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, help=f"CAEE: weigh by {what} ({auto})")
     pruning.add_argument("--importance", help="CAEE's importance calibration (default: CHECKPOINT/importance.npz)")
     pruning.add_argument(
         "--skip-table-probe", action="store_true", help="do not time a few MoE-layer calls against the cost table"
@@ -258,11 +260,14 @@ def _execution(args, mesh) -> Execution:
         rule = dataclasses.replace(rule, compensation=args.compensation)
     if args.expert_means and not uses_mean(rule):
         raise ValueError("--expert-means is only used with compensation mean")
-    if args.expert_importance or args.layer_sensitivity:
-        if not isinstance(rule, CAEEConfig):
-            raise ValueError("--expert-importance and --layer-sensitivity are CAEE options; the rule is a peer rule")
-        chosen = dict(expert_importance=args.expert_importance, layer_sensitivity=args.layer_sensitivity)
-        rule = dataclasses.replace(rule, **{name: True for name, on in chosen.items() if on})
+    chosen = dict(expert_importance=args.expert_importance, layer_sensitivity=args.layer_sensitivity)
+    if any(chosen.values()) and not isinstance(rule, CAEEConfig):
+        raise ValueError("--expert-importance and --layer-sensitivity are CAEE options; the rule is a peer rule")
+    if isinstance(rule, CAEEConfig):
+        available = bool(args.importance) or (not args.preset and os.path.isfile(_importance_path(args)))
+        defaults = available if args.prune else None  # a rule file's own fields stand unless a flag is given
+        chosen = {name: defaults if on is None else on for name, on in chosen.items()}
+        rule = dataclasses.replace(rule, **{name: on for name, on in chosen.items() if on is not None})
     if args.importance and not importance.uses_importance(rule):
         raise ValueError("--importance is only used with CAEE's --expert-importance or --layer-sensitivity")
     table = None

@@ -4,6 +4,7 @@ calibration (deterministic, resumable), its file, one-layer pruning, and the lau
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -199,3 +200,20 @@ def test_eval_py_refuses_the_calibration_text_and_run_py_a_peer_rule_with_option
     run = [sys.executable, os.path.join(ROOT, "launch", "run.py"), "--prune", "top_p=0.9", "--expert-importance"]
     done = subprocess.run(run, capture_output=True, text=True)
     assert done.returncode == 2 and "are CAEE options" in done.stderr
+
+
+def test_eval_py_turns_the_options_on_when_a_calibration_is_at_hand(tmp_path):
+    spec = importlib.util.spec_from_file_location("eval_launcher", os.path.join(ROOT, "launch", "eval.py"))
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+
+    def resolved(*argv):
+        args = launcher.parse_args(list(argv))
+        launcher._resolve_importance_options(args)
+        return args.expert_importance, args.layer_sensitivity
+
+    assert resolved() == (True, True)  # the bundled model ships importance.npz
+    assert resolved("--no-layer-sensitivity") == (True, False)
+    assert resolved("--rules", "top_p") == (False, False)
+    assert resolved("--model", str(tmp_path)) == (False, False)  # no calibration there
+    assert resolved("--preset", "tiny", "--importance", "x.npz") == (True, True)
