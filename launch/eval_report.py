@@ -4,7 +4,8 @@
 
 Records of several runs (e.g. the peer rules and each CAEE variant, measured by separate runs) are pooled
 per evaluation text (its SHA-256); for each text OUT/NAME.md holds every case, the best cut within the
-limits and the cuts at matched accuracy (`caee_jax/eval/frontier.py`), OUT/NAME.png the Pareto plot.
+limits and the cuts at matched accuracy (`caee_jax/eval/frontier.py`), OUT/NAME.png the Pareto plot,
+OUT/NAME-curves-pP-bB.png each rule's fitted curve against the perplexity rise (measured and predicted cut).
 NAME is the text's file name without extension. Two records of the same case (rule, knob, settings) are
 an error naming both files.
 """
@@ -56,7 +57,11 @@ def main(argv=None) -> int:
     for name, records in sorted(texts.items()):
         report.write_table(records, os.path.join(args.out, f"{name}.md"), frontier.matched_sections(records))
         report.plot_pareto(records, os.path.join(args.out, f"{name}.png"))
-        print(f"{name}: {len(records)} cases -> {args.out}/{name}.md, {name}.png")
+        for processes, batch in sorted({(r["processes"], r["batch_size"]) for r in records}):
+            group = [r for r in records if (r["processes"], r["batch_size"]) == (processes, batch)]
+            figure = os.path.join(args.out, f"{name}-curves-p{processes}-b{batch}.png")
+            frontier.plot_curves(group, figure, f"{name}, {processes} process(es), batch {batch}")
+        print(f"{name}: {len(records)} cases -> {args.out}/{name}.md, {name}.png, {name}-curves-*.png")
     return 0
 
 

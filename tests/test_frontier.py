@@ -62,3 +62,12 @@ def test_without_a_cost_table_only_the_measured_cut_is_shown():
                for p in (0.1, 0.2)]  # fmt: skip
     text = "\n".join(frontier.matched_sections(records))
     assert "measured decode step cut" in text and "predicted" not in text
+
+
+def test_plot_curves_writes_a_png(tmp_path):
+    records = [record(rule, p, p * (2 if rule == "caee" else 1), 0.05 * p, 0.1 * p) for p in (0.1, 0.2)
+               for rule in ("caee", "top_p")]  # fmt: skip
+    path = tmp_path / "curves.png"
+    figure = frontier.plot_curves(records, str(path), "test")
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert len(figure.axes[0].lines) >= 2  # one fitted curve per rule

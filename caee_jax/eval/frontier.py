@@ -160,3 +160,34 @@ def matched_sections(records: list[dict]) -> list[str]:
                       "(`eval/frontier.py`):", ""]  # fmt: skip
             lines += matched_table(group, latency=latency)
     return lines
+
+
+def plot_curves(records: list[dict], path: str | None = None, title: str = ""):
+    """One batch size's rules: the fitted curves (lines) and the cases (dots), cut against perplexity rise,
+    measured step cut (left) and predicted MoE-time cut (right). Written as a PNG to `path` when given;
+    returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    from caee_jax.files import atomic_write
+
+    labels = sorted({rule_label(r) for r in records})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, (latency, what) in zip(axes, ((step_cut, "measured decode step cut (%)"),
+                                          (predicted_cut, "predicted MoE-time cut (%)")), strict=True):  # fmt: skip
+        for i, label in enumerate(labels):
+            rows = [r for r in records if rule_label(r) == label]
+            color = plt.get_cmap("tab10")(i % 10)
+            xs, ys = curve(rows, ppl_rise, 0.0, latency)
+            ax.plot(100 * xs, 100 * ys, color=color, label=label)
+            ax.scatter(
+                [100 * ppl_rise(r) for r in rows], [100 * latency(r) for r in rows], s=10, color=color, alpha=0.4
+            )
+        ax.axvline(100 * PPL_LEVELS[-1], color="grey", lw=0.8, ls="--")
+        ax.set(xlabel="perplexity rise (%, relative)", ylabel=what, xlim=(-0.2, 4), title=title)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    plt.close(fig)
+    if path is not None:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, dpi=110, format="png")
+    return fig
