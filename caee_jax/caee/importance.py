@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caee_jax.caee import npz_fields
 from caee_jax.caee.policy import CAEEConfig
 from caee_jax.config import ModelConfig
 from caee_jax.files import atomic_write
@@ -97,10 +98,10 @@ def read(path: str, config: ModelConfig) -> Calibration:
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise ImportanceError(f"{path}: not an importance .npz file ({error})") from error
     with archive:
-        field = functools.partial(_field, archive, path)
+        field = functools.partial(npz_fields.field, archive, path, error=ImportanceError)
         if str(field("format")) != FORMAT:
             raise ImportanceError(f"{path}: field 'format' is {str(field('format'))!r}, not {FORMAT!r}")
-        integer = functools.partial(_integer, field, path)
+        integer = functools.partial(npz_fields.integer, archive, path, error=ImportanceError)
         if integer("version") != VERSION:
             raise ImportanceError(f"{path}: field 'version' is {integer('version')}; this reader knows {VERSION}")
         for name in DIMS:
@@ -126,22 +127,6 @@ def read(path: str, config: ModelConfig) -> Calibration:
         arrays["expert_scale"], arrays["layer_sensitivity"], arrays["kl_per_mass"], counts.astype(np.int64),
         tokens, text_sha256,
     )  # fmt: skip
-
-
-def _field(archive, path: str, name: str) -> np.ndarray:
-    if name not in archive.files:
-        raise ImportanceError(f"{path}: missing field {name!r}")
-    try:
-        return archive[name]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise ImportanceError(f"{path}: field {name!r} is unreadable ({error})") from error
-
-
-def _integer(field, path: str, name: str) -> int:
-    value = field(name)
-    if value.shape != () or not np.issubdtype(value.dtype, np.integer):
-        raise ImportanceError(f"{path}: field {name!r} is {value.dtype} {value.shape}; expected an integer scalar")
-    return int(value)
 
 
 def load_importance(model, path: str) -> Calibration:
