@@ -21,7 +21,7 @@ importance by its calibration (launch/calibrate_importance.py): --importance FIL
 directory's importance.npz; both are on by default when that calibration exists (the bundled model's
 does), --no-expert-importance --no-layer-sensitivity give CAEE by gate weight alone. An evaluation text
 that is the calibration text (same SHA-256) is refused.
-Every calibration file used is part of the provenance (path and SHA-256).
+Every calibration file used is printed at the start and is part of the provenance (path and SHA-256).
 
 Offloaded experts (one device): --offload host, or --offload disk --store-dir DIR (written by `python -m
 checkpoints_tools.expert_store`), --cache-experts N|FRACTION, --cache-policy, --no-prefetch, as in
@@ -255,6 +255,10 @@ def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, off
         importance=importance_path,
         offload=results.offload_provenance(model.execution.offload),
     )
+    if lead:
+        used = provenance["calibration_files"]
+        listed = ", ".join(f"{name} {entry['path']} (sha256 {entry['sha256'][:12]})" for name, entry in used.items())
+        print(f"calibration files: {listed or 'none'}")
     settings = {name: getattr(args, name) for name in results.SETTINGS}
     settings["expert_means"] = means_path and os.path.abspath(means_path)
     settings["importance"] = importance_path and os.path.abspath(importance_path)

@@ -22,6 +22,7 @@ from caee_jax.caee.importance import Calibration, ImportanceError
 from caee_jax.caee.peer_rules import PeerRule
 from caee_jax.caee.policy import CAEEConfig, caee_prune
 from caee_jax.calibration.importance import calibrate, finish
+from caee_jax.eval import results
 from caee_jax.model.execution import Execution
 from caee_jax.runtime import steps
 
@@ -217,3 +218,17 @@ def test_eval_py_turns_the_options_on_when_a_calibration_is_at_hand(tmp_path):
     assert resolved("--rules", "top_p") == (False, False)
     assert resolved("--model", str(tmp_path)) == (False, False)  # no calibration there
     assert resolved("--preset", "tiny", "--importance", "x.npz") == (True, True)
+
+
+def test_the_provenance_names_every_calibration_file(saved, tmp_path):
+    path, _ = saved
+    text = b"some text"
+    record = results.provenance(
+        model="tiny", model_dir=None, preset_config=caee_jax.init_random("tiny").config, eval_file="t.txt",
+        eval_bytes=text, window={}, mesh="one device", cost_table=None, table=None, expert_means=None,
+        importance=path, offload=None,
+    )  # fmt: skip
+    assert record["calibration_files"] == {
+        "importance": dict(path=os.path.abspath(path), sha256=results.sha256_file(path))
+    }
+    assert record["importance_sha256"] == results.sha256_file(path)
