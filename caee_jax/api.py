@@ -110,6 +110,16 @@ class Model:
         if self.mesh is not None:
             self.state = place_state(self.state, self.mesh)
 
+    def set_importance(self, expert_scale, layer_sensitivity) -> None:
+        """Sets CAEE's calibrated importance, [L_moe, E] and [L_moe] (usually through
+        `caee_jax.caee.importance.load_importance`); on a mesh it is placed like every variable."""
+        module = nnx.merge(self.graphdef, self.state)
+        module.set_importance(expert_scale, layer_sensitivity)
+        self.module = module
+        self.graphdef, self.state = nnx.split(module)
+        if self.mesh is not None:
+            self.state = place_state(self.state, self.mesh)
+
     @property
     def dtype(self):
         """The compute dtype (and that of every parameter but the routed experts)."""

@@ -41,7 +41,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from caee_jax.caee import expert_means
+from caee_jax.caee import expert_means, importance
 from caee_jax.config import ConfigError, ModelConfig
 from caee_jax.files import LockedError, atomic_write, exclusive_lock
 from caee_jax.offload.store import StoreError
@@ -79,6 +79,7 @@ COPIED = (
     "chat_template.jinja",
     "generation_config.json",
     expert_means.FILENAME,  # calibrated per-expert means: `--compensation mean` needs them beside the weights
+    importance.FILENAME,  # CAEE's calibrated importance: the launchers read it beside the weights
 )
 
 

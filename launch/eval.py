@@ -16,7 +16,12 @@ OUT/pareto.png the latency cut against the accuracy drop, one curve per rule.
 CAEE uses the stored cost table of this mesh (launch/calibrate.py; --cost-table to pick another,
 --cost-table-any-setup to use it although it was calibrated for another setup).
 --compensation mean uses calibrated mean expert outputs (launch/calibrate_means.py): --expert-means FILE,
-by default the model directory's expert_means.npz.
+by default the model directory's expert_means.npz. --expert-importance and --layer-sensitivity scale CAEE's
+importance by its calibration (launch/calibrate_importance.py): --importance FILE, by default the model
+directory's importance.npz; both are on by default when that calibration exists (the bundled model's
+does), --no-expert-importance --no-layer-sensitivity give CAEE by gate weight alone. An evaluation text
+that is the calibration text (same SHA-256) is refused.
+Every calibration file used is printed at the start and is part of the provenance (path and SHA-256).
 
 Offloaded experts (one device): --offload host, or --offload disk --store-dir DIR (written by `python -m
 checkpoints_tools.expert_store`), --cache-experts N|FRACTION, --cache-policy, --no-prefetch, as in
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import sys
 
@@ -37,7 +43,7 @@ from tqdm import tqdm
 
 import caee_jax
 from caee_jax import cli
-from caee_jax.caee import expert_means
+from caee_jax.caee import expert_means, importance
 from caee_jax.caee.compensation import COMPENSATIONS
 from caee_jax.caee.cost_table import CostTableError
 from caee_jax.caee.peer_rules import PEER_RULES, check_top_k
@@ -45,7 +51,7 @@ from caee_jax.caee.policy import TARGETS
 from caee_jax.caee.rule_config import rule_of
 from caee_jax.calibration.tables import select_table
 from caee_jax.config import PRESETS, preset
-from caee_jax.eval import report, results
+from caee_jax.eval import frontier, report, results
 from caee_jax.eval.decode_eval import Comparison, compare, windows_of
 from caee_jax.eval.user_files import UserFileError, check_writable, read_text
 from caee_jax.files import LockedError, exclusive_lock
@@ -96,6 +102,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--k-min", type=int, default=1)
     parser.add_argument("--compensation", default="none", choices=COMPENSATIONS)
     parser.add_argument("--expert-means", help="with --compensation mean (default: the model's expert_means.npz)")
+    scales = {"expert-importance": "each expert's output-norm factor", "layer-sensitivity": "its layer's sensitivity"}
+    for flag, what in scales.items():
+        parser.add_argument(
+            f"--{flag}",
+            action=argparse.BooleanOptionalAction,
+            help=f"CAEE: scale importance by {what} (default: on when the model has an importance calibration)",
+        )
+    parser.add_argument("--importance", help="CAEE's importance calibration (default: the model's importance.npz)")
     parser.add_argument("--slack", type=float, default=0.0)
     parser.add_argument("--target", default="floor", choices=TARGETS)
     parser.add_argument(
@@ -148,8 +162,9 @@ def sweep(args, top_k: int | None = None) -> list[tuple[str, float]]:
 def _rule_settings(args) -> dict:
     """The rule fields besides the knob that the command line sets."""
     return dict(
-        k_min=args.k_min, target=args.target, slack=args.slack, refill=args.refill, compensation=args.compensation
-    )
+        k_min=args.k_min, target=args.target, slack=args.slack, refill=args.refill, compensation=args.compensation,
+        expert_importance=args.expert_importance, layer_sensitivity=args.layer_sensitivity,
+    )  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -186,8 +201,10 @@ def _offload(args) -> Offload | None:
 def run(args, offload: Offload | None = None) -> int:
     """The sweep; user mistakes raise the errors `main` reports, as early as they can be found: the rules and
     the output before the model loads, the results file before the first case."""
+    _resolve_importance_options(args)
     sweep(args)
     means_path = _means_path(args)
+    importance_path = _importance_path(args)
     check_writable(args.out, "--out", directory=True)
     model_dir = args.model or caee_jax.api.BUNDLED_MODEL
     path = args.eval_file or os.path.join(model_dir, "heldout.txt")
@@ -195,10 +212,10 @@ def run(args, offload: Offload | None = None) -> int:
     mesh = distributed.join(args)
     lead = jax.process_index() == 0
     with exclusive_lock(args.out) if lead else contextlib.nullcontext():
-        return _evaluate(args, mesh, lead, means_path, path, contents, offload)
+        return _evaluate(args, mesh, lead, means_path, importance_path, path, contents, offload)
 
 
-def _evaluate(args, mesh, lead, means_path, path, contents, offload) -> int:
+def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, offload) -> int:
     """Loads the model, checks the results file against this run's provenance, runs the missing cases."""
     options = dict(dtype=args.dtype, mesh=mesh, offload=offload)
     model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
@@ -207,8 +224,17 @@ def _evaluate(args, mesh, lead, means_path, path, contents, offload) -> int:
             expert_means.load_means(model, means_path)
         except expert_means.ExpertMeansError as error:
             raise UserFileError(f"--compensation mean: {error}") from None
-    rules = sweep(args, model.config.num_experts_per_tok)
     text, data = contents
+    if importance_path:
+        try:
+            calibration = importance.load_importance(model, importance_path)
+        except importance.ImportanceError as error:
+            raise UserFileError(f"--expert-importance/--layer-sensitivity: {error}") from None
+        if calibration.text_sha256 == hashlib.sha256(data).hexdigest():
+            raise UserFileError(
+                f"--eval-file {path}: is the text {importance_path} was calibrated on; evaluate on other text"
+            )
+    rules = sweep(args, model.config.num_experts_per_tok)
     ids = model.text_ids(text)
     length = args.prefix + args.steps + 1
     if len(ids) <= length:
@@ -226,10 +252,16 @@ def _evaluate(args, mesh, lead, means_path, path, contents, offload) -> int:
         cost_table=args.cost_table,
         table=table,
         expert_means=means_path,
+        importance=importance_path,
         offload=results.offload_provenance(model.execution.offload),
     )
+    if lead:
+        used = provenance["calibration_files"]
+        listed = ", ".join(f"{name} {entry['path']} (sha256 {entry['sha256'][:12]})" for name, entry in used.items())
+        print(f"calibration files: {listed or 'none'}")
     settings = {name: getattr(args, name) for name in results.SETTINGS}
     settings["expert_means"] = means_path and os.path.abspath(means_path)
+    settings["importance"] = importance_path and os.path.abspath(importance_path)
     processes = jax.process_count()
     cases = [
         dict(rule=rule, knob=knob, batch_size=batch, processes=processes, **settings)
@@ -260,7 +292,7 @@ def _evaluate(args, mesh, lead, means_path, path, contents, offload) -> int:
             results.append(results_path, record)
     if lead:
         records, _ = results.read(results_path, repair=False)
-        report.write_table(records, os.path.join(args.out, "results.md"))
+        report.write_table(records, os.path.join(args.out, "results.md"), frontier.matched_sections(records))
         report.plot_pareto(records, os.path.join(args.out, "pareto.png"))
         print(f"{len(records)} cases in {results_path}; table results.md, plot pareto.png")
     return 0
@@ -287,6 +319,30 @@ def _table(args, model, mesh):
         raise UserFileError("--cost-table-any-setup needs --cost-table FILE")
     backend = model.execution.backend
     return select_table(model.config, mesh, model.dtype, backend, args.cost_table, override=args.cost_table_any_setup)
+
+
+def _resolve_importance_options(args) -> None:
+    """--expert-importance / --layer-sensitivity not given: on when CAEE is swept and an importance calibration
+    is at hand (--importance, or the model directory's importance.npz), as measured in docs/RESULTS.md
+    (issue 20); else off."""
+    caee = "caee" in [r.strip() for r in args.rules.split(",")]
+    available = bool(args.importance) or (
+        not args.preset and os.path.isfile(importance.default_path(args.model or caee_jax.api.BUNDLED_MODEL))
+    )
+    for name in ("expert_importance", "layer_sensitivity"):
+        if getattr(args, name) is None:
+            setattr(args, name, caee and available)
+
+
+def _importance_path(args) -> str | None:
+    """The importance calibration that --expert-importance / --layer-sensitivity use (None without them)."""
+    if not (args.expert_importance or args.layer_sensitivity):
+        if args.importance:
+            raise UserFileError("--importance is only used with --expert-importance or --layer-sensitivity")
+        return None
+    if args.preset and not args.importance:
+        raise UserFileError("--expert-importance/--layer-sensitivity with --preset need --importance FILE")
+    return args.importance or importance.default_path(args.model or caee_jax.api.BUNDLED_MODEL)
 
 
 def _means_path(args) -> str | None:

@@ -5,7 +5,9 @@
     python launch/run.py --mesh data=2,expert=4 --coordinator 127.0.0.1:9000 --num-processes 2 --process-id 0
 
 Pruning: --prune caee=0.8 or --pruning-config FILE; --compensation mean adds calibrated mean expert
-outputs for pruned slots (--expert-means FILE, default CHECKPOINT/expert_means.npz).
+outputs for pruned slots (--expert-means FILE, default CHECKPOINT/expert_means.npz); CAEE's
+--expert-importance / --layer-sensitivity (or the rule file's fields) read its importance calibration
+(--importance FILE, default CHECKPOINT/importance.npz; launch/calibrate_importance.py).
 
 Offloaded experts (one device): --offload host, or --offload disk --store-dir DIR (a store written by
 `python -m checkpoints_tools.expert_store`), with --cache-experts N|FRACTION slots per MoE layer and
@@ -25,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 
@@ -32,7 +35,7 @@ import jax
 
 import caee_jax
 from caee_jax import cli
-from caee_jax.caee import expert_means
+from caee_jax.caee import expert_means, importance
 from caee_jax.caee.compensation import COMPENSATIONS
 from caee_jax.caee.cost_table import CostTableError
 from caee_jax.caee.peer_rules import check_top_k
@@ -85,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     pruning.add_argument("--cost-table-any-setup", action="store_true", help=ANY_SETUP_HELP)
     pruning.add_argument("--compensation", choices=COMPENSATIONS, help="overrides the rule's compensation")
     pruning.add_argument("--expert-means", help="for compensation mean (default: CHECKPOINT/expert_means.npz)")
+    auto = "default with --prune caee=...: on when the checkpoint has importance.npz"
+    for flag, what in (("expert-importance", "expert output norms"), ("layer-sensitivity", "layer sensitivity")):
+        pruning.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, help=f"CAEE: weigh by {what} ({auto})")
+    pruning.add_argument("--importance", help="CAEE's importance calibration (default: CHECKPOINT/importance.npz)")
     pruning.add_argument(
         "--skip-table-probe", action="store_true", help="do not time a few MoE-layer calls against the cost table"
     )
@@ -128,6 +135,12 @@ def main(argv=None) -> int:
             expert_means.load_means(model, _means_path(args))
         except ValueError as error:
             print(f"error: compensation mean: {error}", file=sys.stderr)
+            return 2
+    if importance.uses_importance(execution.pruning):
+        try:
+            importance.load_importance(model, _importance_path(args))
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
             return 2
     load_s = time.perf_counter() - start
     probe = _probe_table(model, args) if execution.cost_table is not None and not args.skip_table_probe else None
@@ -245,14 +258,27 @@ def _execution(args, mesh) -> Execution:
     """The backend, plus the pruning rule and (for CAEE) the cost table of this mesh."""
     if args.prune or args.pruning_config:
         rule = parse_rule(args.prune) if args.prune else load_rule(args.pruning_config)
-    elif args.compensation or args.expert_means:
-        raise ValueError("--compensation and --expert-means need a pruning rule (--prune or --pruning-config)")
+    elif args.compensation or args.expert_means or args.expert_importance or args.layer_sensitivity or args.importance:
+        raise ValueError(
+            "--compensation, --expert-means, --expert-importance, --layer-sensitivity and --importance need a pruning "
+            "rule (--prune or --pruning-config)"
+        )
     else:
         return Execution(args.backend)
     if args.compensation:
         rule = dataclasses.replace(rule, compensation=args.compensation)
     if args.expert_means and not uses_mean(rule):
         raise ValueError("--expert-means is only used with compensation mean")
+    chosen = dict(expert_importance=args.expert_importance, layer_sensitivity=args.layer_sensitivity)
+    if any(chosen.values()) and not isinstance(rule, CAEEConfig):
+        raise ValueError("--expert-importance and --layer-sensitivity are CAEE options; the rule is a peer rule")
+    if isinstance(rule, CAEEConfig):
+        available = bool(args.importance) or (not args.preset and os.path.isfile(_importance_path(args)))
+        defaults = available if args.prune else None  # a rule file's own fields stand unless a flag is given
+        chosen = {name: defaults if on is None else on for name, on in chosen.items()}
+        rule = dataclasses.replace(rule, **{name: on for name, on in chosen.items() if on is not None})
+    if args.importance and not importance.uses_importance(rule):
+        raise ValueError("--importance is only used with CAEE's --expert-importance or --layer-sensitivity")
     table = None
     if isinstance(rule, CAEEConfig):
         config = (
@@ -313,6 +339,14 @@ def _is_float(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _importance_path(args) -> str:
+    if args.importance:
+        return args.importance
+    if args.preset:
+        raise ValueError("a --preset model has no importance calibration: pass --importance FILE")
+    return importance.default_path(args.checkpoint or caee_jax.api.BUNDLED_MODEL)
 
 
 def _means_path(args) -> str:

@@ -23,7 +23,7 @@ from test_convert import REPO, files_of, quiet
 
 import caee_jax
 from caee_jax.api import BUNDLED_MODEL
-from caee_jax.caee import expert_means
+from caee_jax.caee import expert_means, importance
 from caee_jax.config import ConfigError, ModelConfig
 from caee_jax.weights.safetensors_io import CheckpointError, SafetensorsFile
 from checkpoints_tools import convert_hf
@@ -44,6 +44,10 @@ def source(tmp_path_factory):
     counts = np.stack([rng.multinomial(tokens * config.num_experts_per_tok, [1 / shape[1]] * shape[1])] * shape[0])
     calibration = expert_means.Calibration(rng.standard_normal(shape).astype(np.float32), counts, tokens)
     expert_means.save(os.path.join(directory, expert_means.FILENAME), calibration, config)
+    scale = np.ones(shape[:2], np.float32)
+    sensitivity = np.ones(shape[0], np.float32)
+    weights = importance.Calibration(scale, sensitivity, sensitivity, counts, tokens, "0" * 64)
+    importance.save(os.path.join(directory, importance.FILENAME), weights, config)
     return str(directory)
 
 
@@ -212,9 +216,12 @@ def test_a_config_that_is_not_a_json_object_is_named(source, tmp_path, capsys, t
 
 
 def test_expert_means_are_carried_over(source, converted):
-    """`--compensation mean` reads expert_means.npz beside the checkpoint; the converted copy keeps it."""
+    """`--compensation mean` reads expert_means.npz beside the checkpoint, CAEE importance.npz; the converted copy
+    keeps both."""
     name = expert_means.FILENAME
     with open(os.path.join(source, name), "rb") as a, open(os.path.join(converted, name), "rb") as b:
         assert a.read() == b.read()
     carried = expert_means.read(os.path.join(converted, name), ModelConfig.from_hf(converted))
     assert carried.tokens == 10 and carried.means.shape == (2, 16, 48)
+    weights = importance.read(os.path.join(converted, importance.FILENAME), ModelConfig.from_hf(converted))
+    assert weights.expert_scale.shape == (2, 16)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from caee_jax.caee import npz_fields
 from caee_jax.config import ModelConfig
 from caee_jax.files import atomic_write
 
@@ -65,10 +66,10 @@ def read(path: str, config: ModelConfig) -> Calibration:
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise ExpertMeansError(f"{path}: not an expert-means .npz file ({error})") from error
     with archive:
-        field = functools.partial(_field, archive, path)
+        field = functools.partial(npz_fields.field, archive, path, error=ExpertMeansError)
         if str(field("format")) != FORMAT:
             raise ExpertMeansError(f"{path}: field 'format' is {str(field('format'))!r}, not {FORMAT!r}")
-        integer = functools.partial(_integer, field, path)
+        integer = functools.partial(npz_fields.integer, archive, path, error=ExpertMeansError)
         if integer("version") != VERSION:
             raise ExpertMeansError(f"{path}: field 'version' is {integer('version')}; this reader knows {VERSION}")
         for name in DIMS:
@@ -90,22 +91,6 @@ def read(path: str, config: ModelConfig) -> Calibration:
             f"{path}: field 'counts' sums to {counts.sum(-1).tolist()} per layer; 'tokens' x top-k is {pairs}"
         )
     return Calibration(means, counts.astype(np.int64), tokens)
-
-
-def _field(archive, path: str, name: str) -> np.ndarray:
-    if name not in archive.files:
-        raise ExpertMeansError(f"{path}: missing field {name!r}")
-    try:
-        return archive[name]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise ExpertMeansError(f"{path}: field {name!r} is unreadable ({error})") from error
-
-
-def _integer(field, path: str, name: str) -> int:
-    value = field(name)
-    if value.shape != () or not np.issubdtype(value.dtype, np.integer):
-        raise ExpertMeansError(f"{path}: field {name!r} is {value.dtype} {value.shape}; expected an integer scalar")
-    return int(value)
 
 
 def load_means(model, path: str) -> Calibration:

@@ -3,7 +3,9 @@
 Pure jnp with static shapes, run inside the MoE layer between the router and expert execution:
 
 1. Candidates: a token's native top-k slots, except its `k_min` highest-weight slots (never pruned).
-2. Importance: the slot's share of the token's gate mass, times K (1 = an average slot).
+2. Importance: the slot's share of the token's gate mass, times K (1 = an average slot); optionally
+   times a calibrated factor per expert and layer (`caee/importance.py`): the typical norm of the
+   expert's output (`expert_importance`) and the layer's sensitivity (`layer_sensitivity`).
 3. Cost: the slot's marginal cost on the device holding its expert (cost table): pair cost plus the
    expert's activation cost (and, offloaded and not resident, its fetch cost) shared among the tokens
    that use the expert in this batch; relative to the batch's mean slot cost (1 = an average slot). An
@@ -58,7 +60,9 @@ class CAEEConfig:
     never pruned; target, slack: how far a straggler is pruned ("floor": as far as theta allows, "next":
     down to the next-heaviest device, "mean": down to mean load x (1 + slack)); refill: restore pruned
     slots that fit in the rows their expert computes anyway (step 5 above); compensation: see
-    `compensation.py`."""
+    `compensation.py`; expert_importance, layer_sensitivity: scale each slot's importance by its expert's
+    calibrated output-norm factor, by its layer's calibrated sensitivity (`caee/importance.py`; the model
+    needs an importance calibration set: `caee_jax.caee.importance.load_importance`)."""
 
     enabled: bool = True
     theta: float = 0.8
@@ -68,6 +72,8 @@ class CAEEConfig:
     refill: bool = True
     compensation: Compensation = Compensation.NONE
     partial_alpha: float = 0.5
+    expert_importance: bool = False
+    layer_sensitivity: bool = False
 
     def _repr_html_(self) -> str:
         return html.fields_table(self, "CAEE rule", columns=1)
@@ -130,10 +136,12 @@ def caee_prune(
     topk_ids: jax.Array,
     topk_weights: jax.Array,
     residency: jax.Array | None = None,
+    importance_scale: jax.Array | None = None,
 ) -> Decision:
     """The CAEE decision for one MoE layer. topk_ids, topk_weights [N, K]; residency [E] int tier of each
-    expert (0 resident, 1 host RAM, 2 disk; None: all resident): a miss costs its tier's fetch time."""
-    keep = explain(table, config, topk_ids, topk_weights, residency).keep
+    expert (0 resident, 1 host RAM, 2 disk; None: all resident): a miss costs its tier's fetch time;
+    importance_scale [E] f32: each expert's calibrated importance factor (None: gate weight alone)."""
+    keep = explain(table, config, topk_ids, topk_weights, residency, importance_scale).keep
     return Decision(keep, compensate(topk_weights, keep, config.compensation, config.partial_alpha))
 
 
@@ -143,6 +151,7 @@ def explain(
     topk_ids: jax.Array,
     topk_weights: jax.Array,
     residency: jax.Array | None = None,
+    importance_scale: jax.Array | None = None,
 ) -> Explanation:
     """`caee_prune`'s decision with its intermediate quantities (arguments as there)."""
     num_tokens, top_k = topk_ids.shape
@@ -153,6 +162,8 @@ def explain(
 
     # Importance and marginal cost of every slot.
     importance = top_k * topk_weights / jnp.maximum(topk_weights.sum(-1, keepdims=True), 1e-30)
+    if importance_scale is not None:
+        importance = importance * importance_scale[topk_ids]
     device = placement[topk_ids]  # [N, K]
     per_expert = table.per_device("activation_s")[placement]  # [E]
     if residency is not None:

@@ -21,6 +21,7 @@ def decide(
     num_experts: int,
     num_shards: int = 1,
     residency: jax.Array | None = None,
+    importance_scale: jax.Array | None = None,
 ) -> Decision:
     """topk_ids, topk_weights [N, K] -> Decision (keep_mask [N, K] bool, combine weights [N, K]).
 
@@ -28,6 +29,7 @@ def decide(
     table of the mesh it runs on (`num_shards` expert shards). With `mean` compensation the weights are
     `none`'s; the combine stage adds the pruned slots' mean outputs (`uses_mean`). residency [E] int
     (offloaded experts: 0 resident, else the store's tier) prices CAEE's misses; peer rules ignore it.
+    importance_scale [E] f32: CAEE's calibrated per-expert importance factor (`caee/importance.py`), or None.
     """
     with jax.named_scope("decide"):
         if not is_active(rule):
@@ -42,7 +44,7 @@ def decide(
                 f"the cost table covers {len(table.placement)} experts on {table.num_devices} device(s); this layer "
                 f"has {num_experts} experts on {num_shards} expert shard(s)"
             )
-        return caee_prune(table, rule, topk_ids, topk_weights, residency)
+        return caee_prune(table, rule, topk_ids, topk_weights, residency, importance_scale)
 
 
 def uses_mean(rule: Pruning | None) -> bool:

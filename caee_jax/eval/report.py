@@ -33,7 +33,7 @@ def rule_label(r: dict) -> str:
     """The rule, with the settings that differ from the defaults."""
     defaults = dict(compensation="none", k_min=1)
     if r["rule"] == "caee":
-        defaults.update(target="floor", slack=0.0, refill=True)
+        defaults.update(target="floor", slack=0.0, refill=True, expert_importance=False, layer_sensitivity=False)
     changed = [f"{name}={r.get(name)}" for name, value in defaults.items() if r.get(name, value) != value]
     return r["rule"] + (f" ({', '.join(changed)})" if changed else "")
 
@@ -85,8 +85,9 @@ def offload_cells(r: dict) -> tuple[str, str]:
     return blocking, f"{100 * base['hit_rate']:.1f}% -> {100 * pruned['hit_rate']:.1f}%"
 
 
-def write_table(records: list[dict], path: str) -> None:
-    """The Markdown table of every case, then `best_table`; offloaded cases add their cache columns."""
+def write_table(records: list[dict], path: str, sections: list[str] = ()) -> None:
+    """The Markdown table of every case, then `best_table`, then `sections` (more Markdown lines, e.g.
+    `frontier.matched_sections`); offloaded cases add their cache columns."""
     offloaded = any("offload" in r for r in records)
     header = ("processes", "batch", "rule", "knob", "pruned pairs", "step cut", "top-1 drop (rel.) ± 2 s.e.")
     header += ("ppl rise (rel.)", "agreement", "KL")
@@ -106,6 +107,7 @@ def write_table(records: list[dict], path: str) -> None:
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", "Best decode step-time cut within accuracy limits (relative to the unpruned model):", ""]
     lines += best_table(records)
+    lines += list(sections)
     with atomic_write(path) as f:
         f.write("\n".join(lines) + "\n")
 

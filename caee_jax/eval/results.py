@@ -24,11 +24,15 @@ import subprocess
 
 from caee_jax.files import atomic_write
 
-# Recorded per case, and part of what identifies it (target, slack, refill: CAEE's; expert_means: the file)
-SETTINGS = ("compensation", "k_min", "target", "slack", "refill", "expert_means")
+# Recorded per case, and part of what identifies it (target, slack, refill, expert_importance,
+# layer_sensitivity: CAEE's; expert_means, importance: the calibration files)
+SETTINGS = (
+    "compensation", "k_min", "target", "slack", "refill", "expert_importance", "layer_sensitivity",
+    "expert_means", "importance",
+)  # fmt: skip
 CASE = ("rule", "knob", "batch_size", "processes", *SETTINGS)
 EXPERIMENT = ("model_fingerprint", "eval_sha256", "prefix", "steps", "dtype", "offload", "code")
-PER_CASE = ("eval_tokens", "mesh", "cost_table_sha256", "expert_means_sha256")
+PER_CASE = ("eval_tokens", "mesh", "cost_table_sha256", "expert_means_sha256", "importance_sha256")
 CONTENT_HASH_LIMIT = 256 << 20  # model files up to this size are hashed; larger ones by size and mtime
 
 
@@ -103,11 +107,24 @@ def offload_provenance(manager) -> dict | None:
 
 
 def provenance(
-    *, model, model_dir, preset_config, eval_file, eval_bytes, window, mesh, cost_table, table, expert_means, offload
+    *,
+    model,
+    model_dir,
+    preset_config,
+    eval_file,
+    eval_bytes,
+    window,
+    mesh,
+    cost_table,
+    table,
+    expert_means,
+    offload,
+    importance=None,
 ) -> dict:
     """What a run measures on: `model` (a label) with the identity of `model_dir` or `preset_config`; the
     evaluation text; `window` (eval_tokens, prefix, steps, dtype); the mesh; the cost table (its path and
-    content `table`); the expert-means file; `offload` (`offload_provenance`); the code."""
+    content `table`); the calibration files (expert means, CAEE importance: path and SHA-256); `offload`
+    (`offload_provenance`); the code."""
     return dict(
         model=model,
         model_fingerprint=model_fingerprint(model_dir, preset_config),
@@ -118,6 +135,12 @@ def provenance(
         cost_table=cost_table and os.path.abspath(cost_table),
         cost_table_sha256=table_fingerprint(table),
         expert_means_sha256=expert_means and sha256_file(expert_means),
+        calibration_files={
+            name: dict(path=os.path.abspath(file), sha256=sha256_file(file))
+            for name, file in (("expert_means", expert_means), ("importance", importance))
+            if file
+        },
+        importance_sha256=importance and sha256_file(importance),
         offload=offload,
         code=code_version(),
     )

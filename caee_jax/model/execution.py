@@ -31,6 +31,8 @@ class Execution:
     cost_table: the mesh's calibrated cost table (CAEE needs it), for this backend; compiled in as constants.
     offload: the host side of the model's device expert cache (`offload/cache.py`) when the routed experts
       live in an expert store; the step then reads them through the cache (`loop` backend, one device).
+    prune_layers: the MoE layers (0-based among the MoE layers) the pruning rule applies to; None: all.
+      The layer-sensitivity calibration prunes one layer at a time (`calibration/importance.py`).
     """
 
     backend: ExpertBackend = ExpertBackend.LOOP
@@ -39,10 +41,16 @@ class Execution:
     pruning: Pruning | None = None
     cost_table: CostTable | None = None
     offload: CacheManager | None = None
+    prune_layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "backend", ExpertBackend(self.backend))
         object.__setattr__(self, "dispatch", Dispatch.parse(self.dispatch, "dispatch"))
+        if self.prune_layers is not None:
+            layers = tuple(self.prune_layers)
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+                raise ValueError(f"prune_layers must be MoE layer numbers >= 0, got {self.prune_layers!r}")
+            object.__setattr__(self, "prune_layers", layers)
         if self.ep_capacity_factor is not None and not self.ep_capacity_factor > 0:
             raise ValueError(f"ep_capacity_factor must be > 0, got {self.ep_capacity_factor}")
         if self.offload is not None and self.backend is not ExpertBackend.LOOP:

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from caee_jax.caee.compensation import mean_outputs
+from caee_jax.caee.importance import slot_scale, uses_importance
+from caee_jax.caee.policy import Decision
 from caee_jax.caee.pruning import decide, uses_mean
 from caee_jax.config import ModelConfig
 from caee_jax.model.execution import Execution
@@ -49,12 +51,19 @@ class ExpertMeans(nnx.Variable):
     loading, export and conversion never see it."""
 
 
+class ExpertImportance(nnx.Variable):
+    """Each routed expert's calibrated importance factor [E] f32 and the layer's sensitivity [] f32
+    (`caee/importance.py`), for CAEE's `expert_importance` / `layer_sensitivity`. Absent until set
+    (`DeepseekV3.set_importance`), like `ExpertMeans`."""
+
+
 class Routing(NamedTuple):
     """What the router chose for each token: ids [B, T, K] int32, gate weights [B, T, K] f32; keep_mask
     [B, T, K] bool: the pairs that ran (pruning); dropped_pairs: int32 scalar, kept pairs that
     expert-parallel dispatch had no slot for; expert_sums: [E, D] f32 when the call collects them
     (`collect_expert_sums`), else None; residency: [E] int32 tier of each expert when the decision was
-    made (offloaded experts, `offload.execute.residency`: 0 resident), else None."""
+    made (offloaded experts, `offload.execute.residency`: 0 resident), else None; expert_sq_norms: [E] f32
+    with `expert_sums`, every routed expert's squared output norm summed over its pairs, else None."""
 
     topk_ids: jax.Array
     topk_weights: jax.Array
@@ -62,6 +71,7 @@ class Routing(NamedTuple):
     dropped_pairs: jax.Array
     expert_sums: jax.Array | None = None
     residency: jax.Array | None = None
+    expert_sq_norms: jax.Array | None = None
 
 
 def routing_counts(routing: Routing, num_experts: int, pruned: bool = True) -> jax.Array:
@@ -106,6 +116,8 @@ class MoE(nnx.Module):
             MLP(d, shared_width, dtype, rngs=rngs, width_axis="shared_ffw") if shared_width else None
         )
         self.expert_means: ExpertMeans | None = nnx.data(None)
+        self.expert_importance: ExpertImportance | None = nnx.data(None)
+        self.layer_sensitivity: ExpertImportance | None = nnx.data(None)
 
     @property
     def expert_weights(self) -> ExpertWeights:
@@ -159,7 +171,8 @@ class MoE(nnx.Module):
         Under a context mesh (`jax.set_mesh`) the routed experts run expert-parallel.
         collect_expert_sums: also return `Routing.expert_sums` [E, D] f32, every routed expert's unweighted
           output summed over its (token, expert) pairs, pruned or not: the calibration of `mean`
-          compensation (`calibration/expert_means.py`). Runs the routed experts a second time.
+          compensation (`calibration/expert_means.py`), and `Routing.expert_sq_norms` [E] f32. Runs the
+          routed experts a second time.
         """
         y, routing, _ = self._stages(x, execution, layer_index, collect_expert_sums, None)
         return y, routing
@@ -187,7 +200,10 @@ class MoE(nnx.Module):
         manager = execution.offload
         tiers = None if expert_cache is None else residency(expert_cache, layer_index, manager)
         rule, table = execution.pruning, execution.cost_table
-        decision = decide(rule, table, topk_ids, topk_weights, num_experts, shards, tiers)
+        scale = self._importance_scale(rule)
+        decision = decide(rule, table, topk_ids, topk_weights, num_experts, shards, tiers, scale)
+        if execution.prune_layers is not None:
+            decision = _only_in_layers(decision, topk_weights, layer_index, execution.prune_layers)
         placed = dict(mesh=mesh, layer_index=layer_index, decode=t == 1)
         if expert_cache is None:
             y, dropped = execute(
@@ -214,10 +230,21 @@ class MoE(nnx.Module):
             y = y.reshape(x.shape)
             if self.shared is not None:
                 y = y + self.shared(x)
-        sums = self._expert_sums(flat, topk_ids, execution, placed) if collect_expert_sums else None
+        sums, sq_norms = self._expert_sums(flat, topk_ids, execution, placed) if collect_expert_sums else (None, None)
         k = topk_ids.shape[-1]
         routing = (topk_ids, topk_weights, decision.keep_mask)
-        return y, Routing(*(a.reshape(b, t, k) for a in routing), dropped, sums, tiers), expert_cache
+        return y, Routing(*(a.reshape(b, t, k) for a in routing), dropped, sums, tiers, sq_norms), expert_cache
+
+    def _importance_scale(self, rule) -> jax.Array | None:
+        """CAEE's calibrated importance factor per expert [E] f32 for the options the rule turns on, else None."""
+        if not uses_importance(rule):
+            return None
+        if self.expert_importance is None:
+            raise ValueError(
+                "CAEE expert_importance / layer_sensitivity need an importance calibration and this model has none: "
+                "make it with launch/calibrate_importance.py, set it with caee_jax.caee.importance.load_importance"
+            )
+        return slot_scale(rule, self.expert_importance[...], self.layer_sensitivity[...])
 
     def _add_mean_outputs(self, y, topk_ids, topk_weights, keep_mask) -> jax.Array:
         """y [N, D] plus each pruned slot's calibrated mean output, weighted by its gate weight."""
@@ -229,8 +256,9 @@ class MoE(nnx.Module):
         compensation = mean_outputs(self.expert_means[...], topk_ids, topk_weights, keep_mask)
         return (y.astype(jnp.float32) + compensation).astype(y.dtype)
 
-    def _expert_sums(self, flat, topk_ids, execution: Execution, placed: dict) -> jax.Array:
-        """[E, D] f32: each expert's unweighted output summed over its routed pairs (every top-k slot).
+    def _expert_sums(self, flat, topk_ids, execution: Execution, placed: dict) -> tuple[jax.Array, jax.Array]:
+        """([E, D] f32, [E] f32): each expert's unweighted output, and its squared norm, summed over its
+        routed pairs (every top-k slot).
 
         Runs one row per (token, slot) pair, so it builds [N*K, D], never an output per expert and token;
         expert-parallel all_to_all gets a capacity that drops no pair.
@@ -244,4 +272,18 @@ class MoE(nnx.Module):
             args = (pairs, ids, ones, everything, self.expert_weights, execution.backend)
             placed = dict(placed, scales=self.expert_scales)
             outputs, _ = execute(*args, dispatch=execution.dispatch, capacity_factor=None, **placed)
-            return jax.ops.segment_sum(outputs.astype(jnp.float32), ids[:, 0], self.config.n_routed_experts)
+            outputs = outputs.astype(jnp.float32)
+            num_experts = self.config.n_routed_experts
+            sq_norms = jnp.sum(jnp.square(outputs), axis=-1)  # [N*K]
+            return (
+                jax.ops.segment_sum(outputs, ids[:, 0], num_experts),
+                jax.ops.segment_sum(sq_norms, ids[:, 0], num_experts),
+            )
+
+
+def _only_in_layers(decision: Decision, topk_weights, layer_index, layers: tuple[int, ...]) -> Decision:
+    """The decision in the MoE layers listed (0-based among the MoE layers); every slot kept elsewhere."""
+    if layer_index is None:
+        raise ValueError("Execution.prune_layers needs the stacked MoE layers (not an offloaded model)")
+    on = jnp.isin(layer_index, jnp.asarray(layers))
+    return Decision(jnp.where(on, decision.keep_mask, True), jnp.where(on, decision.weights, topk_weights))

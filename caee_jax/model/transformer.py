@@ -17,7 +17,7 @@ from caee_jax.model.attention import MLAttention
 from caee_jax.model.cache import LatentCache
 from caee_jax.model.execution import DEFAULT_EXECUTION, Execution
 from caee_jax.model.layers import MLP, Embed, RMSNorm, param
-from caee_jax.model.moe import ExpertMeans, MoE, Routing
+from caee_jax.model.moe import ExpertImportance, ExpertMeans, MoE, Routing
 from caee_jax.offload.cache import ExpertCache
 from caee_jax.routing.storage import Storage
 
@@ -137,6 +137,24 @@ class DeepseekV3(nnx.Module):
             raise ValueError(f"expert means of shape {jnp.shape(means)}; this model needs [L_moe, E, D] = {expected}")
         value = jnp.asarray(means, jnp.float32)
         self.moe_layers.ffn.expert_means = ExpertMeans(value, logical_axes=("layers", "router", "embed"))
+
+    def set_importance(self, expert_scale, layer_sensitivity) -> None:
+        """Sets CAEE's calibrated importance (`caee/importance.py`): a factor per MoE layer and expert
+        [L_moe, E] and a sensitivity per MoE layer [L_moe] (stored float32, replicated on a mesh)."""
+        c = self.config
+        if self.moe_layers is None:
+            raise ValueError("the model has no MoE layers: nothing to set importance on")
+        for name, value, expected in (
+            ("expert_scale", expert_scale, (c.num_moe_layers, c.n_routed_experts)),
+            ("layer_sensitivity", layer_sensitivity, (c.num_moe_layers,)),
+        ):
+            if jnp.shape(value) != expected:
+                raise ValueError(f"{name} of shape {jnp.shape(value)}; this model needs {expected}")
+        ffn = self.moe_layers.ffn
+        ffn.expert_importance = ExpertImportance(
+            jnp.asarray(expert_scale, jnp.float32), logical_axes=("layers", "router")
+        )
+        ffn.layer_sensitivity = ExpertImportance(jnp.asarray(layer_sensitivity, jnp.float32), logical_axes=("layers",))
 
     def __call__(
         self,

@@ -159,3 +159,27 @@ def routing(graphdef, state, tokens, *, execution: Execution):
     layer's routing and the pairs that ran."""
     out = nnx.merge(graphdef, state)(tokens, execution=execution).routing
     return tuple(gather_replicated(a) for a in (out.topk_ids, out.topk_weights, out.keep_mask))
+
+
+@step_jit(static_argnames=("graphdef", "execution", "probes"))
+def importance_stats(graphdef, state, tokens, *, execution: Execution, probes: tuple[Execution, ...]):
+    """tokens [B, T] -> the sums behind CAEE's importance calibration (`calibration/importance.py`):
+    (squared expert output norms summed per expert [L, E] f32, routed pairs per expert [L, E] int32,
+    per probe: KL(unpruned || probe) of the next-token distributions summed over the B*T tokens [P] f32,
+    and the pruned share of the gate mass summed over tokens and MoE layers [P] f32). `execution` is the
+    unpruned plan; each probe a pruned one."""
+    model = nnx.merge(graphdef, state)
+    out = model(tokens, execution=execution, collect_expert_sums=True)
+    everything = jnp.ones_like(out.routing.keep_mask)
+    counts = jax.vmap(lambda ids: expert_load(ids, everything[0], model.config.n_routed_experts).pairs)
+    base = jax.nn.log_softmax(out.logits, axis=-1)
+    kls, shares = [], []
+    for probe in probes:
+        pruned = model(tokens, execution=probe)
+        logprobs = jax.nn.log_softmax(pruned.logits, axis=-1)
+        kls.append(jnp.sum(jnp.exp(base) * (base - logprobs)))
+        weights, keep = pruned.routing.topk_weights, pruned.routing.keep_mask  # [L, B, T, K]
+        lost = jnp.sum(jnp.where(keep, 0.0, weights), -1) / jnp.maximum(jnp.sum(weights, -1), 1e-30)
+        shares.append(jnp.sum(lost))
+    sums = (out.routing.expert_sq_norms, counts(out.routing.topk_ids), jnp.stack(kls), jnp.stack(shares))
+    return tuple(gather_replicated(a) for a in sums)

@@ -1,0 +1,73 @@
+"""Cuts at matched accuracy (`eval/frontier.py`) on constructed records."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from caee_jax.eval import frontier
+
+
+def record(rule: str, pruned: float, cut: float, drop: float, rise: float, se: float = 0.0) -> dict:
+    """A case whose step cut, relative top-1 drop and perplexity rise are the given fractions."""
+    return dict(
+        rule=rule, knob=pruned, batch_size=16, processes=1, pruned_pair_fraction=pruned,
+        step_time_s=1 - cut, step_time_unpruned_s=1.0, top1_acc=0.5 * (1 - drop), top1_acc_unpruned=0.5,
+        top1_diff_se=0.5 * se / 2, ppl=10 * (1 + rise), ppl_unpruned=10.0,
+        predicted_moe_s=1 - cut / 2, predicted_moe_unpruned_s=1.0,
+    )  # fmt: skip
+
+
+def test_isotonic_pools_violators():
+    np.testing.assert_allclose(frontier.isotonic(np.asarray([0.0, 2.0, 1.0, 3.0])), [0, 1.5, 1.5, 3])
+    np.testing.assert_allclose(frontier.isotonic(np.asarray([3.0, 2.0, 1.0])), [2, 2, 2])
+
+
+def test_cut_is_interpolated_at_the_level_and_none_beyond():
+    rows = [record("top_p", 0.1, 0.10, 0.004, 0.01), record("top_p", 0.2, 0.20, 0.008, 0.02)]
+    assert frontier.cut_at(rows, frontier.top1_drop, 0.006) == pytest.approx(0.15)
+    assert frontier.cut_at(rows, frontier.top1_drop, 0.002) == pytest.approx(0.05)  # from (0, 0)
+    assert frontier.cut_at(rows, frontier.top1_drop, 0.01) is None
+    assert frontier.both_limits_cut(rows, 0.006, 0.02) == pytest.approx((0.15, False))
+    assert frontier.both_limits_cut(rows, 0.5, 0.5) == pytest.approx((0.20, True))  # no limit binds
+
+
+def test_a_lucky_noisy_point_does_not_stand_for_the_rule():
+    """A light point with a large cut (timing noise) is pooled with its neighbours, not taken at face value."""
+    rows = [record("r", 0.1, 0.30, 0.002, 0.0), record("r", 0.2, 0.10, 0.004, 0.0), record("r", 0.3, 0.20, 0.02, 0.0)]
+    assert frontier.cut_at(rows, frontier.top1_drop, 0.004) == pytest.approx(0.2)
+
+
+def test_the_interval_reads_the_curve_at_both_ends_of_each_drop():
+    rows = [record("r", 0.1, 0.10, 0.005, 0.0, se=0.004), record("r", 0.2, 0.20, 0.010, 0.0, se=0.004)]
+    cut, low, high = frontier.top1_cut(rows, 0.005)  # drops 0.5% and 1%, each +- 0.4%
+    assert (cut, low, high) == pytest.approx((0.10, 0.1 * 5 / 9, 0.18))
+
+
+def test_matched_table_compares_caee_with_the_best_peer():
+    records = [record("caee", p, 2 * p, 0.05 * p, 0.1 * p) for p in (0.05, 0.1, 0.2, 0.3)]
+    records += [record("top_p", p, p, 0.05 * p, 0.1 * p) for p in (0.05, 0.1, 0.2, 0.3)]
+    text = "\n".join(frontier.matched_table(records))
+    assert "Best peer rule under both limits: top_p (20.0%); at ppl rise 2% alone: top_p." in text
+    assert "| caee | 2.00x | 2.00x | +10.0 points |" in text
+
+
+def test_the_predicted_latency_axis_reads_the_cost_models_cut():
+    rows = [record("r", 0.1, 0.10, 0.004, 0.01), record("r", 0.2, 0.20, 0.008, 0.02)]
+    assert frontier.cut_at(rows, frontier.ppl_rise, 0.02, latency=frontier.predicted_cut) == pytest.approx(0.10)
+
+
+def test_without_a_cost_table_only_the_measured_cut_is_shown():
+    records = [record("top_p", p, p, 0.05 * p, 0.1 * p) | dict(predicted_moe_s=0.0, predicted_moe_unpruned_s=0.0)
+               for p in (0.1, 0.2)]  # fmt: skip
+    text = "\n".join(frontier.matched_sections(records))
+    assert "measured decode step cut" in text and "predicted" not in text
+
+
+def test_plot_curves_writes_a_png(tmp_path):
+    records = [record(rule, p, p * (2 if rule == "caee" else 1), 0.05 * p, 0.1 * p) for p in (0.1, 0.2)
+               for rule in ("caee", "top_p")]  # fmt: skip
+    path = tmp_path / "curves.png"
+    figure = frontier.plot_curves(records, str(path), "test")
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert len(figure.axes[0].lines) >= 2  # one fitted curve per rule
