@@ -77,7 +77,7 @@ def plan_memory(
     """Per-device parameter and cache bytes of `config` on `mesh` at `batch` sequences of `context` tokens."""
     graphdef, state = nnx.split(abstract_model(config, dtype))
     shardings = state_shardings(state, mesh)
-    cache_sharding = NamedSharding(mesh, partition_spec(("layers", "batch")))
+    cache_sharding = NamedSharding(mesh, partition_spec(("layers", "batch"), mesh))
     cache = LatentCache(
         *(
             jax.ShapeDtypeStruct((layers, batch, context, config.latent_dim), dtype, sharding=cache_sharding)

@@ -34,7 +34,7 @@ from caee_jax.caee.cost_model import computed_rows, predict
 from caee_jax.caee.cost_table import CostTable, DeviceCosts, FitQuality, block_placement
 from caee_jax.calibration.tables import signature_of
 from caee_jax.experts import ExpertWeights, run_experts
-from caee_jax.parallel.expert_parallel import EXPERT_AXIS, Dispatch, run_experts_parallel
+from caee_jax.parallel.expert_parallel import Dispatch, expert_shards, run_experts_parallel
 from caee_jax.parallel.placement import mesh_context, replicated, to_mesh
 from caee_jax.runtime.steps import step_jit
 
@@ -135,7 +135,7 @@ class Bench:
         self.repeats = repeats
         flat = dict(nnx.to_flat_state(model.state))
         self.weights = [flat[path].get_value() for path in EXPERT_PATHS]  # global [L, E, ...] arrays
-        self.num_shards = 1 if model.mesh is None else model.mesh.shape[EXPERT_AXIS]
+        self.num_shards = expert_shards(model.mesh)
         self.per_shard = self.config.n_routed_experts // self.num_shards
         self.placement = block_placement(self.config.n_routed_experts, self.num_shards)
         self.rng = np.random.default_rng(0)

@@ -26,7 +26,7 @@ from caee_jax.model.layers import MLP, param
 from caee_jax.model.router import route
 from caee_jax.offload.cache import ExpertCache
 from caee_jax.offload.execute import residency, run_offloaded
-from caee_jax.parallel.expert_parallel import EXPERT_AXIS, execute, expert_parallel_mesh
+from caee_jax.parallel.expert_parallel import execute, expert_parallel_mesh, expert_shards
 from caee_jax.routing.backend import ExpertWeights
 from caee_jax.routing.ops import expert_load
 
@@ -125,7 +125,7 @@ class MoE(nnx.Module):
         num_experts = self.config.n_routed_experts
         topk_ids, topk_weights = route(flat, self.router[...], self.router_bias[...], self.config)
         mesh = expert_parallel_mesh()
-        shards = 1 if mesh is None else mesh.shape[EXPERT_AXIS]
+        shards = expert_shards(mesh)
         manager = execution.offload
         tiers = None if expert_cache is None else residency(expert_cache, layer_index, manager)
         rule, table = execution.pruning, execution.cost_table
