@@ -12,6 +12,7 @@ K top-k.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -27,6 +28,7 @@ from caee_jax.model.router import route
 from caee_jax.offload.cache import ExpertCache
 from caee_jax.offload.execute import residency, run_offloaded
 from caee_jax.parallel.expert_parallel import execute, expert_parallel_mesh, expert_shards
+from caee_jax.parallel.rowwise import rowwise
 from caee_jax.routing.backend import ExpertWeights
 from caee_jax.routing.ops import expert_load
 
@@ -136,7 +138,8 @@ class MoE(nnx.Module):
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         num_experts = self.config.n_routed_experts
-        topk_ids, topk_weights = route(flat, self.router[...], self.router_bias[...], self.config)
+        router = functools.partial(route, config=self.config)
+        topk_ids, topk_weights = rowwise(router, (flat,), (self.router[...], self.router_bias[...]))
         k = topk_ids.shape[-1]
         routed = None if valid is None else jnp.broadcast_to(valid[:, None, None], (b, t, k)).reshape(b * t, k)
         mesh = expert_parallel_mesh()

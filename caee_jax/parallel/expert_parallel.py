@@ -161,12 +161,13 @@ def run_experts_parallel(
 
 class _Axes:
     """The mesh axes a layer's collectives run over, from the rules table: expert (one name), batch and
-    width (tuples, possibly empty); split: tokens sharded over the expert axis too."""
+    width (tuples; width only axes of more than one device, possibly none); split: tokens sharded over
+    the expert axis too."""
 
     def __init__(self, mesh):
         self.expert = expert_axis(mesh)
         self.batch = mesh_axes("batch", mesh)
-        self.width = mesh_axes("moe_ffw", mesh)
+        self.width = tuple(axis for axis in mesh_axes("moe_ffw", mesh) if mesh.shape[axis] > 1)
         self.split = self.expert in self.batch
 
 
@@ -180,15 +181,35 @@ def _local_ids(topk_ids, num_local: int, axis: str):
 def _gather_local(x, topk_ids, topk_weights, keep_mask, weights, layer_index, backend, axes: _Axes):
     """gather: this shard's pairs of every token its data shard holds; split attention all-gathers the
     tokens first [N_local * S, ...] and reduce-scatters the partial outputs back to [N_local, D]."""
-    if axes.split:
-        gather = functools.partial(jax.lax.all_gather, axis_name=axes.expert, tiled=True)
-        x, topk_ids, topk_weights, keep_mask = (gather(a) for a in (x, topk_ids, topk_weights, keep_mask))
+    if axes.split:  # one all-gather: the routing travels as int32 bits beside the tokens
+        k = topk_ids.shape[1]
+        routing = [topk_ids, jax.lax.bitcast_convert_type(topk_weights.astype(jnp.float32), jnp.int32), keep_mask]
+        packed = jax.lax.all_gather(_pack(x, jnp.concatenate(routing, 1).astype(jnp.int32)), axes.expert, tiled=True)
+        x, routing = _unpack(packed, x.shape[1])
+        topk_ids, topk_weights = routing[:, :k], jax.lax.bitcast_convert_type(routing[:, k : 2 * k], jnp.float32)
+        keep_mask = routing[:, 2 * k :].astype(bool)
     local_ids, mine = _local_ids(topk_ids, weights.gate.shape[-3], axes.expert)
     y = run_experts(x, local_ids, topk_weights, keep_mask & mine, weights, backend, layer_index=layer_index)
     if axes.split:
         y = jax.lax.psum_scatter(y, axes.expert, scatter_dimension=0, tiled=True)
         return jax.lax.psum(y, axes.width) if axes.width else y
     return jax.lax.psum(y, (axes.expert, *axes.width))
+
+
+def _pack(x: jax.Array, ints: jax.Array) -> jax.Array:
+    """x [n, D] and ints [n, m] int32 -> [n, D + m * 4 / itemsize] in x's dtype, the ints as raw bits: one
+    collective moves both (collectives copy bytes, so the bits arrive intact)."""
+    bits = jax.lax.bitcast_convert_type(ints, x.dtype)  # [n, m] or, for 2-byte dtypes, [n, m, 2]
+    return jnp.concatenate([x, bits.reshape(x.shape[0], -1)], axis=1)
+
+
+def _unpack(packed: jax.Array, dim: int) -> tuple[jax.Array, jax.Array]:
+    """`_pack`'s inverse: [n, D + ...] -> (x [n, D], ints [n, m] int32)."""
+    bits = packed[:, dim:]
+    per_int = 4 // packed.dtype.itemsize
+    if per_int > 1:
+        bits = bits.reshape(bits.shape[0], -1, per_int)
+    return packed[:, :dim], jax.lax.bitcast_convert_type(bits, jnp.int32)
 
 
 def slots_per_shard(pairs: int, shards: int, capacity_factor: float | None) -> int:
@@ -244,16 +265,17 @@ def _exchange_pairs(xs, ids, gate_w, keep, weights, layer_index, backend, axis: 
     token = jnp.arange(num_pairs) // k
 
     send_x = jnp.zeros((shards * capacity, dim), xs.dtype).at[slot].set(xs[token], mode="drop")
-    send_id = jnp.zeros((shards * capacity,), jnp.int32).at[slot].set(ids.reshape(-1) % num_local, mode="drop")
-    send_ok = jnp.zeros((shards * capacity,), bool).at[slot].set(True, mode="drop")
+    send_id = jnp.full((shards * capacity, 1), -1, jnp.int32).at[slot, 0].set(ids.reshape(-1) % num_local, mode="drop")
 
     def exchange(a):
         return jax.lax.all_to_all(a, axis, 0, 0, tiled=True)
 
-    recv_x, recv_id, recv_ok = exchange(send_x), exchange(send_id), exchange(send_ok)
+    recv_x, recv_id = _unpack(exchange(_pack(send_x, send_id)), dim)  # one exchange; id -1: an empty slot
+    recv_id = recv_id[:, 0]
 
     ones = jnp.ones((shards * capacity, 1), jnp.float32)
-    out = run_experts(recv_x, recv_id[:, None], ones, recv_ok[:, None], weights, backend, layer_index=layer_index)
+    recv = (recv_x, jnp.maximum(recv_id, 0)[:, None], ones, recv_id[:, None] >= 0)
+    out = run_experts(*recv, weights, backend, layer_index=layer_index)
     back = exchange(out)  # [S*C, D]: row dest*C + rank holds this shard's pair output
     contrib = back[jnp.minimum(slot, shards * capacity - 1)].astype(jnp.float32) * jnp.where(sent, pair_w, 0)[:, None]
     return jnp.zeros((per_shard, dim), jnp.float32).at[token].add(contrib), dropped
