@@ -59,3 +59,15 @@ def test_per_device_bytes_add_up_to_the_model_and_its_replicas():
     cache = sum(dev.cache_bytes for dev in plan.devices)
     assert cache == 4 * config.num_hidden_layers * 4 * 32 * config.latent_dim * 4  # replicated over 4 expert shards
     assert plan.fits == (np.max([dev.total_bytes for dev in plan.devices]) <= 1 << 20)
+
+
+def test_data_expert_splits_the_cache_over_the_expert_devices():
+    """data=2,data_expert=4: the experts split 4 ways as on data=2,expert=4, the cache 8 ways (no replica)."""
+    config = preset("tiny")
+    plan = plan_memory(
+        config, make_mesh("data=2,data_expert=4"), dtype=jnp.float32, batch=8, context=32, device_memory_bytes=1 << 20
+    )
+    e, d, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+    assert {dev.expert_param_bytes for dev in plan.devices} == {4 * 3 * config.num_moe_layers * e * d * f // 4}
+    per_device = 4 * config.num_hidden_layers * 8 * 32 * config.latent_dim // 8
+    assert {dev.cache_bytes for dev in plan.devices} == {per_device}
