@@ -135,6 +135,8 @@ def main(argv=None) -> int:
                 if report["tokens"] != first_tokens:
                     raise RuntimeError(f"batch {batch}, {config}: tokens {report['tokens']} differ: {first_tokens}")
             loads.append(os.getloadavg()[0])
+            done = ", ".join(f"{c} {1e3 * times[c][-1]:.1f} ms" for c in configs)
+            print(f"batch {batch}, round {r + 1}: {done}; load {loads[-1]:.1f}", file=sys.stderr, flush=True)
         base = np.array(times["1 process"])
         for config in configs:
             speedup, low, high = ratio_interval(base, np.array(times[config]))
