@@ -14,6 +14,7 @@ from flax import nnx
 
 import caee_jax
 from caee_jax.caee.peer_rules import PeerRule
+from caee_jax.eval.decode_eval import compare
 from caee_jax.model.cache import LatentCache
 from caee_jax.model.execution import Execution
 from caee_jax.parallel.mesh import make_mesh
@@ -73,7 +74,6 @@ def reference():
         ("data_expert=2", 3, "gather", "dense"),
         ("data_expert=4", 3, "all_to_all", "pallas"),
         ("data_expert=8", 3, "auto", "loop"),
-        ("data_expert=8", 8, "gather", "loop"),
         ("data=2,data_expert=4", 8, "all_to_all", "dense"),
         ("data=2,expert=2", 3, "auto", "loop"),
     ],
@@ -117,3 +117,18 @@ def test_one_prompt_generates_the_one_device_ids_and_statistics():
     assert got.tokens == want.tokens
     assert got.decode_routing == want.decode_routing
     assert got.decode_routing[1] < got.decode_routing[0]  # the rule pruned: the comparison can fail
+
+
+def test_eval_pads_one_window_and_keeps_the_one_device_figures():
+    """`decode_eval.compare` with one window on data_expert=2 (padded to 2 rows): the one-device nll, hits
+    and kept pairs of a pruned candidate."""
+    windows = np.random.default_rng(3).integers(0, 100, (1, 8)).astype(np.int32)
+    candidate = Execution(pruning=PeerRule("topk", 3))
+    figures = []
+    for mesh in (None, mesh_of("data_expert=2")):
+        model = caee_jax.init_random("tiny", seed=5, mesh=mesh)
+        result = compare(model, candidate, windows, prefix=5)
+        figures.append((np.concatenate(result.nll), np.concatenate(result.correct), result.kept_pairs))
+    (want_nll, want_hits, want_kept), (nll, hits, kept) = figures
+    np.testing.assert_allclose(nll, want_nll, atol=ATOL, rtol=0)
+    assert (hits == want_hits).all() and kept == want_kept and len(nll) == 2
