@@ -19,7 +19,7 @@ from caee_jax.offload.cache import ExpertCache, Offload
 from caee_jax.offload.disk_store import DiskStore
 from caee_jax.offload.store import HostStore, without_routed_experts
 from caee_jax.parallel.mesh import make_mesh
-from caee_jax.parallel.placement import batch_sharding, check_batch, mesh_context, place_state, to_mesh
+from caee_jax.parallel.placement import batch_sharding, mesh_context, padded_batch, place_state, to_mesh
 from caee_jax.routing.backend import ExpertBackend
 from caee_jax.routing.storage import Storage
 from caee_jax.runtime import steps
@@ -150,15 +150,18 @@ class Model:
         limit = self.config.max_position_embeddings
         if tokens.shape[1] > limit:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_position_embeddings {limit}")
-        check_batch(self.mesh, tokens.shape[0])
-        tokens = tokens.astype(np.int32)
+        # A batch that does not split over the mesh gets dummy rows (copies of row 0), left out of the result.
+        batch = tokens.shape[0]
+        rows = padded_batch(self.mesh, batch)
+        tokens = np.concatenate([tokens, np.repeat(tokens[:1], rows - batch, axis=0)]).astype(np.int32)
+        valid = np.arange(rows) < batch
         with mesh_context(self.mesh):
             if self.mesh is not None:
-                tokens = to_mesh(tokens, batch_sharding(self.mesh, 2))
+                tokens, valid = (to_mesh(a, batch_sharding(self.mesh, a.ndim)) for a in (tokens, valid))
             logits, self.expert_cache = steps.logits(
-                self.graphdef, self.state, jnp.asarray(tokens), self.expert_cache, execution=self.execution
+                self.graphdef, self.state, jnp.asarray(tokens), self.expert_cache, valid, execution=self.execution
             )
-            return logits
+            return logits if rows == batch else logits[:batch]
 
 
 def load(

@@ -88,7 +88,7 @@ def plan_memory(
     weights = None if weights is None else Storage.parse(weights, "weights")
     graphdef, state = nnx.split(abstract_model(config, dtype, weights))
     shardings = state_shardings(state, mesh)
-    cache_sharding = NamedSharding(mesh, partition_spec(("layers", "batch")))
+    cache_sharding = NamedSharding(mesh, partition_spec(("layers", "batch"), mesh))
     cache = LatentCache(
         *(
             jax.ShapeDtypeStruct((layers, batch, context, config.latent_dim), dtype, sharding=cache_sharding)

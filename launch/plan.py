@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import jax
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     except MeshError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    num_devices = sizes["data"] * sizes["expert"] * sizes["tensor"]
+    num_devices = math.prod(sizes.values())
     jax.config.update("jax_num_cpu_devices", num_devices)
     config = preset(args.preset)
     try:

@@ -146,12 +146,6 @@ def test_experts_that_do_not_divide_the_expert_axis_are_an_error():
         caee_jax.init_random("tiny", mesh=make_mesh("expert=3", jax.devices()[:3]))
 
 
-def test_batch_that_does_not_divide_the_data_axis_is_an_error():
-    model = caee_jax.init_random("tiny", mesh="data=2,expert=4")
-    with pytest.raises(ValueError, match="batch size 3 does not divide the mesh's data axis"):
-        model(np.ones((3, 4), np.int32))
-
-
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -159,6 +153,7 @@ def test_batch_that_does_not_divide_the_data_axis_is_an_error():
         ("expert=4,pipeline=2", "unknown axis 'pipeline'"),
         ("expert4", "is not axis=size"),
         ("expert=4,expert=2", "given twice"),
+        ("expert=2,data_expert=4", "give expert .* or data_expert .*, not both"),
     ],
 )
 def test_bad_mesh_specs(spec, message):

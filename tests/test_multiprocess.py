@@ -38,17 +38,25 @@ def report(stdout: str) -> dict:
 
 
 def test_two_processes_generate_the_single_process_tokens():
+    """Attention replicated (expert=8) and split (data_expert=8: the one prompt padded to 8 rows, one per
+    device) over the 2 processes' 8 devices."""
     args = ["--prompt-ids", "5,17,33,2,9", "--max-new-tokens", "12"]
+    meshes = ["expert=8", "data_expert=8"]
     single = start(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    pair = [start(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for a in pair_args(args + ["--mesh", "expert=8"])]
-    outputs = [p.communicate(timeout=300) for p in [single, *pair]]
-    for p, (_, err) in zip([single, *pair], outputs, strict=True):
+    pairs = [
+        start(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for mesh in meshes
+        for a in pair_args(args + ["--mesh", mesh])
+    ]
+    outputs = [p.communicate(timeout=300) for p in [single, *pairs]]
+    for p, (_, err) in zip([single, *pairs], outputs, strict=True):
         assert p.returncode == 0, err[-2000:]
     want = report(outputs[0][0])
     assert want["processes"] == 1 and want["mesh"] is None
-    for process, (out, _) in enumerate(outputs[1:]):
+    for i, (out, _) in enumerate(outputs[1:]):
         got = report(out)
-        assert (got["process"], got["processes"], got["mesh"]) == (process, 2, "data=1,expert=8,tensor=1")
+        mesh = f"data=1,{meshes[i // 2].split('=')[0]}=8,tensor=1"
+        assert (got["process"], got["processes"], got["mesh"]) == (i % 2, 2, mesh)
         assert got["generated_ids"] == want["generated_ids"]
         assert len(got["generated_ids"]) == 12
 

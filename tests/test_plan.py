@@ -81,3 +81,15 @@ def test_r1_671b_with_fp8_experts_fits_one_node_of_8_h200():
     device = fp8["devices"][0]
     assert device["expert_param_bytes"] == (3 * layers * e * d * f + 4 * scales) // 8  # 1 byte + f32 scales
     assert bf16["devices"][0]["param_bytes"] - device["param_bytes"] == (3 * layers * e * d * f - 4 * scales) // 8
+
+
+def test_data_expert_splits_the_cache_over_the_expert_devices():
+    """data=2,data_expert=4: the experts split 4 ways as on data=2,expert=4, the cache 8 ways (no replica)."""
+    config = preset("tiny")
+    plan = plan_memory(
+        config, make_mesh("data=2,data_expert=4"), dtype=jnp.float32, batch=8, context=32, device_memory_bytes=1 << 20
+    )
+    e, d, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+    assert {dev.expert_param_bytes for dev in plan.devices} == {4 * 3 * config.num_moe_layers * e * d * f // 4}
+    per_device = 4 * config.num_hidden_layers * 8 * 32 * config.latent_dim // 8
+    assert {dev.cache_bytes for dev in plan.devices} == {per_device}

@@ -5,7 +5,10 @@ Device d's time for one MoE layer:
     t_d = fixed_s + pair_s * computed rows on d + activation_s * active experts on d
           + sum over active non-resident experts on d of fetch_s[tier] + comm_token_s * tokens
 
-and the layer takes max_d t_d (it ends when the slowest device ends). Computed rows are the kept
+and the layer takes max_d t_d (it ends when the slowest device ends). A device's pairs are the kept
+pairs routed to its experts from the whole batch: with the batch split over the expert devices too
+(`data_expert` meshes), the pairs it receives from every device, whoever holds their tokens; so the
+straggler CAEE prunes is the device receiving the most. Computed rows are the kept
 pairs rounded up per expert to the backend's unit of saving (`ExpertBackend.row_tile`: the `loop`
 backend computes an expert's pairs in whole tiles). The backend is the table's: a plan that runs
 another backend with it is refused (`model/execution.py`). Letters: N tokens, K top-k, E experts,

@@ -95,12 +95,15 @@ class Decision(NamedTuple):
     weights: jax.Array
 
 
-def refill(prune: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, num_experts: int, tile: int) -> jax.Array:
+def refill(
+    prune: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, num_experts: int, tile: int, routed: jax.Array
+) -> jax.Array:
     """prune [N, K] bool -> prune without the slots that fit, heaviest first, in the spare rows of their
-    expert's computed tiles (rows an active expert computes anyway; none when tile = 1)."""
-    pairs = expert_load(topk_ids, ~prune, num_experts).pairs
+    expert's computed tiles (rows an active expert computes anyway; none when tile = 1). routed [N, K]:
+    the pairs of real tokens; the others neither fill rows nor are restored."""
+    pairs = expert_load(topk_ids, routed & ~prune, num_experts).pairs
     spare = jnp.concatenate([computed_rows(pairs, tile) - pairs, jnp.zeros(1, pairs.dtype)])  # [E + 1]
-    group = jnp.where(prune, topk_ids, num_experts).reshape(-1)
+    group = jnp.where(prune & routed, topk_ids, num_experts).reshape(-1)
     rank = rank_in_group(group, topk_weights.reshape(-1), num_experts)
     restore = (group < num_experts) & (rank < spare[group])
     return prune & ~restore.reshape(prune.shape)
@@ -137,11 +140,13 @@ def caee_prune(
     topk_weights: jax.Array,
     residency: jax.Array | None = None,
     importance_scale: jax.Array | None = None,
+    routed: jax.Array | None = None,
 ) -> Decision:
     """The CAEE decision for one MoE layer. topk_ids, topk_weights [N, K]; residency [E] int tier of each
     expert (0 resident, 1 host RAM, 2 disk; None: all resident): a miss costs its tier's fetch time;
-    importance_scale [E] f32: each expert's calibrated importance factor (None: gate weight alone)."""
-    keep = explain(table, config, topk_ids, topk_weights, residency, importance_scale).keep
+    importance_scale [E] f32: each expert's calibrated importance factor (None: gate weight alone);
+    routed [N, K] bool: the pairs of real tokens (None: all; a padded batch's dummy rows are not)."""
+    keep = explain(table, config, topk_ids, topk_weights, residency, importance_scale, routed).keep
     return Decision(keep, compensate(topk_weights, keep, config.compensation, config.partial_alpha))
 
 
@@ -152,12 +157,14 @@ def explain(
     topk_weights: jax.Array,
     residency: jax.Array | None = None,
     importance_scale: jax.Array | None = None,
+    routed: jax.Array | None = None,
 ) -> Explanation:
-    """`caee_prune`'s decision with its intermediate quantities (arguments as there)."""
+    """`caee_prune`'s decision with its intermediate quantities (arguments as there). Pairs outside
+    `routed` are neither loads, users nor candidates, and are never kept."""
     num_tokens, top_k = topk_ids.shape
     num_experts = len(table.placement)
     placement = table.placement_array()
-    everything = jnp.ones(topk_ids.shape, bool)
+    everything = jnp.ones(topk_ids.shape, bool) if routed is None else routed
     before = predict(table, topk_ids, everything, residency)
 
     # Importance and marginal cost of every slot.
@@ -170,15 +177,15 @@ def explain(
         per_expert = per_expert + table.per_device("fetch_s")[placement, residency]
     users = expert_load(topk_ids, everything, num_experts).pairs  # [E]
     cost = table.per_device("pair_s")[device] + per_expert[topk_ids] / jnp.maximum(users[topk_ids], 1)
-    mean_cost = jnp.mean(cost)
+    mean_cost = jnp.mean(cost) if routed is None else jnp.sum(cost * routed) / jnp.maximum(jnp.sum(routed), 1)
     score = importance / jnp.where(mean_cost > 0, cost / mean_cost, 1.0)  # a table without slot costs: importance
 
     # Straggler target and each device's excess over it.
     protected = weight_rank(topk_weights) < config.k_min
-    candidates = ~protected & (score < config.theta)
+    candidates = ~protected & (score < config.theta) & everything
     load = before.device_s
     if config.target is Target.FLOOR or table.num_devices == 1:
-        floor = predict(table, topk_ids, ~candidates, residency).device_s  # every candidate pruned
+        floor = predict(table, topk_ids, everything & ~candidates, residency).device_s  # every candidate pruned
         # The device left heaviest prunes all its candidates; the others come down to its load.
         excess = jnp.where(floor >= jnp.max(floor), jnp.inf, load - jnp.max(floor))
     elif config.target is Target.NEXT:
@@ -201,8 +208,8 @@ def explain(
     pruned = jnp.zeros(order.shape, bool).at[order].set(prune_sorted).reshape(topk_ids.shape)
     prune = pruned
     if config.refill:
-        prune = refill(pruned, topk_ids, topk_weights, num_experts, row_tile(table, num_tokens))
+        prune = refill(pruned, topk_ids, topk_weights, num_experts, row_tile(table, num_tokens), everything)
     return Explanation(
         importance, cost, cost / jnp.where(mean_cost > 0, mean_cost, 1.0), score, device, protected, candidates,
-        eligible, pruned, ~prune, load, excess,
+        eligible, pruned, everything & ~prune, load, excess,
     )  # fmt: skip

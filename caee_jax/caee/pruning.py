@@ -22,6 +22,7 @@ def decide(
     num_shards: int = 1,
     residency: jax.Array | None = None,
     importance_scale: jax.Array | None = None,
+    routed: jax.Array | None = None,
 ) -> Decision:
     """topk_ids, topk_weights [N, K] -> Decision (keep_mask [N, K] bool, combine weights [N, K]).
 
@@ -30,12 +31,15 @@ def decide(
     `none`'s; the combine stage adds the pruned slots' mean outputs (`uses_mean`). residency [E] int
     (offloaded experts: 0 resident, else the store's tier) prices CAEE's misses; peer rules ignore it.
     importance_scale [E] f32: CAEE's calibrated per-expert importance factor (`caee/importance.py`), or None.
+    routed [N, K] bool: the pairs of real tokens (None: all); a padded batch's dummy rows never run and
+    CAEE does not count them (the `capacity` peer rule's budget still counts N).
     """
     with jax.named_scope("decide"):
+        everything = jnp.ones(topk_ids.shape, bool) if routed is None else routed
         if not is_active(rule):
-            return Decision(jnp.ones(topk_ids.shape, bool), topk_weights)
+            return Decision(everything, topk_weights)
         if isinstance(rule, PeerRule):
-            keep = peer_keep_mask(rule, topk_ids, topk_weights, num_experts)
+            keep = peer_keep_mask(rule, topk_ids, topk_weights, num_experts) & everything
             return Decision(keep, compensate(topk_weights, keep, rule.compensation, rule.partial_alpha))
         if table is None:
             raise ValueError("CAEE needs a cost table: Execution(cost_table=...) (see launch/calibrate.py)")
@@ -44,7 +48,7 @@ def decide(
                 f"the cost table covers {len(table.placement)} experts on {table.num_devices} device(s); this layer "
                 f"has {num_experts} experts on {num_shards} expert shard(s)"
             )
-        return caee_prune(table, rule, topk_ids, topk_weights, residency, importance_scale)
+        return caee_prune(table, rule, topk_ids, topk_weights, residency, importance_scale, routed)
 
 
 def uses_mean(rule: Pruning | None) -> bool:

@@ -6,9 +6,11 @@
    time on [1, computed rows, active experts] gives fixed_s, pair_s, activation_s.
 2. Fetch, per offload tier: one expert's weights copied host RAM -> device, and read from disk with
    O_DIRECT (page cache bypassed) -> device.
-3. Communication, with several devices: the whole expert-parallel layer (`run_experts_parallel`,
-   gather dispatch) is timed on the same routings; what the slowest device's compute does not explain
-   is fitted as a fixed part plus a per-token part.
+3. Communication, with several devices: the whole expert-parallel layer (`run_experts_parallel`, the
+   model's decode dispatch, tokens split over the mesh as decode splits them) is timed on the same
+   routings; what the slowest device's compute does not explain is fitted as a fixed part plus a
+   per-token part. Each device computes the pairs routed to its experts, from every device in the
+   `data_expert` layout: the pairs it receives.
 
 Every process runs the same calls in the same order (collectives need it); process 0 gathers the
 per-device fits. Times are medians of repeated runs, in seconds.
@@ -34,8 +36,8 @@ from caee_jax.caee.cost_model import computed_rows, predict
 from caee_jax.caee.cost_table import CostTable, DeviceCosts, FitQuality, block_placement
 from caee_jax.calibration.tables import signature_of
 from caee_jax.experts import ExpertWeights, run_experts
-from caee_jax.parallel.expert_parallel import EXPERT_AXIS, Dispatch, run_experts_parallel
-from caee_jax.parallel.placement import mesh_context, replicated, to_mesh
+from caee_jax.parallel.expert_parallel import Dispatch, auto_dispatch, expert_shards, run_experts_parallel
+from caee_jax.parallel.placement import batch_sharding, mesh_context, padded_batch, replicated, to_mesh
 from caee_jax.runtime.steps import step_jit
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64)
@@ -116,11 +118,11 @@ def _local_layer(x, topk_ids, topk_weights, keep_mask, gate, up, down, layer_ind
     return run_experts(x, topk_ids, topk_weights, keep_mask, weights, backend, layer_index=layer_index)
 
 
-@step_jit(static_argnames=("backend",))
-def _parallel_layer(x, topk_ids, topk_weights, keep_mask, gate, up, down, layer_index, *, backend):
+@step_jit(static_argnames=("backend", "dispatch"))
+def _parallel_layer(x, topk_ids, topk_weights, keep_mask, gate, up, down, layer_index, *, backend, dispatch):
     weights = ExpertWeights(gate, up, down)
     y, _ = run_experts_parallel(
-        x, topk_ids, topk_weights, keep_mask, weights, backend, dispatch=Dispatch.GATHER, layer_index=layer_index
+        x, topk_ids, topk_weights, keep_mask, weights, backend, dispatch=dispatch, layer_index=layer_index
     )
     return y
 
@@ -135,7 +137,7 @@ class Bench:
         self.repeats = repeats
         flat = dict(nnx.to_flat_state(model.state))
         self.weights = [flat[path].get_value() for path in EXPERT_PATHS]  # global [L, E, ...] arrays
-        self.num_shards = 1 if model.mesh is None else model.mesh.shape[EXPERT_AXIS]
+        self.num_shards = expert_shards(model.mesh)
         self.per_shard = self.config.n_routed_experts // self.num_shards
         self.placement = block_placement(self.config.n_routed_experts, self.num_shards)
         self.rng = np.random.default_rng(0)
@@ -168,11 +170,20 @@ class Bench:
         if self.model.mesh is None:
             args = (x, case.topk_ids, weights, case.keep_mask, *self.weights, np.int32(0))
             return median_time(functools.partial(_local_layer, backend=self.backend), *args, repeats=self.repeats)
-        with mesh_context(self.model.mesh):
-            put = functools.partial(to_mesh, sharding=replicated(self.model.mesh))
-            args = [put(a) for a in (x, case.topk_ids, weights, case.keep_mask)]
-            fn = functools.partial(_parallel_layer, backend=self.backend)
-            return median_time(fn, *args, *self.weights, put(np.int32(0)), repeats=self.repeats)
+        mesh = self.model.mesh
+        dispatch = self.model.execution.dispatch
+        dispatch = auto_dispatch(mesh, decode=True) if dispatch is Dispatch.AUTO else dispatch
+        # As decode runs it: tokens split as the rules table splits the batch, padded with rows that run
+        # nothing (`generate`'s dummy rows) when they do not divide it.
+        rows = padded_batch(mesh, case.num_tokens)
+        tokens = [
+            np.concatenate([a, np.zeros((rows - len(a), *a.shape[1:]), a.dtype)])
+            for a in (x, case.topk_ids, weights, case.keep_mask)
+        ]
+        with mesh_context(mesh):
+            args = [to_mesh(a, batch_sharding(mesh, a.ndim)) for a in tokens]
+            fn = functools.partial(_parallel_layer, backend=self.backend, dispatch=dispatch)
+            return median_time(fn, *args, *self.weights, to_mesh(np.int32(0), replicated(mesh)), repeats=self.repeats)
 
     def shard_features(self, case: Case) -> np.ndarray:
         """[S, 3]: (1, computed rows, active experts) of each expert shard."""

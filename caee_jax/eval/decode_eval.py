@@ -26,7 +26,7 @@ from caee_jax.caee.peer_rules import PeerRule
 from caee_jax.choice import Choice
 from caee_jax.model.execution import Execution
 from caee_jax.offload.cache import StepStats
-from caee_jax.parallel.placement import batch_sharding, mesh_context, to_mesh
+from caee_jax.parallel.placement import batch_sharding, mesh_context, padded_batch, to_mesh
 from caee_jax.runtime import steps
 
 
@@ -108,9 +108,13 @@ def compare(
     """Teacher-forced decode of windows [B, prefix + steps + 1], baseline (model.execution) vs candidate;
     with a cost table, each step's MoE time is also predicted, unpruned and as pruned. Offloaded, the
     candidate's `offload` is a manager of its own (`model.execution.offload.twin()`); the baseline's
-    final expert cache is left on the model."""
+    final expert cache is left on the model. A batch that does not split over the mesh is padded with
+    dummy rows (copies of the first window) that run no expert and are left out of every figure."""
     result = result or Comparison()
     batch, length = windows.shape
+    rows = padded_batch(model.mesh, batch)
+    valid = np.arange(rows) < batch
+    windows = np.concatenate([windows, np.repeat(windows[:1], rows - batch, axis=0)])
     num_steps = length - prefix - 1
     baseline = model.execution
     managers = (baseline.offload, candidate.offload)
@@ -121,14 +125,14 @@ def compare(
     put = (lambda a: to_mesh(a, batch_sharding(mesh, a.ndim))) if mesh is not None else jnp.asarray
     num_layers = model.config.num_moe_layers
     with mesh_context(mesh):
-        lengths = put(np.full(batch, prefix, np.int32))
+        lengths, valid = put(np.full(rows, prefix, np.int32)), put(valid)
         greedy = (np.uint32(0), np.float32(0), np.float32(1))  # seed, temperature, top_p: the sample is unused
         prompts = put(windows[:, :prefix])
         experts, latents = [None, None], None
         for side, manager in enumerate(managers if offloaded else (None,)):  # each expert cache warmed alike
             experts[side] = None if manager is None else manager.empty_cache()
             _, prefilled, _, experts[side] = steps.prefill(
-                model.graphdef, model.state, prompts, lengths, *greedy, experts[side],
+                model.graphdef, model.state, prompts, lengths, *greedy, experts[side], valid,
                 cache_len=length, execution=dataclasses.replace(baseline, offload=manager),
             )  # fmt: skip
             latents = prefilled if latents is None else latents  # the baseline's
@@ -136,12 +140,12 @@ def compare(
                 manager.take_step_stats()
         caches = [latents, jax.tree.map(jnp.copy, latents)]  # the candidate's latents: the baseline's prefill
         for t in range(prefix, prefix + num_steps):
-            tokens, positions = put(windows[:, t]), put(np.full(batch, t, np.int32))
+            tokens, positions = put(windows[:, t]), put(np.full(rows, t, np.int32))
             outputs = []
             for side, execution in enumerate((baseline, candidate)):
                 start = time.perf_counter()
                 out = steps.teacher_forced_step(
-                    model.graphdef, model.state, caches[side], tokens, positions, experts[side],
+                    model.graphdef, model.state, caches[side], tokens, positions, experts[side], valid,
                     execution=execution, table=table,
                 )  # fmt: skip
                 jax.block_until_ready(out)
@@ -150,11 +154,11 @@ def compare(
             (base_lp, _, base_counts, _, _), base_s = outputs[0]
             (cand_lp, _, counts, predicted, _), cand_s = outputs[1]
             _, kept, _, active = np.asarray(counts)
-            base_lp, cand_lp = np.asarray(base_lp), np.asarray(cand_lp)
-            truth = windows[:, t + 1]
-            rows = np.arange(batch)
-            result.nll.append(-cand_lp[rows, truth])
-            result.nll_base.append(-base_lp[rows, truth])
+            base_lp, cand_lp = np.asarray(base_lp)[:batch], np.asarray(cand_lp)[:batch]
+            truth = windows[:batch, t + 1]
+            real = np.arange(batch)
+            result.nll.append(-cand_lp[real, truth])
+            result.nll_base.append(-base_lp[real, truth])
             result.correct.append(cand_lp.argmax(-1) == truth)
             result.correct_base.append(base_lp.argmax(-1) == truth)
             result.agree.append(cand_lp.argmax(-1) == base_lp.argmax(-1))

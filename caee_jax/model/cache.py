@@ -40,6 +40,12 @@ class LatentCache(NamedTuple):
 
 
 def write_latents(cache: jax.Array, latents: jax.Array, positions: jax.Array) -> jax.Array:
-    """Writes latents [B, T, C] into one layer's cache [B, S, C] at slots positions [B, T]."""
-    rows = jnp.arange(cache.shape[0])[:, None]
-    return cache.at[rows, positions].set(latents.astype(cache.dtype), mode="drop")
+    """Writes latents [B, T, C] into one layer's cache [B, S, C] at slots positions [B, T].
+
+    One scatter per sequence (a batched scatter): XLA partitions it along the batch, so a cache split
+    over devices is written in place (a scatter indexed by row ids made it all-gather every write)."""
+
+    def write(rows, new, slots):  # [S, C], [T, C], [T]
+        return rows.at[slots].set(new, mode="drop")
+
+    return jax.vmap(write)(cache, latents.astype(cache.dtype), positions)

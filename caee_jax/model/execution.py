@@ -21,9 +21,11 @@ class Execution:
     """backend: how a device runs its (local) routed experts.
 
     Under a mesh with an expert or tensor axis (see `parallel/expert_parallel.py`):
-    dispatch: Dispatch.GATHER (every expert shard sees every token; results summed), ALL_TO_ALL (each
-      pair travels to the device holding its expert), or AUTO: gather for single-token decode steps,
-      all_to_all for prefill. Strings ("gather", ...) are accepted.
+    dispatch: Dispatch.GATHER (every expert shard sees every token, all-gathered first when the batch is
+      split over the expert devices (`data_expert` meshes); results summed, or reduce-scattered),
+      ALL_TO_ALL (each pair travels to the device holding its expert), or AUTO (`auto_dispatch`): with
+      attention replicated, gather for single-token decode steps and all_to_all for prefill; on
+      `data_expert` meshes all_to_all. Strings ("gather", ...) are accepted.
     ep_capacity_factor: all_to_all slots per (source, destination) device pair, as a multiple of the
       mean (pairs / expert shards); None sizes them so that no pair can ever be dropped. Dropped pairs
       are counted in `Routing.dropped_pairs`.

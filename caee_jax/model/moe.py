@@ -12,6 +12,7 @@ K top-k.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -28,7 +29,8 @@ from caee_jax.model.layers import MLP, param
 from caee_jax.model.router import route
 from caee_jax.offload.cache import ExpertCache
 from caee_jax.offload.execute import residency, run_offloaded
-from caee_jax.parallel.expert_parallel import EXPERT_AXIS, execute, expert_parallel_mesh
+from caee_jax.parallel.expert_parallel import execute, expert_parallel_mesh, expert_shards
+from caee_jax.parallel.rowwise import rowwise
 from caee_jax.routing.backend import ExpertWeights
 from caee_jax.routing.ops import expert_load
 from caee_jax.routing.storage import (
@@ -74,14 +76,16 @@ class Routing(NamedTuple):
     expert_sq_norms: jax.Array | None = None
 
 
-def routing_counts(routing: Routing, num_experts: int, pruned: bool = True) -> jax.Array:
+def routing_counts(routing: Routing, num_experts: int, pruned: bool = True, valid: jax.Array | None = None):
     """[4] int32, summed over the MoE layers of a model output's routing (leading layer axis): routed
     pairs, kept pairs, active experts before and after pruning. pruned=False (no rule): the experts are
-    counted once."""
+    counted once. valid [B] bool: only these rows count (a padded batch's real rows; None: all)."""
+    shape = routing.keep_mask.shape  # [L, B, T, K]
+    routed = jnp.ones(shape, bool) if valid is None else jnp.broadcast_to(valid[None, :, None, None], shape)
     active = jax.vmap(lambda ids, keep: jnp.sum(expert_load(ids, keep, num_experts).active))
-    before = jnp.sum(active(routing.topk_ids, jnp.ones_like(routing.keep_mask)))
+    before = jnp.sum(active(routing.topk_ids, routed))
     after = jnp.sum(active(routing.topk_ids, routing.keep_mask)) if pruned else before
-    return jnp.stack([routing.keep_mask.size, jnp.sum(routing.keep_mask), before, after]).astype(jnp.int32)
+    return jnp.stack([jnp.sum(routed), jnp.sum(routing.keep_mask), before, after]).astype(jnp.int32)
 
 
 EXPERT_AXES = {"gate": ("experts", "embed", "moe_ffw"), "up": ("experts", "embed", "moe_ffw")}
@@ -164,6 +168,7 @@ class MoE(nnx.Module):
         layer_index: jax.Array | None = None,
         *,
         collect_expert_sums: bool = False,
+        valid: jax.Array | None = None,
     ) -> tuple[jax.Array, Routing]:
         """x [B, T, D] -> (output [B, T, D], routing).
 
@@ -173,35 +178,48 @@ class MoE(nnx.Module):
           output summed over its (token, expert) pairs, pruned or not: the calibration of `mean`
           compensation (`calibration/expert_means.py`), and `Routing.expert_sq_norms` [E] f32. Runs the
           routed experts a second time.
+        valid: [B] bool, the real rows of a padded batch (None: all): a dummy row's pairs never run, are
+          never kept (`Routing.keep_mask`) and count in no pruning decision.
         """
-        y, routing, _ = self._stages(x, execution, layer_index, collect_expert_sums, None)
+        y, routing, _ = self._stages(x, execution, layer_index, collect_expert_sums, None, valid=valid)
         return y, routing
 
     def offloaded(
-        self, x: jax.Array, execution: Execution, layer_index: jax.Array, expert_cache: ExpertCache, next_router
+        self,
+        x: jax.Array,
+        execution: Execution,
+        layer_index: jax.Array,
+        expert_cache: ExpertCache,
+        next_router,
+        valid: jax.Array | None = None,
     ) -> tuple[jax.Array, Routing, ExpertCache]:
         """Like `__call__` with the routed experts in an expert store behind the device cache
         (`execution.offload`): decide sees each expert's residency, execute fetches kept misses.
         next_router: (weight [D, E], bias [E], exists: bool scalar) of the next MoE layer, applied to x to
-        predict which of its experts to prefetch while this layer computes."""
+        predict which of its experts to prefetch while this layer computes. valid: as in `__call__`."""
         flat = x.reshape(-1, x.shape[-1])
         weight, bias, exists = next_router
         predicted_ids, _ = route(flat, weight, bias, self.config)
         load = expert_load(predicted_ids, jnp.ones(predicted_ids.shape, bool), self.config.n_routed_experts)
-        return self._stages(x, execution, layer_index, False, expert_cache, load.active & exists)
+        return self._stages(x, execution, layer_index, False, expert_cache, load.active & exists, valid)
 
-    def _stages(self, x, execution: Execution, layer_index, collect_expert_sums: bool, expert_cache, next_hint=None):
+    def _stages(
+        self, x, execution: Execution, layer_index, collect_sums: bool, expert_cache, next_hint=None, valid=None
+    ):
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         num_experts = self.config.n_routed_experts
-        topk_ids, topk_weights = route(flat, self.router[...], self.router_bias[...], self.config)
+        router = functools.partial(route, config=self.config)
+        topk_ids, topk_weights = rowwise(router, (flat,), (self.router[...], self.router_bias[...]))
+        k = topk_ids.shape[-1]
+        routed = None if valid is None else jnp.broadcast_to(valid[:, None, None], (b, t, k)).reshape(b * t, k)
         mesh = expert_parallel_mesh()
-        shards = 1 if mesh is None else mesh.shape[EXPERT_AXIS]
+        shards = expert_shards(mesh)
         manager = execution.offload
         tiers = None if expert_cache is None else residency(expert_cache, layer_index, manager)
         rule, table = execution.pruning, execution.cost_table
         scale = self._importance_scale(rule)
-        decision = decide(rule, table, topk_ids, topk_weights, num_experts, shards, tiers, scale)
+        decision = decide(rule, table, topk_ids, topk_weights, num_experts, shards, tiers, scale, routed)
         if execution.prune_layers is not None:
             decision = _only_in_layers(decision, topk_weights, layer_index, execution.prune_layers)
         placed = dict(mesh=mesh, layer_index=layer_index, decode=t == 1)
@@ -230,8 +248,7 @@ class MoE(nnx.Module):
             y = y.reshape(x.shape)
             if self.shared is not None:
                 y = y + self.shared(x)
-        sums, sq_norms = self._expert_sums(flat, topk_ids, execution, placed) if collect_expert_sums else (None, None)
-        k = topk_ids.shape[-1]
+        sums, sq_norms = self._expert_sums(flat, topk_ids, execution, placed, routed) if collect_sums else (None, None)
         routing = (topk_ids, topk_weights, decision.keep_mask)
         return y, Routing(*(a.reshape(b, t, k) for a in routing), dropped, sums, tiers, sq_norms), expert_cache
 
@@ -256,9 +273,9 @@ class MoE(nnx.Module):
         compensation = mean_outputs(self.expert_means[...], topk_ids, topk_weights, keep_mask)
         return (y.astype(jnp.float32) + compensation).astype(y.dtype)
 
-    def _expert_sums(self, flat, topk_ids, execution: Execution, placed: dict) -> tuple[jax.Array, jax.Array]:
+    def _expert_sums(self, flat, topk_ids, execution: Execution, placed: dict, routed) -> tuple[jax.Array, jax.Array]:
         """([E, D] f32, [E] f32): each expert's unweighted output, and its squared norm, summed over its
-        routed pairs (every top-k slot).
+        routed pairs (every top-k slot of the real rows, `routed` [N, K] or None: all).
 
         Runs one row per (token, slot) pair, so it builds [N*K, D], never an output per expert and token;
         expert-parallel all_to_all gets a capacity that drops no pair.
@@ -268,7 +285,7 @@ class MoE(nnx.Module):
             pairs = jnp.repeat(flat, k, axis=0)  # [N*K, D]: row n*K + j is token n
             ids = topk_ids.reshape(-1, 1)
             ones = jnp.ones(ids.shape, jnp.float32)
-            everything = jnp.ones(ids.shape, bool)
+            everything = jnp.ones(ids.shape, bool) if routed is None else routed.reshape(-1, 1)
             args = (pairs, ids, ones, everything, self.expert_weights, execution.backend)
             placed = dict(placed, scales=self.expert_scales)
             outputs, _ = execute(*args, dispatch=execution.dispatch, capacity_factor=None, **placed)

@@ -26,8 +26,8 @@ def route(x: jax.Array, weight: jax.Array, bias: jax.Array, config: ModelConfig)
             grouped = choice.reshape(-1, config.n_group, config.experts_per_group)  # [N, G, E/G]
             group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N, G]
             _, top_groups = jax.lax.top_k(group_scores, config.topk_group)  # [N, topk_group]
-            group_mask = jnp.zeros_like(group_scores, dtype=bool)
-            group_mask = group_mask.at[jnp.arange(group_scores.shape[0])[:, None], top_groups].set(True)
+            # [N, G]: compared, not scattered, so that XLA keeps it split over the batch's devices
+            group_mask = jnp.any(top_groups[:, :, None] == jnp.arange(config.n_group), axis=1)
             expert_mask = jnp.repeat(group_mask, config.experts_per_group, axis=-1)  # [N, E]
             choice = jnp.where(expert_mask, choice, -jnp.inf)
         _, topk_ids = jax.lax.top_k(choice, config.num_experts_per_tok)

@@ -45,20 +45,23 @@ class DecoderLayer(nnx.Module):
         collect_expert_sums=False,
         expert_cache=None,
         next_router=None,
+        valid=None,
     ):
         """h [B, T, D] -> (h, cache or new latents [B, T, R+P], routing or None, expert_cache); layer_index,
-        collect_expert_sums as in `MoE`; expert_cache, next_router: the device expert cache when the experts
-        are offloaded, and the next MoE layer's router for prefetching (`MoE.offloaded`)."""
+        collect_expert_sums, valid as in `MoE`; expert_cache, next_router: the device expert cache when the
+        experts are offloaded, and the next MoE layer's router for prefetching (`MoE.offloaded`)."""
         attn_out, cache = self.attn(self.attn_norm(h), positions, cache)
         h = h + attn_out
         normed = self.ffn_norm(h)
         routing = None
         if isinstance(self.ffn, MoE) and expert_cache is not None:
             ffn_out, routing, expert_cache = self.ffn.offloaded(
-                normed, execution, layer_index, expert_cache, next_router
+                normed, execution, layer_index, expert_cache, next_router, valid
             )
         elif isinstance(self.ffn, MoE):
-            ffn_out, routing = self.ffn(normed, execution, layer_index, collect_expert_sums=collect_expert_sums)
+            ffn_out, routing = self.ffn(
+                normed, execution, layer_index, collect_expert_sums=collect_expert_sums, valid=valid
+            )
         else:
             ffn_out = self.ffn(normed)
         return h + ffn_out, cache, routing, expert_cache
@@ -165,6 +168,7 @@ class DeepseekV3(nnx.Module):
         *,
         collect_expert_sums: bool = False,
         expert_cache: ExpertCache | None = None,
+        valid: jax.Array | None = None,
     ) -> ModelOutput:
         """tokens int [B, T] at positions [B, T] (default 0..T-1).
 
@@ -173,6 +177,8 @@ class DeepseekV3(nnx.Module):
         execution: how the MoE layers run (static). collect_expert_sums: each MoE layer's routing carries
         its experts' output sums (`MoE`; calibration of `mean` compensation). expert_cache: with offloaded
         experts (`execution.offload`), the device expert cache, threaded through the MoE layers.
+        valid: [B] bool, the real rows of a batch padded to split over the mesh (None: every row); a dummy
+        row's pairs never run and count in no pruning decision (`MoE`).
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -182,7 +188,7 @@ class DeepseekV3(nnx.Module):
         latent_dim = self.config.latent_dim
         h, dense_cache, _, _ = _scan(self.dense_layers, h, positions, dense_cache, execution, latent_dim)
         h, moe_cache, routing, expert_cache = _scan(
-            self.moe_layers, h, positions, moe_cache, execution, latent_dim, collect_expert_sums, expert_cache
+            self.moe_layers, h, positions, moe_cache, execution, latent_dim, collect_expert_sums, expert_cache, valid
         )
         h = self.final_norm(h)
         head = self.embed.embedding[...].T if self.lm_head is None else self.lm_head[...]
@@ -199,9 +205,11 @@ def _scan(
     latent_dim: int,
     collect_sums=False,
     expert_cache=None,
+    valid=None,
 ):
     """Runs a layer stack over h; cache [L, B, S, C] or None; expert_cache carried (updated in place) when
-    given. Returns (h, cache or latents, routing, expert_cache)."""
+    given; valid [B] bool or None (`DeepseekV3.__call__`). Returns (h, cache or latents, routing,
+    expert_cache)."""
     if layers is None:
         empty = jnp.zeros((0, *h.shape[:2], latent_dim), h.dtype) if cache is None else cache
         return h, empty, None, expert_cache
@@ -215,7 +223,7 @@ def _scan(
         layer = nnx.merge(graphdef, experts, layer_state)
         layer_index = index if experts else None
         h, layer_cache, routing, expert_cache = layer(
-            h, positions, layer_cache, execution, layer_index, collect_sums, expert_cache, next_router
+            h, positions, layer_cache, execution, layer_index, collect_sums, expert_cache, next_router, valid
         )
         return (h, expert_cache), (layer_cache, routing)
 

@@ -1,8 +1,18 @@
-"""The one place that builds device meshes: axes `data`, `expert`, `tensor` (in that order).
+"""The one place that builds device meshes: axes `data`, then `expert` or `data_expert`, then `tensor`.
 
 A mesh is written as text, e.g. "data=2,expert=4": omitted axes have size 1, and without a spec every
-device goes on the expert axis. Axes are `Auto`: model code is written for one device, parameters and
-activations carry shardings, and only the MoE layer uses `jax.shard_map` explicitly.
+device goes on the expert axis. The second axis comes in two layouts (the rules table, `rules.py`,
+says what each shards):
+
+expert=N       routed experts split over N devices; attention, dense layers, shared experts and the
+               latent cache replicated over them (each computes its data shard's whole batch).
+data_expert=N  routed experts split over N devices AND the batch (with its latent cache) split over the
+               same N devices: attention is data-parallel, tokens travel to their experts and back
+               (DeepSeek's and SGLang's serving layout). "data=2,data_expert=4" splits the batch 8 ways
+               and the experts 4 ways.
+
+Axes are `Auto`: model code is written for one device, parameters and activations carry shardings, and
+only the MoE layer uses `jax.shard_map` explicitly.
 """
 
 from __future__ import annotations
@@ -13,7 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-MESH_AXES = ("data", "expert", "tensor")
+DATA_EXPERT = "data_expert"  # the second axis in the data-parallel attention layout (module doc)
+SPEC_AXES = ("data", "expert", DATA_EXPERT, "tensor")
 
 
 class MeshError(ValueError):
@@ -21,8 +32,8 @@ class MeshError(ValueError):
 
 
 def parse_mesh_spec(spec: str | dict[str, int] | None, num_devices: int | None = None) -> dict[str, int]:
-    """ "data=2,expert=4" (or a dict) -> sizes for every axis in MESH_AXES, checked against num_devices
-    when given."""
+    """ "data=2,expert=4" (or a dict) -> the mesh's axes and sizes in order (data, expert or data_expert,
+    tensor), checked against num_devices when given."""
     if spec is None or spec == "":
         if num_devices is None:
             raise MeshError("an empty mesh spec needs a device count")
@@ -39,10 +50,13 @@ def parse_mesh_spec(spec: str | dict[str, int] | None, num_devices: int | None =
             sizes[name] = int(value)
     else:
         sizes = dict(spec)
-    unknown = sorted(set(sizes) - set(MESH_AXES))
+    unknown = sorted(set(sizes) - set(SPEC_AXES))
     if unknown:
-        raise MeshError(f"mesh spec {spec!r}: unknown axis {unknown[0]!r}; axes are {', '.join(MESH_AXES)}")
-    sizes = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+        raise MeshError(f"mesh spec {spec!r}: unknown axis {unknown[0]!r}; axes are {', '.join(SPEC_AXES)}")
+    if "expert" in sizes and DATA_EXPERT in sizes:
+        raise MeshError(f"mesh spec {spec!r}: give expert (attention replicated) or {DATA_EXPERT} (split), not both")
+    second = DATA_EXPERT if DATA_EXPERT in sizes else "expert"
+    sizes = {axis: sizes.get(axis, 1) for axis in ("data", second, "tensor")}
     if any(size < 1 for size in sizes.values()):
         raise MeshError(f"mesh spec {spec!r}: axis sizes must be >= 1")
     if num_devices is not None and math.prod(sizes.values()) != num_devices:
@@ -52,15 +66,15 @@ def parse_mesh_spec(spec: str | dict[str, int] | None, num_devices: int | None =
 
 
 def make_mesh(spec: str | dict[str, int] | None = None, devices=None) -> Mesh:
-    """A Mesh over `devices` (default: every device of every process) with axes MESH_AXES."""
+    """A Mesh over `devices` (default: every device of every process) with the spec's three axes."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh_spec(spec, len(devices))
-    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    names, shape, types = tuple(sizes), tuple(sizes.values()), (AxisType.Auto,) * len(sizes)
     if len(devices) == len(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, (AxisType.Auto,) * len(MESH_AXES), devices=devices)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        return jax.make_mesh(shape, names, types, devices=devices)
+    return Mesh(np.asarray(devices).reshape(shape), names, axis_types=types)
 
 
 def describe(mesh: Mesh) -> str:
-    """ "data=1,expert=8,tensor=1" """
+    """ "data=1,expert=8,tensor=1" (or "data=1,data_expert=8,tensor=1")"""
     return ",".join(f"{axis}={size}" for axis, size in mesh.shape.items())

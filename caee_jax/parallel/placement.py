@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from caee_jax.parallel.rules import LOGICAL_RULES, state_shardings
+from caee_jax.parallel.rules import mesh_axes, partition_spec, state_shardings
 
 
 def to_mesh(value, sharding: NamedSharding) -> jax.Array:
@@ -37,8 +37,20 @@ def place_state(state: nnx.State, mesh: Mesh) -> nnx.State:
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) dimension over the data axis, the rest replicated."""
-    return NamedSharding(mesh, P(LOGICAL_RULES["batch"], *([None] * (ndim - 1))))
+    """Leading (batch) dimension over the batch's mesh axes (`data`, and `data_expert` when the mesh has
+    it), the rest replicated."""
+    return NamedSharding(mesh, partition_spec(("batch", *(["sequence"] * (ndim - 1))), mesh))
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+    """How many ways the batch is split: the product of its mesh axes (1 without a mesh)."""
+    return 1 if mesh is None else int(np.prod([mesh.shape[axis] for axis in mesh_axes("batch", mesh)]))
+
+
+def padded_batch(mesh: Mesh | None, batch: int) -> int:
+    """`batch` rounded up to a multiple of `batch_shards`: the rows to run, dummy rows last."""
+    shards = batch_shards(mesh)
+    return -(-batch // shards) * shards
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -46,9 +58,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch(mesh: Mesh | None, batch: int) -> None:
-    """A clear error when the batch cannot be split over the data axis."""
-    if mesh is not None and batch % mesh.shape["data"]:
-        raise ValueError(f"batch size {batch} does not divide the mesh's data axis ({mesh.shape['data']} devices)")
+    """A clear error when the batch cannot be split over the batch's mesh axes (callers that pad use
+    `padded_batch` instead)."""
+    if batch % batch_shards(mesh):
+        axes = " x ".join(mesh_axes("batch", mesh))
+        raise ValueError(f"batch size {batch} does not divide the mesh's {axes} axis ({batch_shards(mesh)} devices)")
 
 
 def mesh_context(mesh: Mesh | None):

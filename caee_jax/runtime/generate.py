@@ -18,7 +18,7 @@ import numpy as np
 
 from caee_jax import html
 from caee_jax.offload.cache import StepStats
-from caee_jax.parallel.placement import batch_sharding, check_batch, mesh_context, to_mesh
+from caee_jax.parallel.placement import batch_sharding, mesh_context, padded_batch, to_mesh
 from caee_jax.runtime import steps
 
 PROMPT_BUCKET = 16
@@ -173,24 +173,28 @@ def _start(model, prompts, max_new_tokens, temperature, top_p, seed, stop, max_c
         )
     stop_ids = set(model.config.eos_ids if stop is None else stop)
     prompt_len = min(_round_up(int(lengths.max()), PROMPT_BUCKET), cache_len)
-    tokens = np.zeros((len(ids), prompt_len), np.int32)
-    for b, p in enumerate(ids):
-        tokens[b, : len(p)] = p
-
     mesh = getattr(model, "mesh", None)
-    check_batch(mesh, len(ids))
-    args = (model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len)
+    # A batch that does not split over the mesh gets dummy rows (copies of the first prompt) at the end:
+    # they run attention but no expert, and their ids and routing are left out (`steps`, `valid`).
+    rows = padded_batch(mesh, len(ids))
+    padded = ids + [ids[0]] * (rows - len(ids))
+    tokens = np.zeros((rows, prompt_len), np.int32)
+    for b, p in enumerate(padded):
+        tokens[b, : len(p)] = p
+    lengths = np.array([len(p) for p in padded], np.int32)
+    valid = np.arange(rows) < len(ids)
+    args = (model, mesh, tokens, lengths, valid, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len)
     return _generate(*args), mesh
 
 
-def _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len):
+def _generate(model, mesh, tokens, lengths, valid, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len):
     """The decode loop; an offloaded model's expert cache is threaded through and left updated on the model
     (or emptied, matching its host side, if a step fails: its buffer was donated)."""
     manager = model.execution.offload
     try:
         return (
             yield from _decode_loop(
-                model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len
+                model, mesh, tokens, lengths, valid, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len
             )
         )
     except BaseException:
@@ -199,11 +203,14 @@ def _generate(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, 
         raise
 
 
-def _decode_loop(model, mesh, tokens, lengths, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len):
+def _decode_loop(model, mesh, tokens, lengths, valid, max_new_tokens, temperature, top_p, seed, stop_ids, cache_len):
+    """tokens [B, T], lengths [B], valid [B] bool (B padded to split over the mesh); yields the new ids of
+    the real rows."""
     manager = model.execution.offload
     offload_steps = []
+    real = int(valid.sum())
     if mesh is not None:
-        tokens, lengths = (to_mesh(a, batch_sharding(mesh, a.ndim)) for a in (tokens, lengths))
+        tokens, lengths, valid = (to_mesh(a, batch_sharding(mesh, a.ndim)) for a in (tokens, lengths, valid))
     temp, nucleus, seed = np.float32(temperature), np.float32(top_p), np.uint32(seed)
     start = time.perf_counter()
     next_ids, cache, dropped, model.expert_cache = steps.prefill(
@@ -215,10 +222,11 @@ def _decode_loop(model, mesh, tokens, lengths, max_new_tokens, temperature, top_
         temp,
         nucleus,
         model.expert_cache,
+        jnp.asarray(valid),
         cache_len=cache_len,
         execution=model.execution,
     )
-    next_host = np.asarray(next_ids)
+    next_host = np.asarray(next_ids)[:real]
     prefill_s = time.perf_counter() - start
     prefill_offload = manager.take_step_stats() if manager is not None else None
 
@@ -252,10 +260,11 @@ def _decode_loop(model, mesh, tokens, lengths, max_new_tokens, temperature, top_
             temp,
             nucleus,
             model.expert_cache,
+            jnp.asarray(valid),
             execution=model.execution,
         )
         yield new  # the caller's use of the new ids overlaps the step just dispatched
-        next_host = np.asarray(next_ids)
+        next_host = np.asarray(next_ids)[:real]
         step_times.append(time.perf_counter() - start)
         routing_counts += np.asarray(counts)
         positions = positions + 1

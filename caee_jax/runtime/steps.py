@@ -5,6 +5,8 @@ state of arrays as an argument (parameters are never constants in compiled code)
 process reads are replicated over the mesh (`gather_replicated`). `expert_cache` is the device expert
 cache of a model whose experts are offloaded (`offload/`), None otherwise: donated and returned updated.
 Letters: B batch, T tokens, V vocab, L MoE layers, S devices (expert shards), K top-k, E experts, D hidden.
+`valid` [B] bool marks the real rows of a batch padded to split over the mesh (None: every row): dummy
+rows run attention but no expert and count in no statistic (`DeepseekV3.__call__`).
 
 On CPU the steps compile without XLA's while-loop-invariant code motion (`step_jit`). XLA:CPU has no
 bf16 dot, so it converts a bf16 weight operand to f32; the weight stacks [L, ...] are loop-invariant
@@ -61,20 +63,31 @@ def sampling_key(seed, step):
 
 
 @step_jit(static_argnames=("graphdef", "execution"), donate_argnames=("expert_cache",))
-def logits(graphdef, state, tokens, expert_cache=None, *, execution: Execution):
+def logits(graphdef, state, tokens, expert_cache=None, valid=None, *, execution: Execution):
     """tokens [B, T] -> (full-sequence logits [B, T, V] f32, expert_cache)."""
-    out = nnx.merge(graphdef, state)(tokens, execution=execution, expert_cache=expert_cache)
+    out = nnx.merge(graphdef, state)(tokens, execution=execution, expert_cache=expert_cache, valid=valid)
     return out.logits, out.expert_cache
 
 
 @step_jit(static_argnames=("graphdef", "cache_len", "execution"), donate_argnames=("expert_cache",))
 def prefill(
-    graphdef, state, tokens, lengths, seed, temperature, top_p, expert_cache=None, *, cache_len: int, execution
+    graphdef,
+    state,
+    tokens,
+    lengths,
+    seed,
+    temperature,
+    top_p,
+    expert_cache=None,
+    valid=None,
+    *,
+    cache_len: int,
+    execution,
 ):
     """tokens [B, T] (right-padded), lengths [B] -> (first sampled ids [B], LatentCache with S = cache_len,
     expert-parallel dropped pairs summed over MoE layers, expert_cache)."""
     model = nnx.merge(graphdef, state)
-    out = model(tokens, execution=execution, expert_cache=expert_cache)
+    out = model(tokens, execution=execution, expert_cache=expert_cache, valid=valid)
     batch, length = tokens.shape
     cache = LatentCache.zeros(model.config, batch, cache_len, out.cache.moe.dtype)
     cache = jax.tree.map(lambda c, new: c.at[:, :, :length].set(new), cache, out.cache)
@@ -84,50 +97,74 @@ def prefill(
     return gather_replicated(ids), cache, dropped, out.expert_cache
 
 
-def _decode(graphdef, state, cache, tokens, positions, execution: Execution, expert_cache=None):
+def _decode(graphdef, state, cache, tokens, positions, execution: Execution, expert_cache=None, valid=None):
     """One decode step of the model: tokens [B] at positions [B] -> (model, ModelOutput)."""
     model = nnx.merge(graphdef, state)
-    return model, model(tokens[:, None], positions[:, None], cache, execution=execution, expert_cache=expert_cache)
+    out = model(tokens[:, None], positions[:, None], cache, execution=execution, expert_cache=expert_cache, valid=valid)
+    return model, out
 
 
-def _counts(model, out, execution: Execution) -> jax.Array:
-    """Routing counts [4] int32 of a step (`routing_counts`), zeros for a model without MoE layers."""
+def _counts(model, out, execution: Execution, valid=None) -> jax.Array:
+    """Routing counts [4] int32 of a step's real rows (`routing_counts`), zeros for a model without MoE
+    layers."""
     if out.routing is None:
         return jnp.zeros(4, jnp.int32)
-    return routing_counts(out.routing, model.config.n_routed_experts, pruned=execution.pruning is not None)
+    return routing_counts(out.routing, model.config.n_routed_experts, execution.pruning is not None, valid)
 
 
 @step_jit(static_argnames=("graphdef", "execution"), donate_argnames=("cache", "expert_cache"))
 def decode_step(
-    graphdef, state, cache, tokens, positions, seed, step, temperature, top_p, expert_cache=None, *, execution
+    graphdef,
+    state,
+    cache,
+    tokens,
+    positions,
+    seed,
+    step,
+    temperature,
+    top_p,
+    expert_cache=None,
+    valid=None,
+    *,
+    execution,
 ):
     """tokens [B] at positions [B] -> (next ids [B], updated cache, routing counts [4] int32: routed pairs,
     kept pairs, active experts before and after pruning, each summed over the MoE layers, expert_cache);
     step numbers the sampling key."""
-    model, out = _decode(graphdef, state, cache, tokens, positions, execution, expert_cache)
+    model, out = _decode(graphdef, state, cache, tokens, positions, execution, expert_cache, valid)
     ids = sample(out.logits[:, 0], sampling_key(seed, step), temperature, top_p)
-    counts = gather_replicated(_counts(model, out, execution))
+    counts = gather_replicated(_counts(model, out, execution, valid))
     return gather_replicated(ids), out.cache, counts, out.expert_cache
 
 
 @step_jit(static_argnames=("graphdef", "execution", "table"), donate_argnames=("cache", "expert_cache"))
 def teacher_forced_step(
-    graphdef, state, cache, tokens, positions, expert_cache=None, *, execution: Execution, table: CostTable | None
+    graphdef,
+    state,
+    cache,
+    tokens,
+    positions,
+    expert_cache=None,
+    valid=None,
+    *,
+    execution: Execution,
+    table: CostTable | None,
 ):
     """tokens [B] at positions [B] -> (log-probabilities [B, V], cache, routing counts [4] (`routing_counts`),
     predicted MoE time per layer and device [2, L, S]: unpruned, as run (s; 0 without table; offloaded, a
     non-resident expert adds its tier's fetch time), expert_cache)."""
-    model, out = _decode(graphdef, state, cache, tokens, positions, execution, expert_cache)
+    model, out = _decode(graphdef, state, cache, tokens, positions, execution, expert_cache, valid)
     logprobs = jax.nn.log_softmax(out.logits[:, 0], axis=-1)
     routing = out.routing
     predicted = jnp.zeros((2, 1, 1))
     if table is not None:
         device_s = jax.vmap(lambda ids, keep, tiers: predict(table, ids[:, 0], keep[:, 0], tiers).device_s)
-        everything = jnp.ones_like(routing.keep_mask)
+        shape = routing.keep_mask.shape  # [L, B, 1, K]
+        everything = jnp.ones(shape, bool) if valid is None else jnp.broadcast_to(valid[None, :, None, None], shape)
         predicted = jnp.stack(
             [device_s(routing.topk_ids, keep, routing.residency) for keep in (everything, routing.keep_mask)]
         )
-    replicated = [gather_replicated(a) for a in (logprobs, _counts(model, out, execution), predicted)]
+    replicated = [gather_replicated(a) for a in (logprobs, _counts(model, out, execution, valid), predicted)]
     return replicated[0], out.cache, *replicated[1:], out.expert_cache
 
 
