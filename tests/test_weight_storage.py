@@ -90,10 +90,12 @@ def test_stored_experts_equal_a_float32_model_holding_their_values(weights):
             np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
 
 
-def test_fp8_experts_on_a_mesh_equal_one_device():
-    """Prefill (all_to_all dispatch) and a decode step (gather) on a data x expert mesh."""
+@pytest.mark.parametrize("mesh", ["data=2,expert=4", "data_expert=2"])
+def test_fp8_experts_on_a_mesh_equal_one_device(mesh):
+    """Prefill and a decode step on a data x expert mesh (all_to_all, then gather) and on a data_expert mesh
+    (tokens split over the expert devices: all_to_all both)."""
     single = caee_jax.init_random("tiny", seed=3, weights="fp8")
-    sharded = caee_jax.init_random("tiny", seed=3, weights="fp8", mesh=mesh_of("data=2,expert=4"))
+    sharded = caee_jax.init_random("tiny", seed=3, weights="fp8", mesh=mesh_of(mesh))
     both = (run(model, TOKENS, TOKENS[:, 0], Execution()) for model in (sharded, single))
     for got, want in zip(*both, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
