@@ -1,4 +1,4 @@
-"""The cost-table probe: a table calibrated here is silent, one whose constants are off by 2x warns."""
+"""The cost-table probe: a table calibrated here is silent, one whose constants are off by 4x warns."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ def test_a_fresh_table_is_silent_and_a_table_off_by_2x_warns(tmp_path):
     model = caee_jax.init_random("tiny")
     ratios = []
     for attempt in range(3):
-        table = calibrate(model, cases_per_size=3, repeats=5, scratch_dir=str(tmp_path / str(attempt)))
+        scratch = tmp_path / str(attempt)
+        scratch.mkdir()
+        table = calibrate(model, cases_per_size=3, repeats=5, scratch_dir=str(scratch))
         fresh = probe_table(model, table)
         ratios.append(round(fresh.ratio, 2))
         if not fresh.stale:
@@ -34,8 +36,10 @@ def test_a_fresh_table_is_silent_and_a_table_off_by_2x_warns(tmp_path):
     assert not fresh.stale, f"tables calibrated seconds ago predict {ratios}x the measured times"
     assert stale_warning(fresh, table, "python launch/calibrate.py") is None
     assert fresh.cases == 6 and fresh.seconds < 30
-    for factor in (2.0, 0.5):
-        probe = probe_table(model, scaled(table, factor))
+    # Off by 4x from what the fresh probe measured: two probes of the tiny model's microsecond layers
+    # differed by up to 2x on this shared 2-core machine, so a 2x table could read as fitting.
+    for factor in (4.0, 0.25):
+        probe = probe_table(model, scaled(table, factor / fresh.ratio))
         assert probe.stale
         warning = stale_warning(probe, table, "python launch/calibrate.py --preset tiny")
         assert warning.startswith("warning: the cost table for ") and warning.count("\n") == 0
