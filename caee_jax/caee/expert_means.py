@@ -66,16 +66,10 @@ def read(path: str, config: ModelConfig) -> Calibration:
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise ExpertMeansError(f"{path}: not an expert-means .npz file ({error})") from error
     with archive:
+        header = dict(format=FORMAT, version=VERSION, dims=DIMS, config=config)
+        npz_fields.check_header(archive, path, ExpertMeansError, **header)
         field = functools.partial(npz_fields.field, archive, path, error=ExpertMeansError)
-        if str(field("format")) != FORMAT:
-            raise ExpertMeansError(f"{path}: field 'format' is {str(field('format'))!r}, not {FORMAT!r}")
         integer = functools.partial(npz_fields.integer, archive, path, error=ExpertMeansError)
-        if integer("version") != VERSION:
-            raise ExpertMeansError(f"{path}: field 'version' is {integer('version')}; this reader knows {VERSION}")
-        for name in DIMS:
-            stored, expected = integer(name), getattr(config, name)
-            if stored != expected:
-                raise ExpertMeansError(f"{path}: field {name!r} is {stored}; the model has {expected}")
         tokens = integer("tokens")
         shape = (config.num_moe_layers, config.n_routed_experts, config.hidden_size)
         means, counts = field("means"), field("counts")

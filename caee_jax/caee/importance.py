@@ -98,16 +98,10 @@ def read(path: str, config: ModelConfig) -> Calibration:
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise ImportanceError(f"{path}: not an importance .npz file ({error})") from error
     with archive:
+        header = dict(format=FORMAT, version=VERSION, dims=DIMS, config=config)
+        npz_fields.check_header(archive, path, ImportanceError, **header)
         field = functools.partial(npz_fields.field, archive, path, error=ImportanceError)
-        if str(field("format")) != FORMAT:
-            raise ImportanceError(f"{path}: field 'format' is {str(field('format'))!r}, not {FORMAT!r}")
         integer = functools.partial(npz_fields.integer, archive, path, error=ImportanceError)
-        if integer("version") != VERSION:
-            raise ImportanceError(f"{path}: field 'version' is {integer('version')}; this reader knows {VERSION}")
-        for name in DIMS:
-            stored, expected = integer(name), getattr(config, name)
-            if stored != expected:
-                raise ImportanceError(f"{path}: field {name!r} is {stored}; the model has {expected}")
         tokens, text_sha256 = integer("tokens"), str(field("text_sha256"))
         arrays = {name: field(name) for name in ("expert_scale", "layer_sensitivity", "kl_per_mass", "counts")}
     layers, experts = config.num_moe_layers, config.n_routed_experts

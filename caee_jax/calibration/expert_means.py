@@ -17,6 +17,16 @@ from caee_jax.parallel.placement import batch_sharding, check_batch, mesh_contex
 from caee_jax.runtime import steps
 
 
+def calibration_batches(model, ids, tokens: int, seq_len: int, batch_size: int) -> np.ndarray:
+    """[batches, batch_size, seq_len] int32: consecutive windows of the token stream ids [M], at least
+    `tokens` tokens in whole batches, as many as the stream holds (a too-short stream is a ValueError)."""
+    batches = min(len(ids) // seq_len // batch_size, -(-tokens // (seq_len * batch_size)))
+    if batches < 1:
+        raise ValueError(f"the calibration text has {len(ids)} tokens; need at least {seq_len * batch_size}")
+    check_batch(model.mesh, batch_size)
+    return np.asarray(ids[: batches * batch_size * seq_len], np.int32).reshape(batches, batch_size, seq_len)
+
+
 def calibrate(
     model, ids: np.ndarray, *, tokens: int, seq_len: int = 256, batch_size: int = 8, progress: bool = True
 ) -> Calibration:
@@ -27,12 +37,7 @@ def calibrate(
     as the stream holds. Sums accumulate in float64.
     """
     config = model.config
-    windows = len(ids) // seq_len
-    batches = min(windows // batch_size, -(-tokens // (seq_len * batch_size)))
-    if batches < 1:
-        raise ValueError(f"the calibration text has {len(ids)} tokens; need at least {seq_len * batch_size}")
-    check_batch(model.mesh, batch_size)
-    stream = np.asarray(ids[: batches * batch_size * seq_len], np.int32).reshape(batches, batch_size, seq_len)
+    stream = calibration_batches(model, ids, tokens, seq_len, batch_size)
     execution = Execution(model.execution.backend, dispatch=model.execution.dispatch)  # native routing, no pruning
     sums = np.zeros((config.num_moe_layers, config.n_routed_experts, config.hidden_size), np.float64)
     counts = np.zeros(sums.shape[:2], np.int64)

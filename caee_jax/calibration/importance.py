@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from caee_jax.caee.importance import Calibration
 from caee_jax.caee.peer_rules import PeerRule
+from caee_jax.calibration.expert_means import calibration_batches
 from caee_jax.files import atomic_write
 from caee_jax.model.execution import Execution
-from caee_jax.parallel.placement import batch_sharding, check_batch, mesh_context, to_mesh
+from caee_jax.parallel.placement import batch_sharding, mesh_context, to_mesh
 from caee_jax.runtime import steps
 
 PROBE = "topk"  # the probe prunes a layer down to K - 1 slots per token: its lightest slot goes
@@ -56,12 +57,7 @@ def calibrate(
     whole batches, as many as the stream holds. Sums accumulate in float64 in window order (deterministic).
     """
     config = model.config
-    windows = len(ids) // seq_len
-    batches = min(windows // batch_size, -(-tokens // (seq_len * batch_size)))
-    if batches < 1:
-        raise ValueError(f"the calibration text has {len(ids)} tokens; need at least {seq_len * batch_size}")
-    check_batch(model.mesh, batch_size)
-    stream = np.asarray(ids[: batches * batch_size * seq_len], np.int32).reshape(batches, batch_size, seq_len)
+    stream = calibration_batches(model, ids, tokens, seq_len, batch_size)
     execution = Execution(model.execution.backend, dispatch=model.execution.dispatch)
     layers, experts = config.num_moe_layers, config.n_routed_experts
     identity = hashlib.sha256(stream.tobytes() + repr((config, str(model.dtype))).encode()).hexdigest()
@@ -77,7 +73,7 @@ def calibrate(
     bar = tqdm(total=stream.size, desc="importance", unit="tok", unit_scale=True, disable=not progress)
     bar.update(int(sums["done"]) * batch_size * seq_len)
     with mesh_context(model.mesh), bar:
-        for index in range(int(sums["done"]), batches):
+        for index in range(int(sums["done"]), len(stream)):
             batch = stream[index]
             batch = jnp.asarray(batch) if model.mesh is None else to_mesh(batch, batch_sharding(model.mesh, 2))
             out = steps.importance_stats(model.graphdef, model.state, batch, execution=execution, probes=plans)
