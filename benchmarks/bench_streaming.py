@@ -18,16 +18,9 @@ import time
 import numpy as np
 
 import caee_jax
+from caee_jax.stats import median_ratio
 
 PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
-
-
-def ratio_interval(base: np.ndarray, cand: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """median(cand) / median(base) and a bootstrap 95% interval (rounds resampled together)."""
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(base), (2000, len(base)))
-    ratios = np.median(cand[picks], axis=1) / np.median(base[picks], axis=1)
-    return float(np.median(cand) / np.median(base)), *np.quantile(ratios, [0.025, 0.975]).tolist()
 
 
 def run(model, tokens: int, sink) -> tuple[float, float]:
@@ -67,7 +60,7 @@ def main() -> None:
     whole = {name: np.array([t[1] for t in runs]) for name, runs in times.items()}
     print(f"bundled model, batch 1, {args.tokens} new tokens, {args.rounds} rounds alternated")
     for label, values in (("decode ms/token", step), ("whole call ms", whole)):
-        ratio, low, high = ratio_interval(values["plain"], values["streamed"])
+        ratio, low, high = median_ratio(values["plain"], values["streamed"])
         print(
             f"  {label}: plain {1e3 * np.median(values['plain']):.3f}, streamed "
             f"{1e3 * np.median(values['streamed']):.3f}; streamed / plain {ratio:.3f} [{low:.3f}, {high:.3f}]"

@@ -26,6 +26,9 @@ import tempfile
 import numpy as np
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+from caee_jax.stats import median_ratio  # noqa: E402
 
 
 def run_job(tree: str, argv: list[str]) -> str:
@@ -50,14 +53,6 @@ def eval_case(tree: str, batch: int, theta: float, eval_tokens: int, extra: list
             record = json.loads(f.readline())
     keys = ("step_time_s", "step_time_unpruned_s", "top1_acc", "ppl", "pruned_pair_fraction")
     return {key: record[key] for key in keys}
-
-
-def ratio_interval(base: np.ndarray, cand: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """median(cand) / median(base) and a bootstrap 95% interval (rounds resampled together)."""
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(base), (2000, len(base)))
-    ratios = np.median(cand[picks], axis=1) / np.median(base[picks], axis=1)
-    return float(np.median(cand) / np.median(base)), *np.quantile(ratios, [0.025, 0.975]).tolist()
 
 
 def main() -> None:
@@ -87,7 +82,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for key in ("decode_s", "step_time_s", "step_time_unpruned_s"):
         b, c = (np.array([r[key] for r in rs]) for rs in (base, cand))
-        ratio, low, high = ratio_interval(b, c)
+        ratio, low, high = median_ratio(b, c)
         medians = f"{1e3 * np.median(b):.2f} ms | {1e3 * np.median(c):.2f} ms"
         print(f"| {key} | {medians} | {ratio:.3f} [{low:.3f}, {high:.3f}] |")
     for key in ("top1_acc", "ppl", "pruned_pair_fraction"):

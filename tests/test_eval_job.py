@@ -23,6 +23,7 @@ def test_eval_job_writes_records_and_resumes(tmp_path):
     command = [sys.executable, "launch/eval.py", "--preset", "tiny", "--eval-file", str(tmp_path / "text.txt")]
     command += ["--out", str(tmp_path / "out"), "--batch-sizes", "2", "--prefix", "4", "--steps", "3"]
     command += ["--eval-tokens", "6", "--cost-table", table, "--rules", "caee,top_p", "--knobs", "caee=1.5;top_p=0.5"]
+    command += ["--cut-half-width", "0", "--max-timed-steps", "12"]  # never narrow: timing stops at 12 steps
     first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-3000:]
     records = [json.loads(line) for line in open(tmp_path / "out" / "results.jsonl")]
@@ -33,6 +34,9 @@ def test_eval_job_writes_records_and_resumes(tmp_path):
     for r in records:
         assert FIELDS <= set(r)
         assert r["tokens"] == 6 and 0 <= r["pruned_pair_fraction"] <= 1
+        assert r["timed_steps"] == 11  # 3 steps measured with accuracy, 9 timed only; the first compiles
+        low, high = r["step_cut_interval"]
+        assert low <= 1 - r["step_time_s"] / r["step_time_unpruned_s"] <= high
     assert records[0]["pruned_pair_fraction"] > 0  # theta 1.5 prunes on one device
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]

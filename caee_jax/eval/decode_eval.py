@@ -28,6 +28,7 @@ from caee_jax.model.execution import Execution
 from caee_jax.offload.cache import StepStats
 from caee_jax.parallel.placement import batch_sharding, mesh_context, padded_batch, to_mesh
 from caee_jax.runtime import steps
+from caee_jax.stats import median_ratio
 
 
 @dataclasses.dataclass
@@ -54,11 +55,18 @@ class Comparison:
     offload: list = dataclasses.field(default_factory=list)
     offload_base: list = dataclasses.field(default_factory=list)
 
+    def step_cut_interval(self) -> tuple[float, float, float]:
+        """The decode step-time cut 1 - median(pruned) / median(unpruned) and its bootstrap 95% interval (low,
+        high), over the steps timed alternately (the first, which compiles, left out)."""
+        ratio, low, high = median_ratio(self.step_base_s[1:], self.step_s[1:])
+        return 1 - ratio, 1 - high, 1 - low
+
     def summary(self) -> dict:
         """The case's figures; offloaded, `offload` holds each side's cache statistics (`offload_summary`)."""
         per_token = ("nll", "nll_base", "correct", "correct_base", "agree", "kl")
         cat = {name: np.concatenate(getattr(self, name)) for name in per_token}
         timed_base, timed = np.array(self.step_base_s[1:]), np.array(self.step_s[1:])  # first step: compile
+        _, cut_low, cut_high = self.step_cut_interval()
         gained = cat["correct"].astype(np.float64) - cat["correct_base"]  # paired: -1, 0 or 1 per token
         predicted, unpruned = np.array(self.predicted_s), np.array(self.predicted_unpruned_s)  # [steps, L, S]
         return dict(
@@ -72,6 +80,8 @@ class Comparison:
             kl=float(cat["kl"].mean()),
             step_time_s=float(np.median(timed)),
             step_time_unpruned_s=float(np.median(timed_base)),
+            step_cut_interval=[cut_low, cut_high],
+            timed_steps=len(timed),
             pruned_pair_fraction=1.0 - self.kept_pairs / max(self.total_pairs, 1),
             active_experts_per_layer=float(np.mean(self.active_experts)),
             active_experts_per_layer_unpruned=float(np.mean(self.active_experts_base)),
@@ -103,10 +113,17 @@ def windows_of(ids: np.ndarray, length: int, count: int, seed: int = 0) -> np.nd
 
 
 def compare(
-    model, candidate: Execution, windows: np.ndarray, prefix: int, result: Comparison | None = None, table=None
+    model,
+    candidate: Execution,
+    windows: np.ndarray,
+    prefix: int,
+    result: Comparison | None = None,
+    table=None,
+    timing_only: bool = False,
 ) -> Comparison:
     """Teacher-forced decode of windows [B, prefix + steps + 1], baseline (model.execution) vs candidate;
-    with a cost table, each step's MoE time is also predicted, unpruned and as pruned. Offloaded, the
+    with a cost table, each step's MoE time is also predicted, unpruned and as pruned. timing_only: only
+    the alternated step times are added to `result` (more timing for a narrower cut interval). Offloaded, the
     candidate's `offload` is a manager of its own (`model.execution.offload.twin()`); the baseline's
     final expert cache is left on the model. A batch that does not split over the mesh is padded with
     dummy rows (copies of the first window) that run no expert and are left out of every figure."""
@@ -153,6 +170,12 @@ def compare(
                 caches[side], experts[side] = out[1], out[4]
             (base_lp, _, base_counts, _, _), base_s = outputs[0]
             (cand_lp, _, counts, predicted, _), cand_s = outputs[1]
+            result.step_base_s.append(base_s)
+            result.step_s.append(cand_s)
+            if offloaded:
+                stats = managers[0].take_step_stats(), managers[1].take_step_stats()
+            if timing_only:
+                continue
             _, kept, _, active = np.asarray(counts)
             base_lp, cand_lp = np.asarray(base_lp)[:batch], np.asarray(cand_lp)[:batch]
             truth = windows[:batch, t + 1]
@@ -163,8 +186,6 @@ def compare(
             result.correct_base.append(base_lp.argmax(-1) == truth)
             result.agree.append(cand_lp.argmax(-1) == base_lp.argmax(-1))
             result.kl.append(np.sum(np.exp(base_lp) * (base_lp - cand_lp), axis=-1))
-            result.step_base_s.append(base_s)
-            result.step_s.append(cand_s)
             result.kept_pairs += int(kept)
             result.total_pairs += batch * model.config.num_experts_per_tok * num_layers
             result.active_experts.append(int(active) / num_layers)
@@ -172,8 +193,8 @@ def compare(
             result.predicted_unpruned_s.append(np.asarray(predicted[0]))
             result.predicted_s.append(np.asarray(predicted[1]))
             if offloaded:
-                result.offload_base.append(managers[0].take_step_stats())
-                result.offload.append(managers[1].take_step_stats())
+                result.offload_base.append(stats[0])
+                result.offload.append(stats[1])
     if offloaded:
         model.expert_cache = experts[0]
     return result
