@@ -106,7 +106,7 @@ def validate_offloaded(
         times = []
         for repeat in range(repeats + 1):  # the first run compiles (once) and warms up
             cache = jax.block_until_ready(manager.hold(cache, LAYER, residents))  # not timed
-            manager.take_step_stats()
+            manager.take_step_stats(cache)
             start = time.perf_counter()
             _, cache = _offloaded_layer(*args, cache, np.int32(LAYER), no_hint, manager=manager)
             jax.block_until_ready(cache)

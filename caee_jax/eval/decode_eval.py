@@ -137,7 +137,7 @@ def compare(
             )  # fmt: skip
             latents = prefilled if latents is None else latents  # the baseline's
             if manager is not None:
-                manager.take_step_stats()
+                manager.take_step_stats(experts[side])
         caches = [latents, jax.tree.map(jnp.copy, latents)]  # the candidate's latents: the baseline's prefill
         for t in range(prefix, prefix + num_steps):
             tokens, positions = put(windows[:, t]), put(np.full(rows, t, np.int32))
@@ -172,8 +172,8 @@ def compare(
             result.predicted_unpruned_s.append(np.asarray(predicted[0]))
             result.predicted_s.append(np.asarray(predicted[1]))
             if offloaded:
-                result.offload_base.append(managers[0].take_step_stats())
-                result.offload.append(managers[1].take_step_stats())
+                result.offload_base.append(managers[0].take_step_stats(experts[0]))
+                result.offload.append(managers[1].take_step_stats(experts[1]))
     if offloaded:
         model.expert_cache = experts[0]
     return result
