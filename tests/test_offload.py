@@ -274,3 +274,16 @@ def test_eviction_sees_the_uses_of_a_step_that_made_no_callback():
         (2, 0, 0, 0),
         (0, 2, 0, 2),
     ]
+
+
+def test_hold_writes_the_experts_bits_into_their_slots():
+    """`CacheManager.hold` (calibration's chosen residency) stores the weights' bits, as fetches do, not
+    their values converted to the cache's integer type."""
+    config, state = _config_and_state()
+    manager = CacheManager(HostStore.from_state(config, state), slots=4)
+    cache = manager.hold(manager.empty_cache(), 1, [7, 3])
+    for slot, expert in enumerate([7, 3]):
+        want = manager.store.read(1, expert)
+        for got, weights in zip(cache[:3], want, strict=True):
+            np.testing.assert_array_equal(np.asarray(got[1, slot]).view(np.float32), weights)
+    assert manager.slot_of[1, 7] == 0 and int(cache.slot_of[1, 3]) == 1

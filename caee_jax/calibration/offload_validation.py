@@ -1,15 +1,19 @@
-"""The cost model with non-resident experts, validated in situ: one offloaded MoE layer timed as it runs.
+"""The cost model with non-resident experts, calibrated and validated in situ: one offloaded MoE layer timed
+as it runs.
 
 Each case is a fresh routing (`costs.random_cases`) and a cold-ish cache: a random set of 0..S experts of
 MoE layer 0 resident (`CacheManager.hold`, restored before every timed run), the others in the store. The
 layer runs the real offloaded path (`offload.execute.run_offloaded`: host callbacks, the store's reads and
 its background reads of the layer's misses, slot writes), and its median time is compared with `predict`
-given that residency, where each kept miss costs its tier's `fetch_s` from the table.
+given that residency, where each kept miss costs its tier's `fetch_s` and the layer its tier's
+`offload_layer_s` from the table.
 
-The table's fetch_s is timed apart from the runtime (one expert read and `device_put`, `costs.measure_fetch`),
-so the offloaded path's own costs are also fitted here: the time a case takes beyond its all-resident
-prediction as a fixed part per layer (the host callbacks every offloaded layer makes) plus a part per kept
-miss (non-negative least squares), checked on the other half of the cases (two-fold). Times in seconds.
+A resident calibration times fetch_s apart from the runtime (one expert read and `device_put`,
+`costs.measure_fetch`) and has no offload_layer_s, so the offloaded path's own costs are fitted here: the time
+a case takes beyond its all-resident prediction as a fixed part per layer (host callbacks, and the dispatch of
+a computation with effects, which a layer pays even without a miss) plus a part per kept miss (non-negative
+least squares). `calibrate_offloaded` writes them into the table (routings of another seed than the
+validation's); the summary also reports the fit's MAPE on held-out halves (two-fold). Times in seconds.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import numpy as np
 from tqdm import tqdm
 
 from caee_jax.caee.cost_model import predict
-from caee_jax.caee.cost_table import CostTable
+from caee_jax.caee.cost_table import CostTable, DeviceCosts
 from caee_jax.calibration.costs import Validation, nonnegative_lstsq, random_cases
 from caee_jax.offload.execute import run_offloaded
 
 LAYER = 0  # the MoE layer timed
+CALIBRATION_SEED = 3  # `calibrate_offloaded`'s routings; `validate_offloaded` defaults to another seed
 
 
 @functools.partial(jax.jit, static_argnames=("manager",), donate_argnames=("cache",))
@@ -38,11 +43,13 @@ def _offloaded_layer(x, topk_ids, topk_weights, keep_mask, cache, layer_index, n
 @dataclasses.dataclass(frozen=True)
 class OffloadValidation(Validation):
     """Validation plus, per case, misses [cases] (kept pairs' experts not resident) and the all-resident
-    prediction [cases]; fetch_s: the table's per-miss price of the store's tier."""
+    prediction [cases]; fetch_s, offload_layer_s: the table's per-miss and per-layer prices of the store's tier
+    (s)."""
 
     misses: np.ndarray
     resident_predicted_s: np.ndarray
     fetch_s: float
+    offload_layer_s: float
     tier: str
 
     def in_situ_costs(self, cases: np.ndarray) -> np.ndarray:
@@ -51,16 +58,20 @@ class OffloadValidation(Validation):
         features = np.stack([np.ones(len(cases)), self.misses[cases]], axis=1)
         return nonnegative_lstsq(features, self.measured_s[cases] - self.resident_predicted_s[cases])
 
+    def in_situ_prediction(self, cases: np.ndarray, costs: np.ndarray) -> np.ndarray:
+        """Predicted s of `cases` (indices) with the in-situ `costs` (`in_situ_costs`) instead of the table's."""
+        fixed, per_miss = costs
+        return self.resident_predicted_s[cases] + fixed + per_miss * self.misses[cases]
+
     def summary(self) -> dict:
-        """Validation.summary, plus the misses, the MAPE of the cases without one, the table's fetch_s, the
-        fitted fixed and per-miss times and the MAPE of predictions that add them (two-fold: each half
-        predicted with the other half's fit)."""
+        """Validation.summary (of the table as stored), plus the misses, the MAPE of the cases without one,
+        the table's fetch_s and offload_layer_s, the in-situ fit of both and the MAPE of predictions that use it
+        (two-fold: each half predicted with the other half's fit)."""
         halves = np.arange(len(self.misses)) % 2
         folds = [np.flatnonzero(halves == h) for h in (0, 1)]
         refit = np.empty_like(self.measured_s)
         for fit, test in (folds, folds[::-1]):
-            fixed, per_miss = self.in_situ_costs(fit)
-            refit[test] = self.resident_predicted_s[test] + fixed + per_miss * self.misses[test]
+            refit[test] = self.in_situ_prediction(test, self.in_situ_costs(fit))
         errors = np.abs(refit - self.measured_s) / self.measured_s
         fixed, per_miss = self.in_situ_costs(np.arange(len(self.misses)))
         hits_only = self.misses == 0
@@ -73,6 +84,7 @@ class OffloadValidation(Validation):
             if hits_only.any()
             else None,
             table_fetch_s=self.fetch_s,
+            table_offload_layer_s=self.offload_layer_s,
             in_situ_fixed_s=float(fixed),
             in_situ_fetch_s=float(per_miss),
             in_situ_mape=float(errors.mean()),
@@ -125,5 +137,23 @@ def validate_offloaded(
         misses=np.array(misses, np.float64),
         resident_predicted_s=np.array(resident_predicted),
         fetch_s=float(table.devices[0].fetch_s[tier]),
+        offload_layer_s=float(table.devices[0].offload_layer_s[tier]),
         tier=manager.store.tier,
     )
+
+
+def calibrate_offloaded(
+    model, table: CostTable, *, cases_per_size: int = 8, repeats: int = 15
+) -> tuple[CostTable, OffloadValidation]:
+    """`table` (one device) with its store tier's fetch_s and offload_layer_s fitted in situ on an offloaded `model`
+    (`validate_offloaded`'s timing, on routings of CALIBRATION_SEED), and the timings they were fitted to."""
+    if table.num_devices != 1:
+        raise ValueError(f"offloaded experts run on one device; this table has {table.num_devices}")
+    timed = validate_offloaded(model, table, cases_per_size=cases_per_size, repeats=repeats, seed=CALIBRATION_SEED)
+    fixed, per_miss = timed.in_situ_costs(np.arange(len(timed.misses)))
+    tier = model.execution.offload.store.tier_index
+    device = table.devices[0]
+    fetch_s, layer_s = list(device.fetch_s), list(device.offload_layer_s)
+    fetch_s[tier], layer_s[tier] = float(per_miss), float(fixed)
+    device = DeviceCosts(**{**dataclasses.asdict(device), "fetch_s": tuple(fetch_s), "offload_layer_s": tuple(layer_s)})
+    return dataclasses.replace(table, devices=(device,)), timed

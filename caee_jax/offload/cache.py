@@ -233,11 +233,14 @@ class CacheManager:
         for history in (self.last_use, self.uses, self.decayed):
             history[layer] = 0
         written = [
-            w.at[layer, : len(experts)].set(np.stack([e[i] for e in weights])) if experts else w
+            w.at[layer, : len(experts)].set(np.stack([e[i] for e in weights]).view(w.dtype)) if experts else w
             for i, w in enumerate(cache[:3])
         ]
         usage = cache.usage
-        cleared = [h.at[layer].set(0) for h in (usage.last_use, usage.uses, usage.decayed, usage.predicted)]
+        cleared = [
+            h.at[layer].set(jnp.zeros_like(h[layer]))
+            for h in (usage.last_use, usage.uses, usage.decayed, usage.predicted)
+        ]
         usage = usage._replace(**dict(zip(("last_use", "uses", "decayed", "predicted"), cleared, strict=True)))
         return ExpertCache(*written, jnp.asarray(self.slot_of, jnp.int32), usage)
 
