@@ -11,14 +11,14 @@ The table goes to configs/cost_tables/<signature>.json (see caee_jax/caee/cost_t
 every process runs the same command with --coordinator/--num-processes/--process-id (as launch/run.py);
 --local-processes N starts such a cluster on this machine.
 
-With the offload flags of launch/run.py (--offload host|disk, --store-dir, --cache-experts, ...) the stored
-table (it must exist: a resident calibration needs every expert on the device) is calibrated in situ for
-that tier: one offloaded MoE layer, real store and cache, a cold-ish cache per routing; the time beyond the
-all-resident prediction is fitted as a per-miss fetch_s and a per-layer offload_layer_s, written into the
-table (its earlier provenance kept, this run's under "offload_<tier>"). With --validate as well, the stored
-table is validated instead, on routings of another seed, against the prediction where each miss costs its
-tier's fetch_s and each layer its offload_layer_s; the summary also reports a fresh in-situ fit
-(caee_jax/calibration/offload_validation.py).
+With the offload flags of launch/run.py (--offload host|disk, --store-dir, --cache-experts, ...) the stored table
+(it must exist: a resident calibration needs every expert on the device) is calibrated in situ for that tier: one
+offloaded MoE layer, real store and cache, a cold-ish cache per routing; the time beyond the all-resident prediction
+is fitted as a per-miss fetch_s, a per-layer offload_layer_s and a per-reading-layer offload_read_s, written into
+the table (its earlier provenance kept, this run's under "offload_<tier>"). With --validate as well, the stored
+table is validated instead, on routings of another seed, against the prediction where each miss costs its tier's
+fetch_s, each layer its offload_layer_s and a layer that reads its offload_read_s; the summary also reports a fresh
+in-situ fit (caee_jax/calibration/offload_validation.py).
 """
 
 from __future__ import annotations
@@ -152,7 +152,10 @@ def _offloaded(args, argv, offload) -> int:
         tier = manager.store.tier_index
         report = dict(table=path, tier=timed.tier, slots=manager.slots, cases=len(timed.misses))
         report |= dict(
-            fetch_s=device.fetch_s[tier], offload_layer_s=device.offload_layer_s[tier], replaced_fetch_s=timed.fetch_s
+            fetch_s=device.fetch_s[tier],
+            offload_layer_s=device.offload_layer_s[tier],
+            offload_read_s=device.offload_read_s[tier],
+            replaced_fetch_s=timed.fetch_s,
         )
         _print(report, args.json)
         return 0

@@ -61,32 +61,34 @@ def test_prediction_is_the_documented_sum():
     np.testing.assert_allclose(np.asarray(device_s), [want0 + 2e-3, want1 + 5e-2], rtol=1e-6)
 
 
-def test_an_offloaded_layer_pays_its_tiers_layer_cost_once_whatever_it_runs():
+def test_an_offloaded_layer_pays_its_tiers_layer_costs_once():
     """offload_layer_s: once per device that holds a non-resident expert (its largest tier's), run or not;
-    nothing on a device whose experts are all resident, nor without residency."""
-    layer_s = (0.0, 3e-3, 7e-3)
+    offload_read_s: once per device that runs one; nothing on a device whose experts are all resident, nor
+    without residency."""
+    layer_s, read_s = (0.0, 3e-3, 7e-3), (0.0, 1e-4, 2e-4)
     table = two_device_table()
-    table = dataclasses.replace(
-        table, devices=tuple(dataclasses.replace(d, offload_layer_s=layer_s) for d in table.devices)
-    )
+    changed = [dataclasses.replace(d, offload_layer_s=layer_s, offload_read_s=read_s) for d in table.devices]
+    table = dataclasses.replace(table, devices=tuple(changed))
     ids = jnp.array([[0, 5], [0, 1], [6, 1]])
     keep = jnp.array([[True, True], [True, True], [False, False]])
     plain = np.asarray(predict(two_device_table(), ids, keep, jnp.array([0, 1, 0, 0, 0, 2, 2, 0])).device_s)
     device_s = predict(table, ids, keep, jnp.array([0, 1, 0, 0, 0, 2, 2, 0])).device_s
-    np.testing.assert_allclose(np.asarray(device_s), plain + [3e-3, 7e-3], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(device_s), plain + [3e-3 + 1e-4, 7e-3 + 2e-4], rtol=1e-6)
     device_s = predict(table, ids, keep, jnp.array([0, 0, 0, 1, 0, 0, 0, 0])).device_s  # expert 3 is not run
     np.testing.assert_allclose(np.asarray(device_s), np.asarray(predict(table, ids, keep).device_s) + [3e-3, 0])
 
 
 def test_a_table_without_offload_layer_costs_loads_with_zero(tmp_path):
-    """Tables written before offload_layer_s existed keep working: the term is 0, the rest unchanged."""
+    """Tables written before offload_layer_s and offload_read_s existed keep working: the terms are 0, the rest
+    unchanged."""
     data = two_device_table().to_json()
     for device in data["devices"]:
-        del device["offload_layer_s"]
+        del device["offload_layer_s"], device["offload_read_s"]
     path = tmp_path / "old.json"
     path.write_text(json.dumps(data))
     table = load_table(str(path))
-    assert table == two_device_table() and table.devices[0].offload_layer_s == (0.0, 0.0, 0.0)
+    assert table == two_device_table() and table.devices[0].offload_layer_s == table.devices[1].offload_read_s
+    assert table.devices[0].offload_layer_s == (0.0, 0.0, 0.0)
 
 
 def test_the_loop_backend_pays_for_whole_tiles():

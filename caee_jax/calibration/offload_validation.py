@@ -5,15 +5,16 @@ Each case is a fresh routing (`costs.random_cases`) and a cold-ish cache: a rand
 MoE layer 0 resident (`CacheManager.hold`, restored before every timed run), the others in the store. The
 layer runs the real offloaded path (`offload.execute.run_offloaded`: host callbacks, the store's reads and
 its background reads of the layer's misses, slot writes), and its median time is compared with `predict`
-given that residency, where each kept miss costs its tier's `fetch_s` and the layer its tier's
-`offload_layer_s` from the table.
+given that residency, where each kept miss costs its tier's `fetch_s`, the layer its tier's `offload_layer_s`
+and a layer with a kept miss its `offload_read_s` from the table.
 
 A resident calibration times fetch_s apart from the runtime (one expert read and `device_put`,
-`costs.measure_fetch`) and has no offload_layer_s, so the offloaded path's own costs are fitted here: the time
-a case takes beyond its all-resident prediction as a fixed part per layer (host callbacks, and the dispatch of
-a computation with effects, which a layer pays even without a miss) plus a part per kept miss (non-negative
-least squares). `calibrate_offloaded` writes them into the table (routings of another seed than the
-validation's); the summary also reports the fit's MAPE on held-out halves (two-fold). Times in seconds.
+`costs.measure_fetch`) and has no per-layer offload costs, so the offloaded path's own costs are fitted here: the
+time a case takes beyond its all-resident prediction as a fixed part per layer (the dispatch of a computation with
+effects, paid even without a miss), a part per layer with a kept miss (its host callback: a layer without one makes
+none) and a part per kept miss (non-negative least squares). `calibrate_offloaded` writes them into the table
+(routings of another seed than the validation's); the summary also reports the fit's MAPE on held-out halves
+(two-fold). Times in seconds.
 """
 
 from __future__ import annotations
@@ -43,37 +44,41 @@ def _offloaded_layer(x, topk_ids, topk_weights, keep_mask, cache, layer_index, n
 @dataclasses.dataclass(frozen=True)
 class OffloadValidation(Validation):
     """Validation plus, per case, misses [cases] (kept pairs' experts not resident) and the all-resident
-    prediction [cases]; fetch_s, offload_layer_s: the table's per-miss and per-layer prices of the store's tier
-    (s)."""
+    prediction [cases]; fetch_s, offload_layer_s, offload_read_s: the table's per-miss, per-layer and
+    per-reading-layer prices of the store's tier (s)."""
 
     misses: np.ndarray
     resident_predicted_s: np.ndarray
     fetch_s: float
     offload_layer_s: float
+    offload_read_s: float
     tier: str
 
     def in_situ_costs(self, cases: np.ndarray) -> np.ndarray:
-        """[fixed s per layer, s per kept miss] fitted on `cases` (indices) to the time beyond the
-        all-resident prediction."""
-        features = np.stack([np.ones(len(cases)), self.misses[cases]], axis=1)
-        return nonnegative_lstsq(features, self.measured_s[cases] - self.resident_predicted_s[cases])
+        """[fixed s per layer, s per layer with a kept miss, s per kept miss] fitted on `cases` (indices) to the
+        time beyond the all-resident prediction."""
+        return nonnegative_lstsq(self._features(cases), self.measured_s[cases] - self.resident_predicted_s[cases])
+
+    def _features(self, cases: np.ndarray) -> np.ndarray:
+        """[cases, 3]: 1, whether the case has a kept miss, its kept misses."""
+        misses = self.misses[cases]
+        return np.stack([np.ones(len(cases)), (misses > 0).astype(np.float64), misses], axis=1)
 
     def in_situ_prediction(self, cases: np.ndarray, costs: np.ndarray) -> np.ndarray:
         """Predicted s of `cases` (indices) with the in-situ `costs` (`in_situ_costs`) instead of the table's."""
-        fixed, per_miss = costs
-        return self.resident_predicted_s[cases] + fixed + per_miss * self.misses[cases]
+        return self.resident_predicted_s[cases] + self._features(cases) @ costs
 
     def summary(self) -> dict:
-        """Validation.summary (of the table as stored), plus the misses, the MAPE of the cases without one,
-        the table's fetch_s and offload_layer_s, the in-situ fit of both and the MAPE of predictions that use it
-        (two-fold: each half predicted with the other half's fit)."""
+        """Validation.summary (of the table as stored), plus the misses, the MAPE of the cases without one, the table's
+        fetch_s, offload_layer_s and offload_read_s, the in-situ fit of all three and the MAPE of predictions that
+        use it (two-fold: each half predicted with the other half's fit)."""
         halves = np.arange(len(self.misses)) % 2
         folds = [np.flatnonzero(halves == h) for h in (0, 1)]
         refit = np.empty_like(self.measured_s)
         for fit, test in (folds, folds[::-1]):
             refit[test] = self.in_situ_prediction(test, self.in_situ_costs(fit))
         errors = np.abs(refit - self.measured_s) / self.measured_s
-        fixed, per_miss = self.in_situ_costs(np.arange(len(self.misses)))
+        fixed, read, per_miss = self.in_situ_costs(np.arange(len(self.misses)))
         hits_only = self.misses == 0
         return super().summary() | dict(
             tier=self.tier,
@@ -85,7 +90,9 @@ class OffloadValidation(Validation):
             else None,
             table_fetch_s=self.fetch_s,
             table_offload_layer_s=self.offload_layer_s,
+            table_offload_read_s=self.offload_read_s,
             in_situ_fixed_s=float(fixed),
+            in_situ_read_s=float(read),
             in_situ_fetch_s=float(per_miss),
             in_situ_mape=float(errors.mean()),
             in_situ_median_ape=float(np.median(errors)),
@@ -138,6 +145,7 @@ def validate_offloaded(
         resident_predicted_s=np.array(resident_predicted),
         fetch_s=float(table.devices[0].fetch_s[tier]),
         offload_layer_s=float(table.devices[0].offload_layer_s[tier]),
+        offload_read_s=float(table.devices[0].offload_read_s[tier]),
         tier=manager.store.tier,
     )
 
@@ -145,15 +153,15 @@ def validate_offloaded(
 def calibrate_offloaded(
     model, table: CostTable, *, cases_per_size: int = 8, repeats: int = 15
 ) -> tuple[CostTable, OffloadValidation]:
-    """`table` (one device) with its store tier's fetch_s and offload_layer_s fitted in situ on an offloaded `model`
-    (`validate_offloaded`'s timing, on routings of CALIBRATION_SEED), and the timings they were fitted to."""
+    """`table` (one device) with its store tier's fetch_s, offload_layer_s and offload_read_s fitted in situ on an
+    offloaded `model` (`validate_offloaded`'s timing, on routings of CALIBRATION_SEED), and the timings they were
+    fitted to."""
     if table.num_devices != 1:
         raise ValueError(f"offloaded experts run on one device; this table has {table.num_devices}")
     timed = validate_offloaded(model, table, cases_per_size=cases_per_size, repeats=repeats, seed=CALIBRATION_SEED)
-    fixed, per_miss = timed.in_situ_costs(np.arange(len(timed.misses)))
+    fixed, read, per_miss = timed.in_situ_costs(np.arange(len(timed.misses)))
     tier = model.execution.offload.store.tier_index
-    device = table.devices[0]
-    fetch_s, layer_s = list(device.fetch_s), list(device.offload_layer_s)
-    fetch_s[tier], layer_s[tier] = float(per_miss), float(fixed)
-    device = DeviceCosts(**{**dataclasses.asdict(device), "fetch_s": tuple(fetch_s), "offload_layer_s": tuple(layer_s)})
-    return dataclasses.replace(table, devices=(device,)), timed
+    costs = dataclasses.asdict(table.devices[0])
+    for name, value in (("offload_layer_s", fixed), ("offload_read_s", read), ("fetch_s", per_miss)):
+        costs[name] = tuple(float(value) if i == tier else c for i, c in enumerate(costs[name]))
+    return dataclasses.replace(table, devices=(DeviceCosts(**costs),)), timed
