@@ -53,9 +53,9 @@ def run_offloaded(
             reads |= jnp.any(cache.usage.predicted[layer_index] & ~resident)
             reads |= has_next & jnp.any(next_hint & ~following)
         cache = _record(cache, layer_index, manager, kept, routed, next_hint)
-        announce = functools.partial(_announce, layer_index=layer_index, manager=manager, kept=kept)
-        announce = functools.partial(announce, next_hint=next_hint, pairs=keep_mask.size)
-        cache = jax.lax.cond(reads, announce, lambda c: c, cache)
+        bound = min(manager.slots, keep_mask.size)  # a layer of N tokens runs at most N * K experts
+        load = functools.partial(_load_misses, layer_index=layer_index, manager=manager, bound=bound)
+        cache = jax.lax.cond(reads, functools.partial(load, kept=kept, next_hint=next_hint), lambda c: c, cache)
         y, cache = loop_over_experts(
             x, topk_ids, topk_weights, keep_mask, num_experts, _reader(layer_index, manager), cache
         )
@@ -94,16 +94,9 @@ def _record(cache: ExpertCache, layer, manager: CacheManager, kept, routed, next
     return cache._replace(usage=usage)
 
 
-def _announce(cache: ExpertCache, *, layer_index, manager: CacheManager, kept, next_hint, pairs: int):
-    """`CacheManager.announce` of the layer, its loaded misses written into their slots (at most min(S, pairs)
-    of them: a layer of N tokens runs at most N * K experts). kept, next_hint: [E] bool."""
-    return _load_misses(cache, layer_index, manager, kept, next_hint, bound=min(manager.slots, pairs))
-
-
-def _load_misses(cache: ExpertCache, layer_index, manager: CacheManager, kept, next_hint, *, bound) -> ExpertCache:
-    """`cache` with the layer's misses that `CacheManager.announce` placed written into their slots.
-    kept, next_hint: [E] bool; bound: static upper limit on misses loaded (a layer of N tokens has at most
-    N * K active experts)."""
+def _load_misses(cache: ExpertCache, *, layer_index, manager: CacheManager, kept, next_hint, bound) -> ExpertCache:
+    """`cache` after the layer's `CacheManager.announce`, with the misses it placed written into their slots.
+    kept, next_hint: [E] bool; bound: static upper limit on misses loaded, min(S, N * K)."""
     store = manager.store
     d, f = store.config.hidden_size, store.config.moe_intermediate_size
     index = jax.ShapeDtypeStruct((bound,), jnp.int32)
