@@ -4,16 +4,21 @@
     python launch/calibrate.py --local-processes 2              # 2 processes, one core each, mesh expert=2
     python launch/calibrate.py --validate --json                # fresh routings: predicted vs measured (mape)
     python launch/calibrate.py --validate --plot docs/figures/cost_validation.png
+    python launch/calibrate.py --offload disk --store-dir DIR --cache-experts 0.25   # in-situ miss costs
     python launch/calibrate.py --validate --offload disk --store-dir DIR --cache-experts 0.25 --json
 
 The table goes to configs/cost_tables/<signature>.json (see caee_jax/caee/cost_table.py). Multi-host:
 every process runs the same command with --coordinator/--num-processes/--process-id (as launch/run.py);
 --local-processes N starts such a cluster on this machine.
 
---validate with the offload flags of launch/run.py (--offload host|disk, --store-dir, --cache-experts, ...)
-validates the stored table with non-resident experts in situ: one offloaded MoE layer, real store and cache,
-a cold-ish cache per routing, against the prediction where each miss costs its tier's fetch_s; it also
-reports the per-miss time fitted in situ (caee_jax/calibration/offload_validation.py). It needs a table.
+With the offload flags of launch/run.py (--offload host|disk, --store-dir, --cache-experts, ...) the stored table
+(it must exist: a resident calibration needs every expert on the device) is calibrated in situ for that tier: one
+offloaded MoE layer, real store and cache, a cold-ish cache per routing; the time beyond the all-resident prediction
+is fitted as a per-miss fetch_s, a per-layer offload_layer_s and a per-reading-layer offload_read_s, written into
+the table (its earlier provenance kept, this run's under "offload_<tier>"). With --validate as well, the stored
+table is validated instead, on routings of another seed, against the prediction where each miss costs its tier's
+fetch_s, each layer its offload_layer_s and a layer that reads its offload_read_s; the summary also reports a fresh
+in-situ fit (caee_jax/calibration/offload_validation.py).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import caee_jax
 from caee_jax import cli
 from caee_jax.caee.cost_table import DEFAULT_DIR, CostTableError, save_table
 from caee_jax.calibration.costs import calibrate, validate
-from caee_jax.calibration.offload_validation import validate_offloaded
+from caee_jax.calibration.offload_validation import calibrate_offloaded, validate_offloaded
 from caee_jax.calibration.tables import select_table
 from caee_jax.config import PRESETS
 from caee_jax.eval.user_files import UserFileError, check_writable
@@ -68,7 +73,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if offload is not None:
-        return _validate_offloaded(args, offload)
+        return _offloaded(args, argv, offload)
     if args.local_processes:
         return distributed.relaunch_locally(__file__, argv, args.local_processes)
     mesh = distributed.join(args)
@@ -111,15 +116,13 @@ def main(argv=None) -> int:
 
 
 def _offload(args):
-    """The offload flags (None without --offload): they validate a stored table on one device."""
+    """The offload flags (None without --offload): they calibrate or validate a stored table on one device."""
     try:
         offload = offload_options.from_args(args)
     except ValueError as error:
         raise UserFileError(str(error)) from None
     if offload is None:
         return None
-    if not args.validate:
-        raise UserFileError("--offload validates the stored table with non-resident experts: add --validate")
     several = [
         f for f, v in (("--local-processes", args.local_processes), ("--num-processes", args.num_processes)) if v
     ]
@@ -128,9 +131,10 @@ def _offload(args):
     return offload
 
 
-def _validate_offloaded(args, offload) -> int:
-    """--validate --offload: the stored table against one offloaded MoE layer (a missing table is an error:
-    calibrating needs every expert on the device)."""
+def _offloaded(args, argv, offload) -> int:
+    """--offload: the stored table's in-situ miss costs of the tier calibrated and written (or, with --validate,
+    the stored table checked) on one offloaded MoE layer. A missing table is an error: calibrating the
+    resident costs needs every expert on the device."""
     distributed.join(args)
     try:
         _check_outputs(args)
@@ -140,14 +144,46 @@ def _validate_offloaded(args, offload) -> int:
     except ValueError as error:  # UserFileError, CostTableError, StoreError; a backend offload cannot run
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = validate_offloaded(model, table, repeats=args.repeats)
     manager = model.execution.offload
+    if not args.validate:
+        calibrated, timed = calibrate_offloaded(model, table, cases_per_size=args.cases_per_size, repeats=args.repeats)
+        path = _save_offload_costs(calibrated, args, argv, timed, manager.slots)
+        device = calibrated.devices[0]
+        tier = manager.store.tier_index
+        report = dict(table=path, tier=timed.tier, slots=manager.slots, cases=len(timed.misses))
+        report |= dict(
+            fetch_s=device.fetch_s[tier],
+            offload_layer_s=device.offload_layer_s[tier],
+            offload_read_s=device.offload_read_s[tier],
+            replaced_fetch_s=timed.fetch_s,
+        )
+        _print(report, args.json)
+        return 0
+    result = validate_offloaded(model, table, repeats=args.repeats)
     summary = dict(signature=table.signature.__dict__, slots=manager.slots, **result.summary())
     if args.plot:
         _plot(result, table, args.plot)
         summary["plot"] = args.plot
     _print(summary, args.json)
     return 0
+
+
+def _save_offload_costs(table, args, argv, timed, slots: int) -> str:
+    """Writes `table` over the stored one, keeping the stored file's provenance and adding this run's under
+    "offload_<tier>"; returns the path."""
+    path = os.path.join(args.out, table.signature.slug() + ".json")
+    with open(path) as f:
+        stored = json.load(f)
+    provenance = {key: value for key, value in stored.items() if key not in table.to_json()}
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    provenance[f"offload_{timed.tier}"] = {
+        "created": created,
+        "command": "launch/calibrate.py " + " ".join(argv),
+        "slots": slots,
+        "cases": len(timed.misses),
+        "replaced_fetch_s": timed.fetch_s,
+    }
+    return save_table(table, args.out, provenance)
 
 
 def _check_outputs(args) -> None:

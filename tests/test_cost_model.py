@@ -61,6 +61,36 @@ def test_prediction_is_the_documented_sum():
     np.testing.assert_allclose(np.asarray(device_s), [want0 + 2e-3, want1 + 5e-2], rtol=1e-6)
 
 
+def test_an_offloaded_layer_pays_its_tiers_layer_costs_once():
+    """offload_layer_s: once per device that holds a non-resident expert (its largest tier's), run or not;
+    offload_read_s: once per device that runs one; nothing on a device whose experts are all resident, nor
+    without residency."""
+    layer_s, read_s = (0.0, 3e-3, 7e-3), (0.0, 1e-4, 2e-4)
+    table = two_device_table()
+    changed = [dataclasses.replace(d, offload_layer_s=layer_s, offload_read_s=read_s) for d in table.devices]
+    table = dataclasses.replace(table, devices=tuple(changed))
+    ids = jnp.array([[0, 5], [0, 1], [6, 1]])
+    keep = jnp.array([[True, True], [True, True], [False, False]])
+    plain = np.asarray(predict(two_device_table(), ids, keep, jnp.array([0, 1, 0, 0, 0, 2, 2, 0])).device_s)
+    device_s = predict(table, ids, keep, jnp.array([0, 1, 0, 0, 0, 2, 2, 0])).device_s
+    np.testing.assert_allclose(np.asarray(device_s), plain + [3e-3 + 1e-4, 7e-3 + 2e-4], rtol=1e-6)
+    device_s = predict(table, ids, keep, jnp.array([0, 0, 0, 1, 0, 0, 0, 0])).device_s  # expert 3 is not run
+    np.testing.assert_allclose(np.asarray(device_s), np.asarray(predict(table, ids, keep).device_s) + [3e-3, 0])
+
+
+def test_a_table_without_offload_layer_costs_loads_with_zero(tmp_path):
+    """Tables written before offload_layer_s and offload_read_s existed keep working: the terms are 0, the rest
+    unchanged."""
+    data = two_device_table().to_json()
+    for device in data["devices"]:
+        del device["offload_layer_s"], device["offload_read_s"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    table = load_table(str(path))
+    assert table == two_device_table() and table.devices[0].offload_layer_s == table.devices[1].offload_read_s
+    assert table.devices[0].offload_layer_s == (0.0, 0.0, 0.0)
+
+
 def test_the_loop_backend_pays_for_whole_tiles():
     """The loop backend computes an expert's pairs in tiles (8 rows here): 1 or 2 pairs cost 8 rows."""
     ids = jnp.array([[0, 5], [0, 1], [6, 1]])
@@ -135,10 +165,11 @@ def test_bad_table_files_name_the_file(tmp_path, content, message):
         (lambda d: d["devices"][1].update(pair_s=float("nan")), r"devices\[1\]\.pair_s is nan; costs are finite"),
         (lambda d: d["devices"][0].update(activation_s=-1e-3), r"devices\[0\]\.activation_s is -0.001"),
         (lambda d: d["devices"][0].update(fetch_s=[0.0, 1e-3]), r"devices\[0\]\.fetch_s has 2 entries"),
+        (lambda d: d["devices"][1].update(offload_layer_s=[0.0, -1.0, 0.0]), r"devices\[1\]\.offload_layer_s is -1.0"),
         (lambda d: d["devices"][0].update(fixed_s="1e-4"), r"devices\[0\]\.fixed_s is '1e-4'"),
         (lambda d: d.update(devices=[]), "devices is empty"),
     ],
-    ids=["nan", "negative", "tiers", "string", "no-devices"],
+    ids=["nan", "negative", "tiers", "negative-offload", "string", "no-devices"],
 )
 def test_impossible_costs_are_refused_naming_file_and_field(tmp_path, change, message):
     """A NaN or negative cost would silently change every pruning decision: refused on reading."""

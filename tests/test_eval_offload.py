@@ -15,6 +15,8 @@ from test_pruning import single_device_table
 import caee_jax
 from caee_jax.caee.cost_table import save_table
 from caee_jax.caee.peer_rules import PeerRule
+from caee_jax.calibration.costs import calibrate
+from caee_jax.calibration.offload_validation import calibrate_offloaded, validate_offloaded
 from caee_jax.eval.decode_eval import compare, windows_of
 from caee_jax.model.execution import Execution
 from caee_jax.offload.cache import Offload
@@ -133,5 +135,38 @@ def test_calibrate_validates_offloaded_and_refuses_mistakes(tmp_path):
         and summary["in_situ_fixed_s"] >= 0
         and summary["table_fetch_s"] == table.devices[0].fetch_s[1]
     )
-    refused(launch(*command[:3], "--offload", "host"), "add --validate")
     refused(launch(*command, "--offload", "host", "--out", str(tmp_path / "none")), "no such cost table")
+    path = save_table(table, str(tmp_path), {"command": "the resident calibration"})
+    calibrated = launch(*command[:3], "--out", str(tmp_path), "--json", "--offload", "host", "--repeats", "1")
+    assert calibrated.returncode == 0, calibrated.stderr[-3000:]
+    report = json.loads(calibrated.stdout.strip().splitlines()[-1])
+    stored = json.load(open(path))
+    assert report["table"] == path and stored["command"] == "the resident calibration"  # provenance kept
+    assert stored["offload_host"]["command"].endswith("--offload host --repeats 1")
+    device = stored["devices"][0]
+    for name in ("fetch_s", "offload_layer_s", "offload_read_s"):
+        assert device[name][1] == report[name]
+    assert device["fetch_s"][2] == table.devices[0].fetch_s[2] and device["offload_layer_s"][2] == 0
+
+
+def test_the_in_situ_calibrated_table_predicts_offloaded_layers_with_misses():
+    """calibrate_offloaded's fetch_s, offload_layer_s and offload_read_s, checked on other routings: the
+    calibrated table's median error with misses is at most 25% and its mean error at most 3/4 of the resident
+    calibration's (whose misses cost its directly timed fetch_s and no layer cost; 55-65% here). A tiny layer
+    is ~1 ms, mostly dispatch: on this shared machine its mean error was 14-17% alone and 40% inside this
+    file's run (a few cases several times slower), hence the median; the issue's 15% MAPE is measured on the
+    bundled model, docs/RESULTS.md."""
+    resident_table = calibrate(caee_jax.init_random("tiny"), cases_per_size=3, repeats=5)
+    model = caee_jax.init_random("tiny", offload=Offload("host", experts=4))
+    table, timed = calibrate_offloaded(model, resident_table, cases_per_size=4, repeats=5)
+    (device,), host = table.devices, 1
+    assert device.offload_layer_s[host] > 0 and device.fetch_s[host] > 0
+    assert device.offload_layer_s[2] == device.offload_read_s[2] == 0
+    assert device.fetch_s[2] == resident_table.devices[0].fetch_s[2]  # the other tier untouched
+    checked = validate_offloaded(model, table, repeats=5)  # other routings than the calibration's
+    assert checked.misses.max() > 0 and np.mean(checked.misses > 0) > 0.5
+    uncalibrated = checked.resident_predicted_s + resident_table.devices[0].fetch_s[host] * checked.misses
+    before = np.mean(np.abs(uncalibrated - checked.measured_s) / checked.measured_s)
+    median = checked.summary()["median_ape"]
+    print(f"with misses: MAPE {checked.mape:.3f}, median {median:.3f} (resident calibration: MAPE {before:.3f})")
+    assert median <= 0.25 and checked.mape <= 0.75 * before

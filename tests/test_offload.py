@@ -3,12 +3,14 @@ a miss, refused budgets and setups, and the launcher's flags and report."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,8 +21,9 @@ from caee_jax.caee.policy import CAEEConfig, caee_prune
 from caee_jax.caee.rule_config import parse_rule
 from caee_jax.model.execution import Execution
 from caee_jax.offload import options
-from caee_jax.offload.cache import Offload, slots_for
+from caee_jax.offload.cache import CacheManager, Offload, slots_for
 from caee_jax.offload.disk_store import write_disk_store
+from caee_jax.offload.execute import run_offloaded
 from caee_jax.offload.store import HostStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,3 +211,79 @@ def run_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def counting_announces(manager) -> list[int]:
+    """Records the layer of every `announce` callback the compiled steps make from now on (patch it before
+    the first step is traced: the callback is bound when tracing)."""
+    calls, announce = [], manager.announce
+
+    def counted(layer, *args, **kwargs):
+        calls.append(int(layer))
+        return announce(layer, *args, **kwargs)
+
+    manager.announce = counted
+    return calls
+
+
+def test_a_step_that_reads_nothing_makes_no_host_callback(resident):
+    """Every expert fits: once the prompts' experts are loaded, running them again calls the host never, and
+    the hits are still counted (on the device)."""
+    model = offloaded(Offload("host", experts=16))
+    calls = counting_announces(model.execution.offload)
+    assert caee_jax.generate(model, PROMPTS, max_new_tokens=6) == resident[1]
+    assert calls, "the cold run made no callback: the counter sees nothing"
+    calls.clear()
+    again = caee_jax.generate_with_stats(model, PROMPTS, max_new_tokens=6)
+    assert again.tokens == resident[1]
+    assert calls == []
+    stats = [again.prefill_offload, *again.decode_offload]
+    assert sum(s.misses + s.fetches for s in stats) == 0 and all(s.hits > 0 for s in stats)
+
+
+@functools.partial(jax.jit, static_argnames=("manager",), donate_argnames=("cache",))
+def _first_layer(x, topk_ids, keep_mask, cache, *, manager):
+    """MoE layer 0 offloaded on its own (no prediction of the next layer): the updated cache."""
+    weights = jnp.full(topk_ids.shape, 0.25, jnp.float32)
+    no_hint = jnp.zeros(manager.num_experts, bool)
+    return run_offloaded(x, topk_ids, weights, keep_mask, cache, jnp.int32(0), manager, no_hint)[1]
+
+
+def test_eviction_sees_the_uses_of_a_step_that_made_no_callback():
+    """LRU with 4 slots: experts 0-3 loaded, then 0 and 1 hit (no callback), then two misses evict 2 and 3,
+    the least recently used; a history kept only by callbacks would see 0-3 tied and evict 0 and 1."""
+    config, state = _config_and_state()
+    manager = CacheManager(HostStore.from_state(config, state), slots=4, policy="lru")
+    calls = counting_announces(manager)
+    cache = manager.empty_cache()
+    x = np.random.default_rng(0).normal(size=(1, config.hidden_size)).astype(np.float32)
+    steps = [  # (routed [1, K], kept [1, K]): one token
+        ([0, 1, 2, 3], [True] * 4),
+        ([0, 1, 2, 3], [True, True, False, False]),
+        ([4, 5, 0, 1], [True, True, False, False]),
+    ]
+    counted = []
+    for ids, keep in steps:
+        cache = _first_layer(x, np.array([ids], np.int32), np.array([keep]), cache, manager=manager)
+        counted.append(manager.take_step_stats(cache))
+    assert calls == [0, 0]  # the first and the last step: the hits-only step made none
+    assert sorted(np.flatnonzero(manager.slot_of[0] >= 0)) == [0, 1, 4, 5]
+    np.testing.assert_array_equal(np.asarray(cache.slot_of[0]), manager.slot_of[0])
+    assert [(s.hits, s.misses, s.pruned_misses, s.fetches) for s in counted] == [
+        (0, 4, 0, 4),
+        (2, 0, 0, 0),
+        (0, 2, 0, 2),
+    ]
+
+
+def test_hold_writes_the_experts_bits_into_their_slots():
+    """`CacheManager.hold` (calibration's chosen residency) stores the weights' bits, as fetches do, not
+    their values converted to the cache's integer type."""
+    config, state = _config_and_state()
+    manager = CacheManager(HostStore.from_state(config, state), slots=4)
+    cache = manager.hold(manager.empty_cache(), 1, [7, 3])
+    for slot, expert in enumerate([7, 3]):
+        want = manager.store.read(1, expert)
+        for got, weights in zip(cache[:3], want, strict=True):
+            np.testing.assert_array_equal(np.asarray(got[1, slot]).view(np.float32), weights)
+    assert manager.slot_of[1, 7] == 0 and int(cache.slot_of[1, 3]) == 1

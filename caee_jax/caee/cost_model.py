@@ -4,6 +4,8 @@ Device d's time for one MoE layer:
 
     t_d = fixed_s + pair_s * computed rows on d + activation_s * active experts on d
           + sum over active non-resident experts on d of fetch_s[tier] + comm_token_s * tokens
+          + max over non-resident experts on d of offload_layer_s[tier]   (once per layer of an offloaded model)
+          + max over active non-resident experts on d of offload_read_s[tier]   (once per layer that reads)
 
 and the layer takes max_d t_d (it ends when the slowest device ends). A device's pairs are the kept
 pairs routed to its experts from the whole batch: with the batch split over the expert devices too
@@ -61,16 +63,22 @@ def predict(
     rows = computed_rows(load.pairs, row_tile(table, topk_ids.shape[0]))
     rows_d = jax.ops.segment_sum(rows.astype(jnp.float32), placement, num_devices)
     active_d = jax.ops.segment_sum(active, placement, num_devices)
-    fetch = jnp.zeros(num_experts, jnp.float32)
+    fetch_d = offload_d = read_d = jnp.zeros(num_devices, jnp.float32)
     if residency is not None:
         fetch = table.per_device("fetch_s")[placement, residency] * active  # fetch_s [S, tiers]
-    fetch_d = jax.ops.segment_sum(fetch, placement, num_devices)
+        fetch_d = jax.ops.segment_sum(fetch, placement, num_devices)
+        offload = table.per_device("offload_layer_s")[placement, residency]  # [E], 0 for a resident expert
+        offload_d = jax.ops.segment_max(offload, placement, num_devices)  # whatever the routing: not prunable
+        read = table.per_device("offload_read_s")[placement, residency] * active
+        read_d = jax.ops.segment_max(read, placement, num_devices)  # saved when every miss is pruned
     tokens = jnp.float32(topk_ids.shape[0])
     device_s = (
         table.per_device("fixed_s")
         + table.per_device("pair_s") * rows_d
         + table.per_device("activation_s") * active_d
         + fetch_d
+        + offload_d
+        + read_d
         + table.per_device("comm_token_s") * tokens
     )
     return Prediction(device_s, jnp.max(device_s))

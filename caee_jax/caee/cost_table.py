@@ -8,8 +8,16 @@ Per device (device i = expert shard i; data replicas of a shard behave alike):
   fixed_s        every MoE layer, whatever the routing (launch, gather/scatter, collectives' latency)
   pair_s         each kept token-expert pair it computes (in the loop backend's whole tiles, see cost_model)
   activation_s   each expert it runs at all (reading its weights once per step)
-  fetch_s        each non-resident expert it runs, per offload tier (bringing the weights in)
+  fetch_s        each non-resident expert it runs, per offload tier (bringing the weights in): timed apart
+                 from the runtime by `launch/calibrate.py`, replaced by the offloaded runtime's own
+                 per-miss time by `launch/calibrate.py --offload TIER`
   comm_token_s   each token of the batch exchanged with the other devices (0 on one device)
+  offload_layer_s  each MoE layer whose experts are not all on the device, per offload tier (the store's):
+                 the offloaded path's fixed cost (its host callbacks, and the slower dispatch of a step
+                 with effects, `offload/execute.py`), fitted in situ by `launch/calibrate.py --offload TIER`.
+  offload_read_s   each MoE layer that runs a non-resident expert, per offload tier, on top of the above:
+                 its host callback (a layer with nothing to read makes none), fitted with it.
+                 Tables written before these two existed load with 0 (the prediction then omits them).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from caee_jax.routing.backend import ExpertBackend
 
 FORMAT = "caee-cost-table/1"
 TIERS = ("device", "host", "disk")  # residency codes 0, 1, 2
+PER_TIER = ("fetch_s", "offload_layer_s", "offload_read_s")  # DeviceCosts fields with one entry per tier
 DEFAULT_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "cost_tables"
 )
@@ -78,12 +87,15 @@ class DeviceCosts:
     activation_s: float
     fetch_s: tuple[float, float, float]
     comm_token_s: float
+    offload_layer_s: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    offload_read_s: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def __post_init__(self):
         """Every figure a finite, non-negative number of seconds: a NaN or negative cost would silently
         change every pruning decision."""
-        if len(self.fetch_s) != len(TIERS):
-            raise CostTableError(f"fetch_s has {len(self.fetch_s)} entries; one per tier {TIERS} is needed")
+        for name in PER_TIER:
+            if len(getattr(self, name)) != len(TIERS):
+                raise CostTableError(f"{name} has {len(getattr(self, name))} entries; one per tier {TIERS} is needed")
         for field in dataclasses.fields(self):
             values = getattr(self, field.name)
             for value in values if isinstance(values, tuple) else (values,):
@@ -169,7 +181,8 @@ class CostTable:
             devices = []
             for i, device in enumerate(data["devices"]):
                 try:
-                    devices.append(DeviceCosts(**{**device, "fetch_s": tuple(device["fetch_s"])}))
+                    tiers = {name: tuple(device[name]) for name in PER_TIER if name in device}
+                    devices.append(DeviceCosts(**{**device, **tiers}))  # no offload_*: an older table, 0
                 except CostTableError as error:
                     raise CostTableError(f"devices[{i}].{error}") from None
             return cls(

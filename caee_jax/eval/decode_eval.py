@@ -154,7 +154,7 @@ def compare(
             )  # fmt: skip
             latents = prefilled if latents is None else latents  # the baseline's
             if manager is not None:
-                manager.take_step_stats()
+                manager.take_step_stats(experts[side])
         caches = [latents, jax.tree.map(jnp.copy, latents)]  # the candidate's latents: the baseline's prefill
         for t in range(prefix, prefix + num_steps):
             tokens, positions = put(windows[:, t]), put(np.full(rows, t, np.int32))
@@ -173,7 +173,7 @@ def compare(
             result.step_base_s.append(base_s)
             result.step_s.append(cand_s)
             if offloaded:
-                stats = managers[0].take_step_stats(), managers[1].take_step_stats()
+                stats = managers[0].take_step_stats(experts[0]), managers[1].take_step_stats(experts[1])
             if timing_only:
                 continue
             _, kept, _, active = np.asarray(counts)

@@ -4,12 +4,16 @@ Device state (`ExpertCache`, a pytree threaded through every step and donated): 
 [L, S, ...] and `slot_of` [L, E] (the slot holding each expert, -1 when not resident). Shapes never
 change, so residency is data and nothing recompiles as experts come and go.
 
-Host state (`CacheManager`): which expert sits in which slot, use statistics, the eviction policy and
-per-step counters. The compiled step talks to it through ordered host callbacks (`execute.py`): once
-per layer to announce which experts the layer will run (hits are recorded; the misses are read together
-and returned with the slots they take, as many as fit in slots the layer does not need), and once per
-miss that did not fit, when the loop reaches that expert. A host callback costs far more than a copy
-here (~0.3-1.5 ms each on this 2-core machine, docs/RESULTS.md), hence one call per layer, not per miss.
+Host state (`CacheManager`): which expert sits in which slot, the eviction policy and per-step counters of
+fetches. The compiled step talks to it through ordered host callbacks (`execute.py`): once per layer to
+announce which experts the layer will run (the misses are read together and returned with the slots they
+take, as many as fit in slots the layer does not need), and once per miss that did not fit, when the loop
+reaches that expert. A host callback costs far more than a copy here (~0.3-1.5 ms each on this 2-core
+machine, docs/RESULTS.md), hence one call per layer, not per miss, and none at all for a layer with nothing
+to read: no kept miss and (with read-ahead) no predicted expert to prefetch or staged read to drop. So what
+every layer must record, whether it calls back or not, lives on the device (`Usage`: the policies' use
+history and the hit/miss counters), updated in the compiled step and handed to the host with each callback
+(history) or when the caller takes a step's statistics (counters).
 The host decides; the device applies, so the two always agree.
 
 Policies (which resident expert leaves when a slot is needed), never an expert the current layer has yet
@@ -37,7 +41,7 @@ from caee_jax.caee.cost_table import CostTable
 from caee_jax.choice import Choice
 from caee_jax.offload.store import ExpertStore
 
-DECAY = 0.9  # per layer-step, the weight an older use keeps in the `cost` policy's count
+DECAY = 0.9  # per layer-step of its layer, the weight an older use keeps in the `cost` policy's count
 
 
 class Policy(Choice):
@@ -46,15 +50,35 @@ class Policy(Choice):
     COST = "cost"
 
 
+COUNTED = ("hits", "misses", "pruned_misses", "predicted_needed", "predicted_hits")  # `Usage.counts`, in order
+
+
+class Usage(NamedTuple):
+    """What every offloaded layer records on the device, callback or not. Per MoE layer and expert [L, E]:
+    last_use int32 (the `clock` of the layer-step that last ran it), uses int32 (how many layer-steps ran
+    it), decayed float32 (use count decayed by DECAY per layer-step of its layer), predicted bool (the
+    previous layer's pre-gating prediction of this layer's experts, all False when none); clock int32 []
+    (layer-steps so far); counts int32 [len(COUNTED)]: running totals of `COUNTED`, modulo 2**32 (the host
+    takes differences, `CacheManager.take_step_stats`)."""
+
+    last_use: jnp.ndarray
+    uses: jnp.ndarray
+    decayed: jnp.ndarray
+    predicted: jnp.ndarray
+    clock: jnp.ndarray
+    counts: jnp.ndarray
+
+
 class ExpertCache(NamedTuple):
     """gate, up [L, S, D, F]; down [L, S, F, D]: the store dtype's bits as unsigned integers of its width
     (XLA:CPU would update a bfloat16 cache in float32, converting all of it on every fetch; integers are
-    only moved); slot_of [L, E] int32 (-1: not resident)."""
+    only moved); slot_of [L, E] int32 (-1: not resident); usage: the layers' use history and counters."""
 
     gate: jnp.ndarray
     up: jnp.ndarray
     down: jnp.ndarray
     slot_of: jnp.ndarray
+    usage: Usage
 
 
 def cache_bits(dtype) -> np.dtype:
@@ -144,29 +168,47 @@ class CacheManager:
         self.fetch_s = fetch_s
         self.slot_expert = np.full((self.num_layers, slots), -1, np.int64)  # expert in each slot
         self.slot_of = np.full((self.num_layers, self.num_experts), -1, np.int64)
+        # The device's `Usage` history of a layer, as of its last `announce` (what `_victim` ranks by).
         self.last_use = np.zeros((self.num_layers, self.num_experts), np.int64)
         self.uses = np.zeros((self.num_layers, self.num_experts), np.int64)
         self.decayed = np.zeros((self.num_layers, self.num_experts))
-        self.clock = 0
         self.needed = np.zeros((self.num_layers, self.num_experts), bool)
         self.hit_at_announce = np.zeros((self.num_layers, self.num_experts), bool)
-        self.predicted: list[np.ndarray | None] = [None] * self.num_layers
         self.prefetch = prefetch
         self.step = StepStats()
+        self.counted = np.zeros(len(COUNTED), np.uint32)  # `Usage.counts` at the last `take_step_stats`
 
     __hash__ = object.__hash__
 
     def __eq__(self, other) -> bool:
         return self is other
 
+    @property
+    def reads_ahead(self) -> bool:
+        """Whether `announce` starts background reads of predicted experts (pre-gating on a store with a read
+        pool): then a layer with a predicted expert to read, or a staged read to drop, calls back."""
+        return self.prefetch and getattr(self.store, "prefetch", None) is not None
+
     def empty_cache(self) -> ExpertCache:
-        """The device state of an empty cache (and resets the host side to match)."""
+        """The device state of an empty cache, with no use history (and resets the host side to match)."""
         c, dtype = self.store.config, cache_bits(self.store.dtype)
         self.slot_expert[:] = -1
         self.slot_of[:] = -1
+        for history in (self.last_use, self.uses, self.decayed):
+            history[:] = 0
+        self.counted[:] = 0
         d, f, shape = c.hidden_size, c.moe_intermediate_size, (self.num_layers, self.slots)
         zeros = [jnp.zeros((*shape, *s), dtype) for s in ((d, f), (d, f), (f, d))]
-        return ExpertCache(*zeros, jnp.full((self.num_layers, self.num_experts), -1, jnp.int32))
+        per_expert = (self.num_layers, self.num_experts)
+        usage = Usage(
+            last_use=jnp.zeros(per_expert, jnp.int32),
+            uses=jnp.zeros(per_expert, jnp.int32),
+            decayed=jnp.zeros(per_expert, jnp.float32),
+            predicted=jnp.zeros(per_expert, bool),
+            clock=jnp.zeros((), jnp.int32),
+            counts=jnp.zeros(len(COUNTED), jnp.int32),
+        )
+        return ExpertCache(*zeros, jnp.full(per_expert, -1, jnp.int32), usage)
 
     def twin(self) -> CacheManager:
         """A manager of the same slots, policy, prefetch and miss price over its own reader of the same store
@@ -190,55 +232,54 @@ class CacheManager:
         self.slot_of[layer, experts] = np.arange(len(experts))
         for history in (self.last_use, self.uses, self.decayed):
             history[layer] = 0
-        self.predicted[layer] = None
         written = [
-            w.at[layer, : len(experts)].set(np.stack([e[i] for e in weights])) if experts else w
+            w.at[layer, : len(experts)].set(np.stack([e[i] for e in weights]).view(w.dtype)) if experts else w
             for i, w in enumerate(cache[:3])
         ]
-        return ExpertCache(*written, jnp.asarray(self.slot_of, jnp.int32))
+        usage = cache.usage
+        cleared = [
+            h.at[layer].set(jnp.zeros_like(h[layer]))
+            for h in (usage.last_use, usage.uses, usage.decayed, usage.predicted)
+        ]
+        usage = usage._replace(**dict(zip(("last_use", "uses", "decayed", "predicted"), cleared, strict=True)))
+        return ExpertCache(*written, jnp.asarray(self.slot_of, jnp.int32), usage)
 
-    def take_step_stats(self) -> StepStats:
-        """The counters since the last call, then zeroed."""
+    def take_step_stats(self, cache: ExpertCache) -> StepStats:
+        """The statistics since the last call (or `empty_cache`): the host's fetch counters, then zeroed, plus
+        the differences of the device counters of `cache` (the cache the last step returned; read before it
+        is donated to the next step)."""
+        counts = np.asarray(cache.usage.counts).view(np.uint32)
         step, self.step = self.step, StepStats()
+        for field, new in zip(COUNTED, counts - self.counted, strict=True):  # modulo 2**32
+            setattr(step, field, getattr(step, field) + int(new))
+        self.counted = counts.copy()
         return step
 
     # Host callbacks, called by the compiled step in program order (`execute.py`).
 
-    def announce(self, layer, kept: np.ndarray, routed: np.ndarray, next_hint: np.ndarray, *, bound: int):
-        """Layer `layer` will run the experts `kept` [E] bool (routed [E]: before pruning). Records hits and
-        use, counts misses, drops staged reads this layer does not need, starts reading the misses (before
-        any prediction, so they come first on the read pool), scores the previous layer's prediction of
-        `kept`, and (with `prefetch`) starts reading the next layer's predicted experts `next_hint` [E] bool
-        that are not resident. Then loads the misses, in increasing id, into slots the layer does not need,
-        up to `bound` of them (what does not fit is fetched by the loop, `fetch`), in one call instead of
-        one per miss. Returns padded to `bound`: (slots int32 (S: none), experts int32 (E: none), evicted
-        experts int32 (E: none), gate, up [bound, D, F], down [bound, F, D])."""
+    def announce(self, layer, kept: np.ndarray, next_hint: np.ndarray, last_use, uses, decayed, *, bound: int):
+        """Layer `layer` will run the experts `kept` [E] bool, and has a miss or (`reads_ahead`) a read to
+        start or drop; last_use, uses, decayed [E]: its `Usage` history, this layer-step included (the device
+        counted hits, misses and the prediction). Drops staged reads this layer does not need, starts reading
+        the misses (before any prediction, so they come first on the read pool), and (with `prefetch`) starts
+        reading the next layer's predicted experts `next_hint` [E] bool that are not resident. Then loads the
+        misses, in increasing id, into slots the layer does not need, up to `bound` of them (what does not fit
+        is fetched by the loop, `fetch`), in one call instead of one per miss. Returns padded to `bound`:
+        (slots int32 (S: none), experts int32 (E: none), evicted experts int32 (E: none), gate, up
+        [bound, D, F], down [bound, F, D])."""
         layer = int(layer)
-        kept, routed, next_hint = (np.asarray(a, bool) for a in (kept, routed, next_hint))
-        if self.predicted[layer] is not None:
-            self.step.predicted_needed += int(np.sum(kept))
-            self.step.predicted_hits += int(np.sum(kept & self.predicted[layer]))
-        self.predicted[layer] = None
+        kept, next_hint = np.asarray(kept, bool), np.asarray(next_hint, bool)
+        self.last_use[layer], self.uses[layer], self.decayed[layer] = last_use, uses, decayed
         resident = self.slot_of[layer] >= 0
-        self.clock += 1
-        self.decayed[layer] *= DECAY
-        self.decayed[layer, kept] += 1
-        self.uses[layer, kept] += 1
-        self.last_use[layer, kept] = self.clock
         self.needed[layer] = kept
         self.hit_at_announce[layer] = kept & resident
-        self.step.hits += int(np.sum(kept & resident))
-        self.step.misses += int(np.sum(kept & ~resident))
-        self.step.pruned_misses += int(np.sum(routed & ~kept & ~resident))
         misses = np.flatnonzero(kept & ~resident).tolist()
         prefetch = getattr(self.store, "prefetch", None)
         if prefetch is not None:
             self.store.retain(layer, misses)  # mispredicted reads make room for this layer's misses
             prefetch(layer, misses)
-        if layer + 1 < self.num_layers and next_hint.any():
-            self.predicted[layer + 1] = next_hint
-            if prefetch is not None and self.prefetch:
-                prefetch(layer + 1, np.flatnonzero(next_hint & (self.slot_of[layer + 1] < 0)).tolist())
+        if layer + 1 < self.num_layers and self.reads_ahead:
+            prefetch(layer + 1, np.flatnonzero(next_hint & (self.slot_of[layer + 1] < 0)).tolist())
         return self._load(layer, misses, bound)
 
     def _load(self, layer: int, misses: list[int], bound: int):

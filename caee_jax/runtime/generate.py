@@ -228,7 +228,7 @@ def _decode_loop(model, mesh, tokens, lengths, valid, max_new_tokens, temperatur
     )
     next_host = np.asarray(next_ids)[:real]
     prefill_s = time.perf_counter() - start
-    prefill_offload = manager.take_step_stats() if manager is not None else None
+    prefill_offload = manager.take_step_stats(model.expert_cache) if manager is not None else None
 
     positions = jnp.asarray(lengths)
     generated: list[list[int]] = [[] for _ in next_host]
@@ -269,7 +269,7 @@ def _decode_loop(model, mesh, tokens, lengths, valid, max_new_tokens, temperatur
         routing_counts += np.asarray(counts)
         positions = positions + 1
         if manager is not None:
-            offload_steps.append(manager.take_step_stats())
+            offload_steps.append(manager.take_step_stats(model.expert_cache))
     counts = tuple(int(c) for c in routing_counts)
     return Generation(generated, prefill_s, step_times, int(dropped), counts, prefill_offload, offload_steps)
 
