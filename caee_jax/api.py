@@ -72,10 +72,10 @@ class Model:
         self.mesh = _mesh(mesh)
         if module.moe_layers is not None:
             module.moe_layers.ffn.check_scales("moe_layers.ffn")
-        if module.expert_storage is Storage.FP8 and self.execution.backend is not ExpertBackend.LOOP:
+        if module.expert_storage is Storage.FP8 and not self.execution.backend.runs_fp8:
             raise ValueError(
                 f"backend {self.execution.backend.value!r} cannot run fp8-stored experts (block scales); use 'loop' "
-                "or store the experts as f32/bf16"
+                "or 'pallas', or store the experts as f32/bf16"
             )
         self.graphdef, self.state = nnx.split(module)
         if self.mesh is not None:

@@ -160,7 +160,7 @@ def test_block_scales_of_the_wrong_shape_are_refused_naming_the_tensor():
         run_experts(x, ids, w, keep, fp8, scales=scales._replace(down=scales.down[:, 0]))
 
 
-@pytest.mark.parametrize("backend", ["dense", "capacity", "pallas"])
+@pytest.mark.parametrize("backend", ["dense", "capacity"])
 def test_a_backend_that_cannot_run_fp8_says_so(backend):
     x, ids, w, keep, weights = expert_args()
     quantised = [block_quantize(a) for a in weights]
