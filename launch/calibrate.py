@@ -85,7 +85,9 @@ def main(argv=None) -> int:
     table = None
     if args.validate:
         try:
-            table = select_table(model.config, mesh, model.dtype, args.backend, directory=args.out)
+            table = select_table(
+                model.config, mesh, model.dtype, args.backend, directory=args.out, weights=model.weights
+            )
         except CostTableError as error:
             if lead:
                 print(f"{error}; calibrating first", file=sys.stderr)
@@ -136,7 +138,7 @@ def _validate_offloaded(args, offload) -> int:
         _check_outputs(args)
         options = dict(dtype=args.dtype, execution=args.backend, offload=offload)
         model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
-        table = select_table(model.config, None, model.dtype, args.backend, directory=args.out)
+        table = select_table(model.config, None, model.dtype, args.backend, directory=args.out, weights=model.weights)
     except ValueError as error:  # UserFileError, CostTableError, StoreError; a backend offload cannot run
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -317,8 +317,10 @@ def _table(args, model, mesh):
     """The cost table for CAEE; a setup mismatch error names the flag that accepts it anyway."""
     if args.cost_table_any_setup and not args.cost_table:
         raise UserFileError("--cost-table-any-setup needs --cost-table FILE")
-    backend = model.execution.backend
-    return select_table(model.config, mesh, model.dtype, backend, args.cost_table, override=args.cost_table_any_setup)
+    backend, override = model.execution.backend, args.cost_table_any_setup
+    return select_table(
+        model.config, mesh, model.dtype, backend, args.cost_table, override=override, weights=model.weights
+    )
 
 
 def _resolve_importance_options(args) -> None:

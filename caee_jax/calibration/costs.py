@@ -287,7 +287,7 @@ def calibrate(
         for c in coefficients
     )
     predicted, measured = (np.concatenate(parts) for parts in zip(*quality, strict=True))
-    signature = signature_of(config, model.mesh, model.dtype, bench.backend)
+    signature = signature_of(config, model.mesh, model.dtype, bench.backend, model.weights)
     return CostTable(signature, devices, bench.placement, fit_quality(predicted, measured))
 
 
