@@ -61,6 +61,7 @@ from caee_jax.offload.cache import Offload
 from caee_jax.offload.store import StoreError
 from caee_jax.parallel import distributed
 from caee_jax.parallel.mesh import describe
+from caee_jax.routing.storage import Storage
 
 KNOBS = {  # default sweep per rule, from light to heavy pruning
     "caee": (0.4, 0.6, 0.8, 0.9, 1.0, 1.2),
@@ -122,6 +123,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="use the --cost-table file even if it was calibrated for another setup (mesh, dtype, backend)",
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--weights",
+        choices=Storage.names(),
+        help="routed experts' storage (fp8: e4m3 + 128x128 block scales); default: --dtype",
+    )
     offload_options.add_arguments(parser)
     distributed.add_arguments(parser)
     cli.add_debug_flag(parser)
@@ -217,8 +223,10 @@ def run(args, offload: Offload | None = None) -> int:
 
 def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, offload) -> int:
     """Loads the model, checks the results file against this run's provenance, runs the missing cases."""
-    options = dict(dtype=args.dtype, mesh=mesh, offload=offload)
+    options = dict(dtype=args.dtype, weights=args.weights, mesh=mesh, offload=offload)
     model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
+    stored = Storage.of(model.weights, model.dtype)
+    weights = None if stored == Storage.of(None, model.dtype) else stored.value  # None: held in --dtype
     if means_path:
         try:
             expert_means.load_means(model, means_path)
@@ -247,7 +255,9 @@ def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, off
         preset_config=preset(args.preset) if args.preset else None,
         eval_file=path,
         eval_bytes=data,
-        window=dict(eval_tokens=args.eval_tokens, prefix=args.prefix, steps=args.steps, dtype=args.dtype),
+        window=dict(
+            eval_tokens=args.eval_tokens, prefix=args.prefix, steps=args.steps, dtype=args.dtype, weights=weights
+        ),
         mesh=describe(mesh) if mesh is not None else "one device",
         cost_table=args.cost_table,
         table=table,
