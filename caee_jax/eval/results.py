@@ -2,7 +2,8 @@
 
 A rerun resumes: cases already in the file are skipped. That is only sound when the file's records were
 measured on what this run would measure, so every record carries its provenance (model, evaluation text,
-window sizes, dtype, experts' storage, offload setup, mesh, cost table, code version) and `check` refuses a run that differs:
+window sizes, dtype, experts' storage, offload setup, mesh, cost table, code version) and `check` refuses a
+run that differs:
   EXPERIMENT fields must be equal across the whole file (records of another model, text or code are not
     comparable with this run's);
   PER_CASE fields may differ between cases (batch 1 on fewer tokens, another mesh and its cost table), but a
