@@ -22,6 +22,7 @@ from test_expert_parallel import mesh_of, run
 import caee_jax
 from caee_jax.caee.cost_table import DEFAULT_DIR, CostTable, CostTableError, load_table, save_table
 from caee_jax.caee.rule_config import parse_rule
+from caee_jax.calibration.costs import calibrate
 from caee_jax.calibration.tables import select_table, signature_of
 from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
 from caee_jax.model.execution import Execution
@@ -264,3 +265,14 @@ def test_a_model_warns_when_its_table_prices_other_expert_bytes():
             weights="fp8",
             execution=dataclasses.replace(execution, cost_table=fp8_table(16, 1, 4, backend="loop")),
         )
+
+
+@pytest.mark.parametrize("mesh", [None, "expert=2"])
+def test_calibrating_an_fp8_model_times_its_stored_experts(mesh):
+    """The calibration runs the layer with the block scales (one device: each shard alone; a mesh: the
+    expert-parallel layer too) and writes a table whose signature says fp8."""
+    model = caee_jax.init_random("tiny", seed=0, weights="fp8", mesh=mesh and mesh_of(mesh))
+    table = calibrate(model, cases_per_size=1, repeats=1)
+    assert table.signature == signature_of(model.config, model.mesh, jnp.float32, "loop", weights="fp8")
+    assert table.signature.slug().endswith("-float32-loop-fp8")
+    assert all(device.pair_s > 0 or device.activation_s > 0 for device in table.devices)
