@@ -4,7 +4,7 @@ in the kernel body, after the load (so only the stored bytes cross HBM).
 fp8 tiles come with DeepSeek's block scales (`routing/storage.py`: one float32 per 128 x 128 block of the
 [in, out] matrix). A kernel dequantises a weight tile one scale block at a time: its contraction rows in
 chunks of at most 128 that never straddle a row block (`contraction_chunks`), and its columns within one
-column block (`check_scaled_blocks` refuses column tiles that would straddle one). Each chunk's value is
+column block (`dispatch.check_blocks` refuses tiles that would straddle one). Each chunk's value is
 float32(q) * scale rounded once to the compute dtype, the loop backend's `block_dequantize` bit for bit, so a
 kernel differs from the float32 model holding the dequantised values only in its summation order.
 """
