@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -72,10 +73,11 @@ class Model:
         self.mesh = _mesh(mesh)
         if module.moe_layers is not None:
             module.moe_layers.ffn.check_scales("moe_layers.ffn")
-        if module.expert_storage is Storage.FP8 and self.execution.backend is not ExpertBackend.LOOP:
+        self._check_table_storage()
+        if module.expert_storage is Storage.FP8 and not self.execution.backend.runs_fp8:
             raise ValueError(
                 f"backend {self.execution.backend.value!r} cannot run fp8-stored experts (block scales); use 'loop' "
-                "or store the experts as f32/bf16"
+                "or 'pallas', or store the experts as f32/bf16"
             )
         self.graphdef, self.state = nnx.split(module)
         if self.mesh is not None:
@@ -83,6 +85,22 @@ class Model:
         self.expert_cache: ExpertCache | None = None
         if offload is not None:
             self._offload(offload)
+
+    def _check_table_storage(self) -> None:
+        """Warns when the cost table was calibrated for routed experts stored otherwise than this model's
+        (its `weights` field): table selection refuses that unless told to use the table anyway, so it
+        arrives here only by that override or from a table chosen without the model's storage."""
+        table = self.execution.cost_table
+        if table is None or self.module.moe_layers is None:
+            return
+        here = Storage.of(self.weights, self.dtype)
+        if table.signature.weights != here:
+            warnings.warn(
+                f"the cost table was calibrated with routed experts stored as weights={table.signature.weights!r}, "
+                f"this model holds them as {here.value!r}: its expert costs price other bytes (select the table "
+                "with weights=, or calibrate with launch/calibrate.py --weights)",
+                stacklevel=3,
+            )
 
     def _offload(self, offload: Offload) -> None:
         """Moves the routed experts into an expert store behind a device cache (`offload/`)."""

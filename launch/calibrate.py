@@ -42,6 +42,7 @@ from caee_jax.eval.user_files import UserFileError, check_writable
 from caee_jax.files import atomic_write
 from caee_jax.offload import options as offload_options
 from caee_jax.parallel import distributed
+from caee_jax.routing.storage import Storage
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     source.add_argument("--preset", choices=sorted(PRESETS), help="random-weight preset")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--weights",
+        choices=Storage.names(),
+        help="routed experts' storage (fp8: e4m3 + 128x128 block scales); default: --dtype",
+    )
     parser.add_argument("--backend", choices=["loop", "dense", "pallas"], default="loop")
     parser.add_argument("--out", default=DEFAULT_DIR, help="cost table directory")
     parser.add_argument("--scratch-dir", default=".", help="where to time direct disk reads (a real disk)")
@@ -84,13 +90,15 @@ def main(argv=None) -> int:
         except UserFileError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-    options = dict(dtype=args.dtype, execution=args.backend, mesh=mesh)
+    options = dict(dtype=args.dtype, weights=args.weights, execution=args.backend, mesh=mesh)
     model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
 
     table = None
     if args.validate:
         try:
-            table = select_table(model.config, mesh, model.dtype, args.backend, directory=args.out)
+            table = select_table(
+                model.config, mesh, model.dtype, args.backend, directory=args.out, weights=model.weights
+            )
         except CostTableError as error:
             if lead:
                 print(f"{error}; calibrating first", file=sys.stderr)
@@ -138,9 +146,9 @@ def _offloaded(args, argv, offload) -> int:
     distributed.join(args)
     try:
         _check_outputs(args)
-        options = dict(dtype=args.dtype, execution=args.backend, offload=offload)
+        options = dict(dtype=args.dtype, weights=args.weights, execution=args.backend, offload=offload)
         model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
-        table = select_table(model.config, None, model.dtype, args.backend, directory=args.out)
+        table = select_table(model.config, None, model.dtype, args.backend, directory=args.out, weights=model.weights)
     except ValueError as error:  # UserFileError, CostTableError, StoreError; a backend offload cannot run
         print(f"error: {error}", file=sys.stderr)
         return 2

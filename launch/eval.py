@@ -68,6 +68,7 @@ from caee_jax.offload.cache import Offload
 from caee_jax.offload.store import StoreError
 from caee_jax.parallel import distributed
 from caee_jax.parallel.mesh import describe
+from caee_jax.routing.storage import Storage
 
 KNOBS = {  # default sweep per rule, from light to heavy pruning
     "caee": (0.4, 0.6, 0.8, 0.9, 1.0, 1.2),
@@ -137,6 +138,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="use the --cost-table file even if it was calibrated for another setup (mesh, dtype, backend)",
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--weights",
+        choices=Storage.names(),
+        help="routed experts' storage (fp8: e4m3 + 128x128 block scales); default: --dtype",
+    )
     offload_options.add_arguments(parser)
     distributed.add_arguments(parser)
     cli.add_debug_flag(parser)
@@ -232,8 +238,10 @@ def run(args, offload: Offload | None = None) -> int:
 
 def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, offload) -> int:
     """Loads the model, checks the results file against this run's provenance, runs the missing cases."""
-    options = dict(dtype=args.dtype, mesh=mesh, offload=offload)
+    options = dict(dtype=args.dtype, weights=args.weights, mesh=mesh, offload=offload)
     model = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
+    stored = Storage.of(model.weights, model.dtype)
+    weights = None if stored == Storage.of(None, model.dtype) else stored.value  # None: held in --dtype
     if means_path:
         try:
             expert_means.load_means(model, means_path)
@@ -267,6 +275,7 @@ def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, off
             prefix=args.prefix,
             steps=args.steps,
             dtype=args.dtype,
+            weights=weights,
             cut_half_width=args.cut_half_width,
             max_timed_steps=args.max_timed_steps,
         ),  # fmt: skip
@@ -352,8 +361,10 @@ def _table(args, model, mesh):
     """The cost table for CAEE; a setup mismatch error names the flag that accepts it anyway."""
     if args.cost_table_any_setup and not args.cost_table:
         raise UserFileError("--cost-table-any-setup needs --cost-table FILE")
-    backend = model.execution.backend
-    return select_table(model.config, mesh, model.dtype, backend, args.cost_table, override=args.cost_table_any_setup)
+    backend, override = model.execution.backend, args.cost_table_any_setup
+    return select_table(
+        model.config, mesh, model.dtype, backend, args.cost_table, override=override, weights=model.weights
+    )
 
 
 def _resolve_importance_options(args) -> None:

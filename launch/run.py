@@ -52,6 +52,7 @@ from caee_jax.offload.store import StoreError
 from caee_jax.parallel import distributed
 from caee_jax.parallel.mesh import describe
 from caee_jax.routing.storage import Storage
+from caee_jax.weights.orbax_checkpoint import is_converted, stored_weights
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 DEFAULT_PROMPT_IDS = "0,11,23,5,42,7"
@@ -307,7 +308,18 @@ def _table(config, mesh, args):
     """The cost table (a setup mismatch is an error naming --cost-table-any-setup)."""
     if args.cost_table_any_setup and not args.cost_table:
         raise ValueError("--cost-table-any-setup needs --cost-table FILE")
-    return select_table(config, mesh, args.dtype, args.backend, args.cost_table, override=args.cost_table_any_setup)
+    override = args.cost_table_any_setup
+    return select_table(
+        config, mesh, args.dtype, args.backend, args.cost_table, override=override, weights=_weights(args)
+    )
+
+
+def _weights(args) -> Storage | str | None:
+    """The routed experts' storage the loaded model will have: --weights, else a converted checkpoint's
+    (fp8 when converted with --keep-fp8), else None (held in --dtype)."""
+    if args.weights or args.preset or not args.checkpoint or not is_converted(args.checkpoint):
+        return args.weights
+    return stored_weights(args.checkpoint)
 
 
 def _token_ids(text: str) -> list[int]:

@@ -77,7 +77,13 @@ def test_records_carry_their_provenance(finished):
 
 @pytest.mark.parametrize(
     ("change", "field"),
-    [("eval_file", "eval_sha256"), ("--eval-tokens", "eval_tokens"), ("--steps", "steps"), ("--dtype", "dtype")],
+    [
+        ("eval_file", "eval_sha256"),
+        ("--eval-tokens", "eval_tokens"),
+        ("--steps", "steps"),
+        ("--dtype", "dtype"),
+        ("--weights", "weights"),
+    ],
 )
 def test_a_rerun_on_other_inputs_is_refused(finished, out, tmp_path, change, field):
     text = finished[1]
@@ -89,7 +95,7 @@ def test_a_rerun_on_other_inputs_is_refused(finished, out, tmp_path, change, fie
     elif change in command:
         command[command.index(change) + 1] = {"--eval-tokens": "12", "--steps": "2"}[change]
     else:
-        command += [change, "bfloat16"]
+        command += [change, {"--dtype": "bfloat16", "--weights": "fp8"}[change]]
     refused(launch(*command), "results.jsonl:1", field, "--fresh")
     assert open(out / "results.jsonl").read() == finished[2]  # untouched
     assert not (out / "results.md").exists()  # no table drawn from the old records

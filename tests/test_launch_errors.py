@@ -35,7 +35,12 @@ def one_line_error(result, *fragments):
         (["launch/run.py", "--prompt", ""], ["prompts[0]", "empty"]),
         (["launch/run.py", "--prompt", "x y " * 1500], ["exceeds the cache", "max_position_embeddings 2048"]),
         (["launch/run.py", "--chat", "hi"], ["caee-small", "no chat template"]),
+        (["launch/run.py", "--weights", "fp8", "--prune", "caee=0.8"], ["weights='fp8'", "weights='f32'"]),
         (["launch/eval.py", "--preset", "tiny", "--mesh", "expert=3"], ["expert=3"]),
+        (
+            ["launch/eval.py", "--weights", "fp8", "--rules", "caee", "--out", "/tmp/caee-fp8-refused"],
+            ["weights='fp8'"],
+        ),
         (["launch/calibrate.py", "--model", "/nonexistent"], ["/nonexistent"]),
         (["launch/plan.py", "--preset", "tiny", "--mesh", "expert=3"], ["experts", "mesh axis 'expert' of size 3"]),
     ],

@@ -299,7 +299,7 @@ def test_lowers_for_accelerators(platform, lowering, target, dtype):
     "change, message",
     [
         (dict(x=np.zeros((4, 8), np.float16)), "float32 or bfloat16"),
-        (dict(w=ExpertWeights(*(a.astype(jnp.bfloat16) for a in make_weights(8, 4, 3)))), "differs from x dtype"),
+        (dict(x=make_x(4, 8).astype(jnp.bfloat16)), "gate dtype float32 differs from x dtype bfloat16"),
         (dict(ids=np.zeros((3, 2), np.int32)), "topk_ids must be"),
         (dict(keep=np.ones((4, 2), np.int32)), "keep_mask must be bool"),
         (dict(w=make_weights(6, 4, 3)), "gate must be"),

@@ -4,6 +4,11 @@ never converts a whole expert stack, and clear errors for weights a backend cann
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
+import warnings
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -15,7 +20,10 @@ from test_caee_policy import table
 from test_expert_parallel import mesh_of, run
 
 import caee_jax
+from caee_jax.caee.cost_table import DEFAULT_DIR, CostTable, CostTableError, load_table, save_table
 from caee_jax.caee.rule_config import parse_rule
+from caee_jax.calibration.costs import calibrate
+from caee_jax.calibration.tables import select_table, signature_of
 from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
 from caee_jax.model.execution import Execution
 from caee_jax.offload.cache import Offload
@@ -102,11 +110,19 @@ def test_fp8_experts_on_a_mesh_equal_one_device(mesh):
         np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
 
 
+def fp8_table(*args, **kwargs) -> CostTable:
+    """test_caee_policy's table, calibrated (as it says) with fp8-stored experts."""
+    costs = table(*args, **kwargs)
+    return dataclasses.replace(costs, signature=dataclasses.replace(costs.signature, weights="fp8"))
+
+
 def test_caee_prunes_fp8_experts_as_it_prunes_their_float32_values():
-    execution = Execution("loop", pruning=parse_rule("caee=1.5"), cost_table=table(16, 1, 4, backend="loop"))
+    execution = Execution("loop", pruning=parse_rule("caee=1.5"), cost_table=fp8_table(16, 1, 4, backend="loop"))
     model = caee_jax.init_random("tiny", seed=3, weights="fp8", execution=execution)
     pruned = np.asarray(model(TOKENS))
-    np.testing.assert_allclose(pruned, np.asarray(restored(model, "f32")(TOKENS)), atol=1e-5, rtol=0)
+    with pytest.warns(UserWarning, match="weights='fp8', this model holds them as 'f32'"):  # the same table, on purpose
+        values = restored(model, "f32")
+    np.testing.assert_allclose(pruned, np.asarray(values(TOKENS)), atol=1e-5, rtol=0)
     unpruned = caee_jax.init_random("tiny", seed=3, weights="fp8")
     assert np.abs(pruned - np.asarray(unpruned(TOKENS))).max() > 1e-3  # CAEE did prune
 
@@ -160,7 +176,7 @@ def test_block_scales_of_the_wrong_shape_are_refused_naming_the_tensor():
         run_experts(x, ids, w, keep, fp8, scales=scales._replace(down=scales.down[:, 0]))
 
 
-@pytest.mark.parametrize("backend", ["dense", "capacity", "pallas"])
+@pytest.mark.parametrize("backend", ["dense", "capacity"])
 def test_a_backend_that_cannot_run_fp8_says_so(backend):
     x, ids, w, keep, weights = expert_args()
     quantised = [block_quantize(a) for a in weights]
@@ -197,3 +213,66 @@ def test_fp8_experts_cannot_be_offloaded():
 def test_unknown_storage_is_refused():
     with pytest.raises(ValueError, match=r"weights 'int4' is not one of \('f32', 'bf16', 'fp8'\)"):
         caee_jax.init_random("tiny", weights="int4")
+
+
+# The storage in a cost table's signature: an expert's activation cost is the reading of its stored bytes.
+BUNDLED_TABLE = "cpu-cpu-p1-data1_expert1_tensor1-d256-f256-e32-k4-float32-loop.json"
+
+
+def test_a_table_signature_names_the_experts_storage():
+    config = caee_jax.init_random("tiny").config
+    held = signature_of(config, None, jnp.float32, "loop")
+    fp8 = signature_of(config, None, jnp.float32, "loop", weights="fp8")
+    assert held.weights == "f32" and signature_of(config, None, jnp.bfloat16, "loop").weights == "bf16"
+    assert fp8.weights == "fp8" and fp8.slug() == held.slug() + "-fp8"
+    assert held.slug().endswith("-float32-loop")  # tables of experts held in the compute dtype keep their names
+    # A stored table written before the field was calibrated with the experts in its dtype.
+    stored = load_table(os.path.join(DEFAULT_DIR, BUNDLED_TABLE))
+    assert stored.signature.weights == "f32" and stored.signature.slug() + ".json" == BUNDLED_TABLE
+
+
+def test_an_fp8_model_is_refused_the_float32_table_naming_the_field(tmp_path):
+    """The stored-table lookup and an explicit table both refuse an f32-calibrated table for fp8 experts,
+    naming `weights`; an explicit table with the override is used; an fp8 table is found."""
+    shutil.copy(os.path.join(DEFAULT_DIR, BUNDLED_TABLE), tmp_path)
+    model = caee_jax.load()
+    args = (model.config, None, jnp.float32, "loop")
+    assert select_table(*args, directory=str(tmp_path)).signature.weights == "f32"
+    with pytest.raises(CostTableError, match=r"no cost table for routed experts stored as weights='fp8'.*'f32'"):
+        select_table(*args, directory=str(tmp_path), weights="fp8")
+    path = str(tmp_path / BUNDLED_TABLE)
+    with pytest.raises(CostTableError, match=r"calibrated for another setup: weights: table 'f32', here 'fp8'"):
+        select_table(*args, path, weights="fp8")
+    assert select_table(*args, path, weights="fp8", override=True).signature.weights == "f32"
+    f32_table = load_table(path)
+    fp8_table_path = save_table(
+        dataclasses.replace(f32_table, signature=dataclasses.replace(f32_table.signature, weights="fp8")), str(tmp_path)
+    )
+    assert fp8_table_path.endswith("-float32-loop-fp8.json")
+    assert select_table(*args, directory=str(tmp_path), weights="fp8").signature.weights == "fp8"
+
+
+def test_a_model_warns_when_its_table_prices_other_expert_bytes():
+    """A table chosen without the model's storage (or by the override) reaches the model: a warning names it."""
+    execution = Execution("loop", pruning=parse_rule("caee=1.5"), cost_table=table(16, 1, 4, backend="loop"))
+    with pytest.warns(UserWarning, match=r"weights='f32', this model holds them as 'fp8'"):
+        caee_jax.init_random("tiny", weights="fp8", execution=execution)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        caee_jax.init_random("tiny", execution=execution)
+        caee_jax.init_random(
+            "tiny",
+            weights="fp8",
+            execution=dataclasses.replace(execution, cost_table=fp8_table(16, 1, 4, backend="loop")),
+        )
+
+
+@pytest.mark.parametrize("mesh", [None, "expert=2"])
+def test_calibrating_an_fp8_model_times_its_stored_experts(mesh):
+    """The calibration runs the layer with the block scales (one device: each shard alone; a mesh: the
+    expert-parallel layer too) and writes a table whose signature says fp8."""
+    model = caee_jax.init_random("tiny", seed=0, weights="fp8", mesh=mesh and mesh_of(mesh))
+    table = calibrate(model, cases_per_size=1, repeats=1)
+    assert table.signature == signature_of(model.config, model.mesh, jnp.float32, "loop", weights="fp8")
+    assert table.signature.slug().endswith("-float32-loop-fp8")
+    assert all(device.pair_s > 0 or device.activation_s > 0 for device in table.devices)

@@ -34,6 +34,7 @@ import numpy as np
 from caee_jax import html
 from caee_jax.files import atomic_write
 from caee_jax.routing.backend import ExpertBackend
+from caee_jax.routing.storage import Storage
 
 FORMAT = "caee-cost-table/1"
 TIERS = ("device", "host", "disk")  # residency codes 0, 1, 2
@@ -49,7 +50,12 @@ class CostTableError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MeshSignature:
-    """What a table's figures depend on; a table only applies where every field is equal."""
+    """What a table's figures depend on; a table only applies where every field is equal.
+
+    weights: how the routed experts are stored (`routing/storage.py`: "f32", "bf16", "fp8"): an expert's
+    activation cost is the reading of its stored bytes. Empty (tables written before the field, and
+    positional construction without it): the experts were held in `dtype`, normalised to "f32"/"bf16".
+    """
 
     platform: str
     device_kind: str
@@ -62,13 +68,23 @@ class MeshSignature:
     num_experts_per_tok: int
     dtype: str
     backend: str
+    weights: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "weights", Storage.of(self.weights or None, self.dtype).value)
+
+    @property
+    def in_compute_dtype(self) -> bool:
+        """Whether the routed experts are held in the compute dtype (tables predating `weights` all were)."""
+        return self.weights == Storage.of(None, self.dtype)
 
     def slug(self) -> str:
-        """A readable file name stem."""
+        """A readable file name stem; experts stored other than in the compute dtype add their storage."""
         kind = "".join(c if c.isalnum() else "-" for c in self.device_kind.lower()).strip("-")
         dims = f"d{self.hidden_size}-f{self.moe_intermediate_size}-e{self.n_routed_experts}-k{self.num_experts_per_tok}"
         mesh = self.mesh.replace(",", "_").replace("=", "")
-        return f"{self.platform}-{kind}-p{self.num_processes}-{mesh}-{dims}-{self.dtype}-{self.backend}"
+        stored = "" if self.in_compute_dtype else f"-{self.weights}"
+        return f"{self.platform}-{kind}-p{self.num_processes}-{mesh}-{dims}-{self.dtype}-{self.backend}{stored}"
 
     def differences(self, other: MeshSignature) -> list[str]:
         return [
@@ -237,5 +253,15 @@ def load_table(path: str, expected: MeshSignature | None = None, *, override: bo
 
 
 def table_for(signature: MeshSignature, directory: str = DEFAULT_DIR) -> CostTable:
-    """The stored table of exactly this signature."""
-    return load_table(os.path.join(directory, signature.slug() + ".json"), signature)
+    """The stored table of exactly this signature. Missing while a table for the same setup with the experts
+    in the compute dtype exists: a CostTableError naming `weights` (that table prices other bytes per expert)."""
+    path = os.path.join(directory, signature.slug() + ".json")
+    held = dataclasses.replace(signature, weights="")
+    other = os.path.join(directory, held.slug() + ".json")
+    if not os.path.exists(path) and not signature.in_compute_dtype and os.path.exists(other):
+        raise CostTableError(
+            f"{path}: no cost table for routed experts stored as weights={signature.weights!r}; {other} was "
+            f"calibrated with weights={held.weights!r} and is not used for them (calibrate with launch/calibrate.py "
+            f"--weights {signature.weights}, or pass that table with --cost-table and --cost-table-any-setup)"
+        )
+    return load_table(path, signature)

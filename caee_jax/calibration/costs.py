@@ -38,6 +38,7 @@ from caee_jax.calibration.tables import signature_of
 from caee_jax.experts import ExpertWeights, run_experts
 from caee_jax.parallel.expert_parallel import Dispatch, auto_dispatch, expert_shards, run_experts_parallel
 from caee_jax.parallel.placement import batch_sharding, mesh_context, padded_batch, replicated, to_mesh
+from caee_jax.routing.storage import Storage
 from caee_jax.runtime.steps import step_jit
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64)
@@ -46,6 +47,7 @@ EXPERT_PATHS = (
     ("moe_layers", "ffn", "up_proj"),
     ("moe_layers", "ffn", "down_proj"),
 )
+SCALE_PATHS = tuple((*path[:-1], path[-1].replace("_proj", "_scale")) for path in EXPERT_PATHS)  # fp8 experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,16 +115,25 @@ def fit_quality(predicted: np.ndarray, measured: np.ndarray) -> FitQuality:
 
 
 @step_jit(static_argnames=("backend",))
-def _local_layer(x, topk_ids, topk_weights, keep_mask, gate, up, down, layer_index, *, backend):
-    weights = ExpertWeights(gate, up, down)
-    return run_experts(x, topk_ids, topk_weights, keep_mask, weights, backend, layer_index=layer_index)
+def _local_layer(x, topk_ids, topk_weights, keep_mask, weights, scales, layer_index, *, backend):
+    """weights: [gate, up, down] stacks; scales: their fp8 block scales, or None."""
+    weights, scales = ExpertWeights(*weights), scales and ExpertWeights(*scales)
+    return run_experts(x, topk_ids, topk_weights, keep_mask, weights, backend, layer_index=layer_index, scales=scales)
 
 
 @step_jit(static_argnames=("backend", "dispatch"))
-def _parallel_layer(x, topk_ids, topk_weights, keep_mask, gate, up, down, layer_index, *, backend, dispatch):
-    weights = ExpertWeights(gate, up, down)
+def _parallel_layer(x, topk_ids, topk_weights, keep_mask, weights, scales, layer_index, *, backend, dispatch):
+    weights, scales = ExpertWeights(*weights), scales and ExpertWeights(*scales)
     y, _ = run_experts_parallel(
-        x, topk_ids, topk_weights, keep_mask, weights, backend, dispatch=dispatch, layer_index=layer_index
+        x,
+        topk_ids,
+        topk_weights,
+        keep_mask,
+        weights,
+        backend,
+        dispatch=dispatch,
+        layer_index=layer_index,
+        scales=scales,
     )
     return y
 
@@ -137,17 +148,22 @@ class Bench:
         self.repeats = repeats
         flat = dict(nnx.to_flat_state(model.state))
         self.weights = [flat[path].get_value() for path in EXPERT_PATHS]  # global [L, E, ...] arrays
+        self.scales = [flat[path].get_value() for path in SCALE_PATHS] if SCALE_PATHS[0] in flat else None
         self.num_shards = expert_shards(model.mesh)
         self.per_shard = self.config.n_routed_experts // self.num_shards
         self.placement = block_placement(self.config.n_routed_experts, self.num_shards)
         self.rng = np.random.default_rng(0)
 
-    def local_shards(self) -> dict[int, list]:
-        """Expert shard -> this process's (device, [gate, up, down] local arrays) for shards it holds."""
+    def local_shards(self) -> dict[int, tuple]:
+        """Expert shard -> this process's (device, [gate, up, down] local arrays, their local fp8 scales or
+        None) for shards it holds."""
+        scales = [{p.device: p.data for p in s.addressable_shards} for s in self.scales or ()]
         shards = {}
         for pieces in zip(*(w.addressable_shards for w in self.weights), strict=True):
             shard = (pieces[0].index[1].start or 0) // self.per_shard
-            shards.setdefault(shard, (pieces[0].device, [p.data for p in pieces]))
+            device = pieces[0].device
+            local_scales = [by_device[device] for by_device in scales] if self.scales else None
+            shards.setdefault(shard, (device, [p.data for p in pieces], local_scales))
         return shards
 
     def _inputs(self, case: Case):
@@ -155,20 +171,21 @@ class Bench:
         weights = np.full(case.topk_ids.shape, 1.0 / case.topk_ids.shape[1], np.float32)
         return x.astype(self.model.dtype), weights
 
-    def time_local(self, case: Case, shard: int, device, local_weights) -> float:
+    def time_local(self, case: Case, shard: int, device, local_weights, local_scales=None) -> float:
         """The shard's own pairs on its device: the work it does in the gather dispatch."""
         x, weights = self._inputs(case)
         local = case.topk_ids - shard * self.per_shard
         mine = case.keep_mask & (local >= 0) & (local < self.per_shard)
         args = [jax.device_put(a, device) for a in (x, np.where(mine, local, 0).astype(np.int32), weights, mine)]
         fn = functools.partial(_local_layer, backend=self.backend)
-        return median_time(fn, *args, *local_weights, jax.device_put(np.int32(0), device), repeats=self.repeats)
+        layer = jax.device_put(np.int32(0), device)
+        return median_time(fn, *args, local_weights, local_scales, layer, repeats=self.repeats)
 
     def time_layer(self, case: Case) -> float:
         """The whole layer's routed experts: one device, or expert-parallel over the mesh."""
         x, weights = self._inputs(case)
         if self.model.mesh is None:
-            args = (x, case.topk_ids, weights, case.keep_mask, *self.weights, np.int32(0))
+            args = (x, case.topk_ids, weights, case.keep_mask, self.weights, self.scales, np.int32(0))
             return median_time(functools.partial(_local_layer, backend=self.backend), *args, repeats=self.repeats)
         mesh = self.model.mesh
         dispatch = self.model.execution.dispatch
@@ -183,7 +200,8 @@ class Bench:
         with mesh_context(mesh):
             args = [to_mesh(a, batch_sharding(mesh, a.ndim)) for a in tokens]
             fn = functools.partial(_parallel_layer, backend=self.backend, dispatch=dispatch)
-            return median_time(fn, *args, *self.weights, to_mesh(np.int32(0), replicated(mesh)), repeats=self.repeats)
+            layer = to_mesh(np.int32(0), replicated(mesh))
+            return median_time(fn, *args, self.weights, self.scales, layer, repeats=self.repeats)
 
     def shard_features(self, case: Case) -> np.ndarray:
         """[S, 3]: (1, computed rows, active experts) of each expert shard."""
@@ -198,12 +216,14 @@ class Bench:
 
 
 def measure_fetch(bench: Bench, scratch_dir: str) -> tuple[float, float]:
-    """Seconds to bring one expert's weights (gate, up, down) to the device from host RAM and from disk."""
+    """Seconds to bring one expert's weights (gate, up, down) to the device from host RAM and from disk, in
+    the dtype they are stored in (fp8: without the block scales, 1/4096 of the bytes)."""
     config = bench.config
     shapes = [(config.hidden_size, config.moe_intermediate_size)] * 2 + [
         (config.moe_intermediate_size, config.hidden_size)
     ]
-    host = [np.ones(s, bench.model.dtype) for s in shapes]
+    stored = Storage.of(bench.model.weights, bench.model.dtype).dtype
+    host = [np.ones(s, stored) for s in shapes]
     device = jax.devices()[0] if bench.model.mesh is None else jax.local_devices()[0]
     from_host = median_time(lambda: [jax.device_put(a, device) for a in host], repeats=bench.repeats)
     nbytes = sum(a.nbytes for a in host)
@@ -222,7 +242,7 @@ def measure_fetch(bench: Bench, scratch_dir: str) -> tuple[float, float]:
                 os.preadv(fd, [buffer], 0)
             finally:
                 os.close(fd)
-            flat = np.frombuffer(buffer, np.uint8, nbytes).view(bench.model.dtype)
+            flat = np.frombuffer(buffer, np.uint8, nbytes).view(stored)
             parts = np.split(flat, np.cumsum([np.prod(s) for s in shapes])[:-1])
             return [jax.device_put(p.reshape(s), device) for p, s in zip(parts, shapes, strict=True)]
 
@@ -249,10 +269,10 @@ def calibrate(
     coefficients = np.zeros((bench.num_shards, 3))
     held = np.zeros(bench.num_shards, bool)
     quality = []
-    for shard, (device, local_weights) in shards.items():
+    for shard, (device, local_weights, local_scales) in shards.items():
         times = np.array(
             [
-                bench.time_local(case, shard, device, local_weights)
+                bench.time_local(case, shard, device, local_weights, local_scales)
                 for case in tqdm(cases, desc=f"compute, shard {shard}", disable=not show)
             ]
         )
@@ -287,7 +307,7 @@ def calibrate(
         for c in coefficients
     )
     predicted, measured = (np.concatenate(parts) for parts in zip(*quality, strict=True))
-    signature = signature_of(config, model.mesh, model.dtype, bench.backend)
+    signature = signature_of(config, model.mesh, model.dtype, bench.backend, model.weights)
     return CostTable(signature, devices, bench.placement, fit_quality(predicted, measured))
 
 

@@ -9,10 +9,12 @@ from caee_jax.caee.cost_table import DEFAULT_DIR, CostTable, MeshSignature, load
 from caee_jax.config import ModelConfig
 from caee_jax.parallel.mesh import describe
 from caee_jax.routing.backend import ExpertBackend
+from caee_jax.routing.storage import Storage
 
 
-def signature_of(config: ModelConfig, mesh, dtype, backend: ExpertBackend | str) -> MeshSignature:
-    """The signature of running `config` on `mesh` (None: one device) with this dtype and expert backend."""
+def signature_of(config: ModelConfig, mesh, dtype, backend: ExpertBackend | str, weights=None) -> MeshSignature:
+    """The signature of running `config` on `mesh` (None: one device) with this dtype and expert backend,
+    the routed experts stored as `weights` (`routing/storage.py`; None: in `dtype`)."""
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
     return MeshSignature(
         platform=devices[0].platform,
@@ -26,6 +28,7 @@ def signature_of(config: ModelConfig, mesh, dtype, backend: ExpertBackend | str)
         num_experts_per_tok=config.num_experts_per_tok,
         dtype=jnp.dtype(dtype).name,
         backend=ExpertBackend(backend).value,
+        weights=Storage.of(weights, dtype).value,
     )
 
 
@@ -38,8 +41,11 @@ def select_table(
     directory: str = DEFAULT_DIR,
     *,
     override: bool = False,
+    weights=None,
 ) -> CostTable:
     """The table at `path` (checked against this setup unless `override`), else the stored table of exactly
-    this signature under `directory`; CostTableError says what differs or how to calibrate one."""
-    signature = signature_of(config, mesh, dtype, backend)
+    this signature under `directory`; CostTableError says what differs or how to calibrate one. weights: the
+    routed experts' storage (None: in `dtype`): a table calibrated for another storage is refused, naming
+    the `weights` field."""
+    signature = signature_of(config, mesh, dtype, backend, weights)
     return load_table(path, signature, override=override) if path else table_for(signature, directory)

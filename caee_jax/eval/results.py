@@ -2,7 +2,8 @@
 
 A rerun resumes: cases already in the file are skipped. That is only sound when the file's records were
 measured on what this run would measure, so every record carries its provenance (model, evaluation text,
-window sizes, dtype, offload setup, mesh, cost table, code version) and `check` refuses a run that differs:
+window sizes, dtype, experts' storage, offload setup, mesh, cost table, code version) and `check` refuses a
+run that differs:
   EXPERIMENT fields must be equal across the whole file (records of another model, text or code are not
     comparable with this run's);
   PER_CASE fields may differ between cases (batch 1 on fewer tokens, another mesh and its cost table), but a
@@ -31,7 +32,7 @@ SETTINGS = (
     "expert_means", "importance",
 )  # fmt: skip
 CASE = ("rule", "knob", "batch_size", "processes", *SETTINGS)
-EXPERIMENT = ("model_fingerprint", "eval_sha256", "prefix", "steps", "dtype", "offload", "code")
+EXPERIMENT = ("model_fingerprint", "eval_sha256", "prefix", "steps", "dtype", "weights", "offload", "code")
 PER_CASE = ("eval_tokens", "mesh", "cost_table_sha256", "expert_means_sha256", "importance_sha256")
 CONTENT_HASH_LIMIT = 256 << 20  # model files up to this size are hashed; larger ones by size and mtime
 
@@ -122,7 +123,8 @@ def provenance(
     importance=None,
 ) -> dict:
     """What a run measures on: `model` (a label) with the identity of `model_dir` or `preset_config`; the
-    evaluation text; `window` (eval_tokens, prefix, steps, dtype); the mesh; the cost table (its path and
+    evaluation text; `window` (eval_tokens, prefix, steps, dtype, weights: the routed experts' storage when
+    not held in dtype, else None); the mesh; the cost table (its path and
     content `table`); the calibration files (expert means, CAEE importance: path and SHA-256); `offload`
     (`offload_provenance`); the code."""
     return dict(

@@ -27,10 +27,10 @@ def check_storage(weights: ExpertWeights, scales: ExpertWeights | None, backend:
             raise ValueError(f"routed expert weights {name} are {w.dtype} without block scales ({name}_scale)")
     if scales is None:
         return
-    if backend is not ExpertBackend.LOOP:
+    if not backend.runs_fp8:
         raise ValueError(
-            f"backend {backend.value!r} cannot run fp8-stored experts (block scales); use 'loop' or store the "
-            "experts as f32/bf16"
+            f"backend {backend.value!r} cannot run fp8-stored experts (block scales); use 'loop' or 'pallas', "
+            "or store the experts as f32/bf16"
         )
     for name, w, s in zip(ExpertWeights._fields, weights, scales, strict=True):
         if w.dtype != FP8_DTYPE:
@@ -63,8 +63,9 @@ def run_experts(
       (as a scan input would) makes XLA copy all of its experts on every call.
     capacity_factor: only for CAPACITY.
     scales: block scales of fp8-stored weights (`routing/storage.py`), shaped like `weights` with the last
-      two axes in 128 x 128 blocks; only LOOP runs them. Weights in another dtype than x are widened to it
-      per active expert (LOOP) or as they are read (the others).
+      two axes in 128 x 128 blocks; LOOP dequantises them per active expert, PALLAS per weight tile in the
+      kernel. Weights in another dtype than x are widened to it per active expert (LOOP), per tile in the
+      kernel (PALLAS) or as they are read (the others).
     """
     backend = ExpertBackend(backend)
     weights = ExpertWeights(*(jnp.asarray(w) for w in weights))
@@ -73,7 +74,7 @@ def run_experts(
         if backend is ExpertBackend.LOOP:
             return run_loop(x, topk_ids, topk_weights, keep_mask, weights, layer_index=layer_index, scales=scales)
         if backend is ExpertBackend.PALLAS:
-            return run_pallas(x, topk_ids, topk_weights, keep_mask, weights, layer_index=layer_index)
+            return run_pallas(x, topk_ids, topk_weights, keep_mask, weights, layer_index=layer_index, scales=scales)
         if layer_index is not None:
             weights = ExpertWeights(*(w[layer_index] for w in weights))
         if backend is ExpertBackend.DENSE:

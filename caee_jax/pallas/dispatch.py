@@ -4,7 +4,9 @@
    (rows holding no kept pair are zero).
 2. The platform's grouped kernel (`tpu.py` for Mosaic, `gpu.py` for Triton) computes each row's expert
    output in float32, touching only experts that have kept rows. With no kept pair at all the kernel is
-   not launched (a TPU pipeline would otherwise fetch the first item's blocks).
+   not launched (a TPU pipeline would otherwise fetch the first item's blocks). Weights may be stored
+   narrower than x: bf16 under float32 compute (widened in the kernel), or fp8 with DeepSeek's 128 x 128
+   block scales (dequantised in the kernel, `dequant.py`); the stored bytes are what the kernel loads.
 3. Each row is scaled by its pair's combine weight and scatter-added to its token in float32 (plain XLA,
    outside the kernel); rows past the kept total are masked out before the sum, never read as data.
 Letters: N tokens, D hidden, E experts, F expert width, K top-k, P = N*K pairs, M sorted rows.
@@ -12,13 +14,17 @@ Letters: N tokens, D hidden, E experts, F expert width, K top-k, P = N*K pairs, 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
 from caee_jax.pallas import gpu, tpu
+from caee_jax.pallas.dequant import column_block_fits
 from caee_jax.pallas.layout import group_layout
+from caee_jax.routing.backend import ExpertWeights
+from caee_jax.routing.storage import BLOCK, FP8_DTYPE, scale_shape
 
 Platform = Literal["tpu", "gpu"]
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -40,25 +46,54 @@ def default_platform() -> Platform:
     return "gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "tpu"
 
 
-def default_blocks(platform: Platform, num_pairs: int, num_experts: int, d: int, f: int, dtype) -> tuple[int, ...]:
+def default_blocks(
+    platform: Platform, num_pairs: int, num_experts: int, d: int, f: int, dtype, scaled: bool = False
+) -> tuple[int, ...]:
     """(block_m, block_f, block_d) for a platform.
 
     block_m: a power of two at least the mean pairs per expert (decode gives about one), clamped to
     [min_block_m, MAX_BLOCK_M]: rows past an expert's pairs in its last tile are computed and discarded.
-    block_f, block_d: the first candidate dividing F (resp. D), else the whole dimension.
+    block_f, block_d: the first candidate dividing F (resp. D), else the whole dimension. scaled (fp8
+    weights): only candidates inside one 128-column scale block, else the whole dimension if it fits one
+    (F, D <= 128), else the largest power of two dividing both it and 128 (interpret mode only on TPU:
+    `check_blocks` says so).
     """
     mean = max(1, -(-num_pairs // num_experts))
     block_m = min(MAX_BLOCK_M[platform], max(min_block_m(platform, dtype), 1 << (mean - 1).bit_length()))
     columns = COLUMN_BLOCKS[platform]
-    return block_m, next((c for c in columns if f % c == 0), f), next((c for c in columns if d % c == 0), d)
+    if not scaled:
+        return block_m, next((c for c in columns if f % c == 0), f), next((c for c in columns if d % c == 0), d)
+
+    def fitting(dim: int) -> int:
+        fallback = dim if dim <= BLOCK[1] else math.gcd(dim, BLOCK[1])
+        return next((c for c in columns if dim % c == 0 and column_block_fits(c, dim)), fallback)
+
+    return block_m, fitting(f), fitting(d)
 
 
-def check_blocks(platform: Platform, interpret: bool, dtype, d: int, f: int, block_m: int, block_f: int, block_d: int):
-    """Raises ValueError for block sizes the kernel or (when compiling for hardware) the platform rejects."""
+def check_blocks(
+    platform: Platform,
+    interpret: bool,
+    dtype,
+    d: int,
+    f: int,
+    block_m: int,
+    block_f: int,
+    block_d: int,
+    scaled: bool = False,
+):
+    """Raises ValueError for block sizes the kernel or (when compiling for hardware) the platform rejects.
+    scaled: fp8 weights, whose tiles must each lie inside one 128 x 128 scale block."""
     if min(block_m, block_f, block_d) < 1:
         raise ValueError(f"block sizes must be positive, got block_m={block_m}, block_f={block_f}, block_d={block_d}")
     if f % block_f or d % block_d:
         raise ValueError(f"block_f={block_f} must divide F={f} and block_d={block_d} must divide D={d}")
+    for name, block, dim in (("block_f", block_f, f), ("block_d", block_d, d)) if scaled else ():
+        if not column_block_fits(block, dim):
+            raise ValueError(
+                f"fp8 weights: {name}={block} must divide the {BLOCK[1]}-wide scale blocks, or be the whole "
+                f"dimension ({dim}) when it is at most {BLOCK[1]}: a tile must lie inside one scale block"
+            )
     if interpret:
         return
     if platform == "tpu":
@@ -74,8 +109,9 @@ def check_blocks(platform: Platform, interpret: bool, dtype, d: int, f: int, blo
                 raise ValueError(f"GPU (Triton): {name}={block} must be a power of two >= 16")
 
 
-def check_inputs(x, topk_ids, topk_weights, keep_mask, weights, stacked: bool):
-    """Raises ValueError for dtypes or shapes the kernel does not take."""
+def check_inputs(x, topk_ids, topk_weights, keep_mask, weights, stacked: bool, scales=None):
+    """Raises ValueError for dtypes or shapes the kernel does not take. Weights are in x's dtype, bfloat16
+    under float32 x, or float8_e4m3fn with `scales` of `scale_shape` (float32)."""
     if x.ndim != 2:
         raise ValueError(f"x must be [N, D], got shape {x.shape}")
     if x.dtype not in DTYPES:
@@ -99,9 +135,25 @@ def check_inputs(x, topk_ids, topk_weights, keep_mask, weights, stacked: bool):
     if up.shape != gate.shape or down.shape != (*gate.shape[:lead], f, d):
         expected_down = (*gate.shape[:lead], f, d)
         raise ValueError(f"up must match gate {gate.shape} and down be {expected_down}: got {up.shape}, {down.shape}")
-    for name, w in zip(("gate", "up", "down"), weights, strict=True):
-        if w.dtype != x.dtype:
-            raise ValueError(f"{name} dtype {w.dtype} differs from x dtype {x.dtype}")
+    narrower = {jnp.dtype(jnp.float32): (jnp.dtype(jnp.bfloat16),)}.get(x.dtype, ())
+    for name, w in zip(ExpertWeights._fields, weights, strict=True):
+        if w.dtype == FP8_DTYPE:
+            if scales is None:
+                raise ValueError(f"{name} is {w.dtype} without block scales ({name}_scale)")
+        elif w.dtype != x.dtype and w.dtype not in narrower:
+            raise ValueError(
+                f"{name} dtype {w.dtype} differs from x dtype {x.dtype} (and is not fp8 or bf16 under f32)"
+            )
+    if scales is None:
+        return
+    for name, w, s in zip(ExpertWeights._fields, weights, scales, strict=True):
+        if w.dtype != FP8_DTYPE:
+            raise ValueError(f"{name} is {w.dtype} but comes with block scales ({name}_scale)")
+        if tuple(s.shape) != scale_shape(w.shape) or s.dtype != jnp.float32:
+            raise ValueError(
+                f"{name}_scale: block scales {s.dtype}{list(s.shape)} for weights {list(w.shape)}; "
+                f"need float32{list(scale_shape(w.shape))}"
+            )
 
 
 def run_pallas(
@@ -112,6 +164,7 @@ def run_pallas(
     weights,
     *,
     layer_index: jax.Array | None = None,
+    scales=None,
     platform: Platform | None = None,
     interpret: bool | None = None,
     block_m: int | None = None,
@@ -122,6 +175,9 @@ def run_pallas(
 
     layer_index: int scalar; the weights then carry a leading layer axis and the kernel reads [layer, expert]
       blocks straight from the stack (no copy of the layer).
+    scales: for float8_e4m3fn weights, their float32 block scales (`routing/storage.py`: gate, up
+      [E, ceil(D/128), ceil(F/128)], down [E, ceil(F/128), ceil(D/128)], leading L with layer_index); the
+      kernel loads the fp8 tiles and dequantises them. bf16 weights under float32 x are widened in the kernel.
     platform: kernel variant, "tpu" (Mosaic) or "gpu" (Triton); default from `jax.default_backend()`.
     interpret: run the kernel in Pallas interpret mode; default True on a CPU backend. A
       `pltpu.InterpretParams` selects the TPU interpreter (simulated HBM/VMEM copies).
@@ -132,22 +188,25 @@ def run_pallas(
         raise ValueError(f"unknown Pallas platform {platform!r}: 'tpu' or 'gpu'")
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
     stacked = layer_index is not None
-    check_inputs(x, topk_ids, topk_weights, keep_mask, weights, stacked)
+    check_inputs(x, topk_ids, topk_weights, keep_mask, weights, stacked, scales)
     n, d = x.shape
     k = topk_ids.shape[1]
     e, f = weights.gate.shape[-3], weights.gate.shape[-1]
-    defaults = default_blocks(platform, n * k, e, d, f, x.dtype)
+    scaled = scales is not None
+    defaults = default_blocks(platform, n * k, e, d, f, x.dtype, scaled)
     block_m, block_f, block_d = (b or default for b, default in zip((block_m, block_f, block_d), defaults, strict=True))
-    check_blocks(platform, bool(interpret), x.dtype, d, f, block_m, block_f, block_d)
+    check_blocks(platform, bool(interpret), x.dtype, d, f, block_m, block_f, block_d, scaled)
 
     gate, up, down = weights if stacked else (w[None] for w in weights)  # [L, E, ...]
+    if scaled:
+        scales = tuple(scales) if stacked else tuple(s[None] for s in scales)  # [L, E, ...]
     layer = jnp.asarray(layer_index if stacked else 0, jnp.int32).reshape(1)
     layout = group_layout(topk_ids, keep_mask, e, block_m)
     token = layout.row_pair // k  # [M]
     kept_row = jnp.arange(token.shape[0]) < layout.num_kept  # [M]
     xs = jnp.where(kept_row[:, None], x[token], 0).astype(x.dtype)
 
-    blocks = dict(block_m=block_m, block_f=block_f, block_d=block_d, interpret=interpret)
+    blocks = dict(block_m=block_m, block_f=block_f, block_d=block_d, interpret=interpret, scales=scales)
     kernel = KERNELS[platform]
     out = jax.lax.cond(
         layout.num_items[0] > 0,

@@ -12,7 +12,10 @@ contracting over D in chunks of block_d (stage 1) and over F in chunks of block_
 stores are masked to the item's expert's rows (other rows load as 0 and are never stored), so items sharing
 a tile write disjoint rows, and no program reads a row that nothing wrote. An expert without kept rows has
 no item; padded items load nothing. Triton needs power-of-two tiles of at least 16 rows/columns (checked by
-`dispatch.check_blocks`). Letters: M sorted rows, D hidden, F expert width, L layers, W work items.
+`dispatch.check_blocks`). Weights stored narrower than xs (bf16 under float32 compute) are widened after
+the load; fp8 weights are dequantised tile by tile with the scalar scale of the one 128 x 128 scale block
+each [block_k, block_n] tile lies in (`dequant.py`), loaded beside it from the scale stack [L, E, Kb, Nb].
+Letters: M sorted rows, D hidden, F expert width, L layers, W work items.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from caee_jax.pallas.dequant import widen
 from caee_jax.pallas.layout import GroupLayout
+from caee_jax.routing.storage import BLOCK
 
 
 def _dot(a, b):
@@ -55,10 +60,15 @@ def _matmul_kernel(
     block_n: int,
     block_k: int,
     swiglu: bool,
+    scaled: bool,
     probe: Callable | None,
 ):
-    """Program (w, j): x rows of item w @ weight [layer, e][:, j-block] (SwiGLU of two weights if swiglu)."""
-    *w_refs, out_ref = refs
+    """Program (w, j): x rows of item w @ weight [layer, e][:, j-block] (SwiGLU of two weights if swiglu).
+
+    refs: the weights (one, or gate and up), then with `scaled` their block-scale stacks, then the output.
+    """
+    *in_refs, out_ref = refs
+    w_refs, scale_refs = (in_refs[: len(in_refs) // 2], in_refs[len(in_refs) // 2 :]) if scaled else (in_refs, ())
     w, j = pl.program_id(0), pl.program_id(1)
 
     @pl.when(w < count_ref[0])
@@ -71,7 +81,10 @@ def _matmul_kernel(
         def step(k, accs):
             ks = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
             x = plgpu.load(x_ref.at[rows, ks], mask=jnp.broadcast_to(own, (block_m, block_k)), other=0)
-            return tuple(acc + _dot(x, ref[layer, expert, ks, cols]) for acc, ref in zip(accs, w_refs, strict=True))
+            block = (layer, expert, jax.lax.div(k * block_k, BLOCK[0]), jax.lax.div(j * block_n, BLOCK[1]))
+            scales = [s[block] for s in scale_refs] if scaled else [None] * len(w_refs)
+            tiles = [widen(ref[layer, expert, ks, cols], x.dtype, s) for ref, s in zip(w_refs, scales, strict=True)]
+            return tuple(acc + _dot(x, tile) for acc, tile in zip(accs, tiles, strict=True))
 
         zeros = tuple(jnp.zeros((block_m, block_n), jnp.float32) for _ in w_refs)
         accs = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, step, zeros)
@@ -92,12 +105,14 @@ def grouped_swiglu(
     block_d: int,
     num_warps: int = 4,
     num_stages: int = 2,
+    scales=None,
     interpret=False,
     probe: Callable | None = None,
 ) -> jax.Array:
     """xs [M, D] sorted rows; gate, up [L, E, D, F]; down [L, E, F, D]; layer [1] int32 -> [M, D] float32.
 
-    Rows that belong to no expert are left unwritten (the caller masks them). probe(expert, column_block),
+    scales: with fp8 weights, their float32 block scales (gate, up [L, E, Db, Fb]; down [L, E, Fb, Db]),
+    else None. Rows that belong to no expert are left unwritten (the caller masks them). probe(expert, column_block),
     interpret mode only: called once per program that loads weight tiles (for tests that count them).
     """
     rows, d = xs.shape
@@ -109,16 +124,17 @@ def grouped_swiglu(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
     )
-    kernel = functools.partial(_matmul_kernel, block_m=block_m, probe=probe)
+    kernel = functools.partial(_matmul_kernel, block_m=block_m, scaled=scales is not None, probe=probe)
+    gate_up_scales, down_scales = ((), ()) if scales is None else (scales[:2], scales[2:])
     hidden = call(
         functools.partial(kernel, block_n=block_f, block_k=block_d, swiglu=True),
         grid=(items, f // block_f),
         out_shape=jax.ShapeDtypeStruct((rows, f), xs.dtype),
         name="caee_grouped_swiglu",
-    )(*metadata, xs, gate, up)
+    )(*metadata, xs, gate, up, *gate_up_scales)
     return call(
         functools.partial(kernel, block_n=block_d, block_k=block_f, swiglu=False),
         grid=(items, d // block_d),
         out_shape=jax.ShapeDtypeStruct((rows, d), jnp.float32),
         name="caee_grouped_down",
-    )(*metadata, hidden, down)
+    )(*metadata, hidden, down, *down_scales)

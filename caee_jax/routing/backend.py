@@ -26,6 +26,11 @@ class ExpertBackend(enum.Enum):
     CAPACITY = "capacity"
     PALLAS = "pallas"
 
+    @property
+    def runs_fp8(self) -> bool:
+        """Whether the backend runs fp8 weights with their block scales (`routing/storage.py`)."""
+        return self in (ExpertBackend.LOOP, ExpertBackend.PALLAS)
+
     def row_tile(self, num_pairs: int, local_experts: int) -> int:
         """Rows an expert's kept pairs are computed in, for `num_pairs` = tokens x K routed to a device
         holding `local_experts`: LOOP's tile (a pruned pair saves time only when it empties a tile),

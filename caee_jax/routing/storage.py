@@ -36,6 +36,17 @@ class Storage(Choice):
         """The dtype the weights themselves are held in."""
         return {Storage.F32: np.dtype(np.float32), Storage.BF16: np.dtype(jnp.bfloat16)}.get(self, FP8_DTYPE)
 
+    @classmethod
+    def of(cls, weights, dtype) -> Storage:
+        """The storage `weights` names (a Storage or its name), or None: the storage whose dtype is `dtype`
+        (float32 -> f32, bfloat16 -> bf16, float8_e4m3fn -> fp8), the experts held as every parameter."""
+        if weights is not None:
+            return cls.parse(weights, "weights")
+        held = next((storage for storage in cls if storage.dtype == np.dtype(dtype)), None)
+        if held is None:
+            raise ValueError(f"experts held in {np.dtype(dtype).name}: no storage of {cls.names()} is that dtype")
+        return held
+
     @property
     def scaled(self) -> bool:
         """Whether the weights come with block scales."""
