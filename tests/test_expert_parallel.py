@@ -163,3 +163,34 @@ def test_bad_mesh_specs(spec, message):
 
 def test_default_mesh_puts_every_device_on_the_expert_axis():
     assert dict(make_mesh().shape) == {"data": 1, "expert": 8, "tensor": 1}
+
+
+@pytest.mark.parametrize("dispatch", ["gather", "all_to_all"])
+def test_loop_tile_on_a_mesh_is_the_one_device_tile(monkeypatch, dispatch):
+    """Each expert shard computes its pairs in the tile of the whole batch over all experts: sizing it from
+    its own share of the experts made it S times too large (64 tokens x 4 over 32 experts: 16 rows, not
+    64 on 4 shards)."""
+    from caee_jax.experts import loop
+
+    tiles = []
+    original = loop.loop_over_experts
+
+    def recording(*args, **kwargs):
+        tiles.append(args[-1] if len(args) == 8 else kwargs.get("tile_rows"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "loop_over_experts", recording)
+    rng = np.random.default_rng(2)
+    n, k, e, d, f = 64, 4, 32, 8, 8
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    ids = jnp.asarray(np.stack([rng.permutation(e)[:k] for _ in range(n)]), jnp.int32)
+    w = jnp.asarray(rng.uniform(0.1, 1.0, size=(n, k)), jnp.float32)
+    keep = jnp.ones((n, k), bool)
+    weights = ExpertWeights(*(jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(e, d, f), (e, d, f), (e, f, d)]))
+    with jax.set_mesh(make_mesh("expert=4", jax.devices()[:4])):
+        y, _ = jax.jit(functools.partial(run_experts_parallel, backend=ExpertBackend.LOOP, dispatch=dispatch))(
+            x, ids, w, keep, weights
+        )
+    assert tiles == [ExpertBackend.LOOP.row_tile(n * k, e)] == [16]
+    want = run_experts(x, ids, w, keep, weights, ExpertBackend.DENSE)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), atol=1e-4, rtol=0)

@@ -38,7 +38,7 @@ class Prediction(NamedTuple):
 def row_tile(table: CostTable, num_tokens: int) -> int:
     """Rows an expert's pairs are computed in, for a batch of `num_tokens` on the table's mesh."""
     sig = table.signature
-    return table.backend.row_tile(num_tokens * sig.num_experts_per_tok, sig.n_routed_experts // table.num_devices)
+    return table.backend.row_tile(num_tokens * sig.num_experts_per_tok, sig.n_routed_experts)
 
 
 def computed_rows(pairs: jax.Array, tile: int) -> jax.Array:

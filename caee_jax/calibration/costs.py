@@ -207,7 +207,7 @@ class Bench:
         """[S, 3]: (1, computed rows, active experts) of each expert shard."""
         kept = case.topk_ids[case.keep_mask]
         pairs = np.bincount(kept, minlength=self.config.n_routed_experts)
-        tile = self.backend.row_tile(case.num_tokens * self.config.num_experts_per_tok, self.per_shard)
+        tile = self.backend.row_tile(case.num_tokens * self.config.num_experts_per_tok, self.config.n_routed_experts)
         rows = np.asarray(computed_rows(pairs, tile))
         placement = np.asarray(self.placement)
         per_rows = np.bincount(placement, weights=rows, minlength=self.num_shards)

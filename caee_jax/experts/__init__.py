@@ -53,6 +53,7 @@ def run_experts(
     layer_index: jax.Array | None = None,
     capacity_factor: float = 2.0,
     scales: ExpertWeights | None = None,
+    tile_rows: int | None = None,
 ) -> jax.Array:
     """Combined routed-expert output [N, D] (dtype of x).
 
@@ -62,6 +63,8 @@ def run_experts(
       The loop and pallas backends then read only the active experts of that layer: slicing the layer out first
       (as a scan input would) makes XLA copy all of its experts on every call.
     capacity_factor: only for CAPACITY.
+    tile_rows: LOOP's row tile; None: from this call's pairs and experts (under expert parallelism the caller
+      passes the whole model's, `ExpertBackend.row_tile`: a device's share of experts would oversize it).
     scales: block scales of fp8-stored weights (`routing/storage.py`), shaped like `weights` with the last
       two axes in 128 x 128 blocks; LOOP dequantises them per active expert, PALLAS per weight tile in the
       kernel. Weights in another dtype than x are widened to it per active expert (LOOP), per tile in the
@@ -72,7 +75,9 @@ def run_experts(
     check_storage(weights, scales, backend)
     with jax.named_scope(f"experts_{backend.value}"):
         if backend is ExpertBackend.LOOP:
-            return run_loop(x, topk_ids, topk_weights, keep_mask, weights, layer_index=layer_index, scales=scales)
+            return run_loop(
+                x, topk_ids, topk_weights, keep_mask, weights, tile_rows, layer_index=layer_index, scales=scales
+            )
         if backend is ExpertBackend.PALLAS:
             return run_pallas(x, topk_ids, topk_weights, keep_mask, weights, layer_index=layer_index, scales=scales)
         if layer_index is not None:

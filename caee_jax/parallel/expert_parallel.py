@@ -157,8 +157,12 @@ def run_experts_parallel(
         out_blocks = (*lead, "experts", "moe_ffw_blocks", "embed_blocks")
         scale_specs = ExpertWeights(spec(in_blocks), spec(in_blocks), spec(out_blocks))
 
+    tile = backend.row_tile(topk_ids.size, num_experts)  # the whole batch's pairs over all experts
+
     def local(x, topk_ids, topk_weights, keep_mask, weights, layer_index, scales):
-        run = functools.partial(run_experts, backend=backend, layer_index=layer_index if lead else None, scales=scales)
+        run = functools.partial(
+            run_experts, backend=backend, layer_index=layer_index if lead else None, scales=scales, tile_rows=tile
+        )
         routed = (x, topk_ids, topk_weights, keep_mask, weights, run)
         if dispatch is Dispatch.GATHER:
             return _gather_local(*routed, axes), jnp.zeros((), jnp.int32)

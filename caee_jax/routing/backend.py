@@ -31,11 +31,12 @@ class ExpertBackend(enum.Enum):
         """Whether the backend runs fp8 weights with their block scales (`routing/storage.py`)."""
         return self in (ExpertBackend.LOOP, ExpertBackend.PALLAS)
 
-    def row_tile(self, num_pairs: int, local_experts: int) -> int:
-        """Rows an expert's kept pairs are computed in, for `num_pairs` = tokens x K routed to a device
-        holding `local_experts`: LOOP's tile (a pruned pair saves time only when it empties a tile),
-        else 1 (every pair counts)."""
-        return default_tile_rows(num_pairs, local_experts) if self is ExpertBackend.LOOP else 1
+    def row_tile(self, num_pairs: int, num_experts: int) -> int:
+        """Rows an expert's kept pairs are computed in, for `num_pairs` = tokens x K of the whole batch over
+        the model's `num_experts` routed experts (on every mesh: a device holding some of the experts sees
+        their share of the pairs): LOOP's tile (a pruned pair saves time only when it empties a tile), else
+        1 (every pair counts)."""
+        return default_tile_rows(num_pairs, num_experts) if self is ExpertBackend.LOOP else 1
 
 
 def default_tile_rows(num_pairs: int, num_experts: int) -> int:
