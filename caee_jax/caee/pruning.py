@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from caee_jax.caee.compensation import Compensation, compensate
 from caee_jax.caee.cost_table import CostTable
-from caee_jax.caee.peer_rules import PeerRule, peer_keep_mask
+from caee_jax.caee.peer_rules import PeerRule, PeerRuleName, peer_keep_mask
 from caee_jax.caee.policy import CAEEConfig, Decision, caee_prune
 
 Pruning = CAEEConfig | PeerRule
@@ -59,3 +59,11 @@ def uses_mean(rule: Pruning | None) -> bool:
 def is_active(rule: Pruning | None) -> bool:
     """True when the rule can prune anything (not None, not a disabled CAEEConfig)."""
     return rule is not None and not (isinstance(rule, CAEEConfig) and not rule.enabled)
+
+
+def ranks_across_batch(rule: Pruning | None) -> bool:
+    """True when a token's keep mask depends on other tokens' routing (CAEE, the `capacity` peer rule);
+    False for no rule and the per-token peer rules."""
+    if isinstance(rule, PeerRule):
+        return rule.name is PeerRuleName.CAPACITY
+    return is_active(rule)

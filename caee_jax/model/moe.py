@@ -22,7 +22,7 @@ from flax import nnx
 from caee_jax.caee.compensation import mean_outputs
 from caee_jax.caee.importance import slot_scale, uses_importance
 from caee_jax.caee.policy import Decision
-from caee_jax.caee.pruning import decide, uses_mean
+from caee_jax.caee.pruning import decide, ranks_across_batch, uses_mean
 from caee_jax.config import ModelConfig
 from caee_jax.model.execution import Execution
 from caee_jax.model.layers import MLP, param
@@ -30,7 +30,7 @@ from caee_jax.model.router import route
 from caee_jax.offload.cache import ExpertCache
 from caee_jax.offload.execute import residency, run_offloaded
 from caee_jax.parallel.expert_parallel import execute, expert_parallel_mesh, expert_shards
-from caee_jax.parallel.rowwise import rowwise
+from caee_jax.parallel.rowwise import batchwide, rowwise
 from caee_jax.routing.backend import ExpertWeights
 from caee_jax.routing.ops import expert_load
 from caee_jax.routing.storage import (
@@ -208,7 +208,6 @@ class MoE(nnx.Module):
     ):
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
-        num_experts = self.config.n_routed_experts
         router = functools.partial(route, config=self.config)
         topk_ids, topk_weights = rowwise(router, (flat,), (self.router[...], self.router_bias[...]))
         k = topk_ids.shape[-1]
@@ -217,9 +216,7 @@ class MoE(nnx.Module):
         shards = expert_shards(mesh)
         manager = execution.offload
         tiers = None if expert_cache is None else residency(expert_cache, layer_index, manager)
-        rule, table = execution.pruning, execution.cost_table
-        scale = self._importance_scale(rule)
-        decision = decide(rule, table, topk_ids, topk_weights, num_experts, shards, tiers, scale, routed)
+        decision = self._decide(execution, topk_ids, topk_weights, shards, tiers, routed)
         if execution.prune_layers is not None:
             decision = _only_in_layers(decision, topk_weights, layer_index, execution.prune_layers)
         placed = dict(mesh=mesh, layer_index=layer_index, decode=t == 1)
@@ -251,6 +248,24 @@ class MoE(nnx.Module):
         sums, sq_norms = self._expert_sums(flat, topk_ids, execution, placed, routed) if collect_sums else (None, None)
         routing = (topk_ids, topk_weights, decision.keep_mask)
         return y, Routing(*(a.reshape(b, t, k) for a in routing), dropped, sums, tiers, sq_norms), expert_cache
+
+    def _decide(self, execution: Execution, topk_ids, topk_weights, shards: int, tiers, routed) -> Decision:
+        """The decide stage. A rule that ranks pairs across the batch (CAEE, `capacity`) decides, on a batch
+        split over devices, on the whole batch gathered once (`batchwide`): the one-device decision in one
+        collective. Per-token rules are left to XLA, which splits them along the batch by itself."""
+        rule, table, num_experts = execution.pruning, execution.cost_table, self.config.n_routed_experts
+        scale = self._importance_scale(rule)
+        rows = (topk_ids, topk_weights) + (() if routed is None else (routed,))
+        shared = () if scale is None else (scale,)
+
+        def decide_rows(ids, weights, *rest):
+            mask = rest[0] if routed is not None else None
+            factor = rest[-1] if scale is not None else None
+            return decide(rule, table, ids, weights, num_experts, shards, tiers, factor, mask)
+
+        if not ranks_across_batch(rule):
+            return decide_rows(*rows, *shared)
+        return batchwide(decide_rows, rows, shared)
 
     def _importance_scale(self, rule) -> jax.Array | None:
         """CAEE's calibrated importance factor per expert [E] f32 for the options the rule turns on, else None."""
