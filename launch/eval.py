@@ -62,7 +62,7 @@ from caee_jax.eval import frontier, report, results
 from caee_jax.eval.decode_eval import Comparison, compare, windows_of
 from caee_jax.eval.user_files import UserFileError, check_writable, read_text
 from caee_jax.files import LockedError, exclusive_lock
-from caee_jax.model.execution import Execution
+from caee_jax.model.execution import DecisionScope, Execution
 from caee_jax.offload import options as offload_options
 from caee_jax.offload.cache import Offload
 from caee_jax.offload.store import StoreError
@@ -130,6 +130,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--target", default="floor", choices=TARGETS)
     parser.add_argument(
         "--refill", action=argparse.BooleanOptionalAction, default=True, help="CAEE: restore slots that cost nothing"
+    )
+    parser.add_argument(
+        "--decision-scope",
+        default="batch",
+        choices=DecisionScope.names(),
+        help="data_expert meshes: CAEE and capacity decide over the whole batch (one all-gather per MoE layer) "
+        "or over each device's tokens (no collective)",
     )
     parser.add_argument("--cost-table", help="cost table JSON (default: the stored one of this mesh)")
     parser.add_argument(
@@ -312,6 +319,7 @@ def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, off
             pruning=rule_of(case["rule"], case["knob"], **_rule_settings(args)),
             cost_table=table,
             offload=candidate_manager,
+            decision_scope=case["decision_scope"],
         )
         comparison = Comparison()
         batch = case["batch_size"]

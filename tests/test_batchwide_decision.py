@@ -1,5 +1,6 @@
 """Rules that rank pairs across the batch (CAEE, `capacity`) on a batch split over devices: the decision
-of the whole batch (as with replicated attention), made after one all-gather per MoE layer."""
+of the whole batch (as with replicated attention), made after one all-gather per MoE layer, or with
+`decision_scope="shard"` each device's decision on its own tokens, with no collective."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import caee_jax
 from caee_jax.caee.cost_table import CostTable, block_placement
 from caee_jax.caee.peer_rules import PeerRule
 from caee_jax.caee.policy import CAEEConfig
+from caee_jax.caee.pruning import decide
 from caee_jax.calibration.tables import signature_of
 from caee_jax.model.execution import Execution
 from caee_jax.parallel.placement import batch_sharding, mesh_context, to_mesh
@@ -93,6 +95,28 @@ def test_the_decision_costs_one_all_gather_per_moe_layer():
     extra = {kind: with_caee[kind] - base[kind] for kind in COLLECTIVES}
     # The MoE layers run as one scanned loop: one all-gather in its body, once per layer.
     assert extra == {**dict.fromkeys(COLLECTIVES, 0), "all-gather": 1}, (base, with_caee)
+
+
+def test_shard_scope_decides_on_each_devices_tokens_without_a_collective():
+    """The first MoE layer's keep mask on data_expert=2 with decision_scope="shard" is CAEE's decision on
+    each half of the batch alone (its routing does not depend on earlier pruning); no collective is added."""
+    mesh = mesh_of("data_expert=2")
+    plain = caee_jax.init_random("tiny", seed=5, mesh=mesh)
+    whole_batch = rules(plain.config)["caee"]
+    execution = dataclasses.replace(whole_batch, decision_scope="shard")
+    model = caee_jax.init_random("tiny", seed=5, mesh=mesh, execution=execution)
+    routing = nnx.merge(model.graphdef, model.state)(jnp.asarray(TOKENS), execution=Execution()).routing
+    ids, weights = (np.asarray(a)[0] for a in (routing.topk_ids, routing.topk_weights))  # layer 0: [B, T, K]
+    k, experts = ids.shape[-1], plain.config.n_routed_experts
+    halves = (slice(0, len(TOKENS) // 2), slice(len(TOKENS) // 2, None))
+    routed = [(jnp.asarray(ids[rows].reshape(-1, k)), jnp.asarray(weights[rows].reshape(-1, k))) for rows in halves]
+    rule, table = execution.pruning, execution.cost_table
+    want = np.stack([np.asarray(decide(rule, table, *half, experts, 2).keep_mask) for half in routed])
+    keep = run(model, execution)[1][0]
+    np.testing.assert_array_equal(keep.reshape(2, -1, k), want)
+    whole = run(caee_jax.init_random("tiny", seed=5, mesh=mesh, execution=whole_batch), whole_batch)[1][0]
+    assert (whole != keep).any()  # the two scopes decide differently here: the comparison can fail
+    assert collectives(model, execution) == collectives(plain, Execution())
 
 
 def test_batchwide_gathers_rows_of_every_dtype_and_keeps_each_devices_rows():

@@ -43,7 +43,7 @@ def ppl_rise(r: dict) -> float:
 
 def rule_label(r: dict) -> str:
     """The rule, with the settings that differ from the defaults."""
-    defaults = dict(compensation="none", k_min=1)
+    defaults = dict(compensation="none", k_min=1, decision_scope="batch")
     if r["rule"] == "caee":
         defaults.update(target="floor", slack=0.0, refill=True, expert_importance=False, layer_sensitivity=False)
     changed = [f"{name}={r.get(name)}" for name, value in defaults.items() if r.get(name, value) != value]

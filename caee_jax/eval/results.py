@@ -29,7 +29,7 @@ from caee_jax.files import atomic_write
 # layer_sensitivity: CAEE's; expert_means, importance: the calibration files)
 SETTINGS = (
     "compensation", "k_min", "target", "slack", "refill", "expert_importance", "layer_sensitivity",
-    "expert_means", "importance",
+    "expert_means", "importance", "decision_scope",
 )  # fmt: skip
 CASE = ("rule", "knob", "batch_size", "processes", *SETTINGS)
 EXPERIMENT = ("model_fingerprint", "eval_sha256", "prefix", "steps", "dtype", "weights", "offload", "code")

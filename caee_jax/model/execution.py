@@ -11,9 +11,19 @@ import dataclasses
 
 from caee_jax.caee.cost_table import CostTable
 from caee_jax.caee.pruning import Pruning
+from caee_jax.choice import Choice
 from caee_jax.offload.cache import CacheManager
 from caee_jax.parallel.expert_parallel import Dispatch
 from caee_jax.routing.backend import ExpertBackend
+
+
+class DecisionScope(Choice):
+    """The tokens a rule that ranks pairs across the batch (CAEE, `capacity`) decides over when the batch is
+    split over devices (`data_expert` meshes): BATCH, the whole batch, gathered once per MoE layer (the
+    one-device decision); SHARD, each device's own tokens as if they were the batch (no collective)."""
+
+    BATCH = "batch"
+    SHARD = "shard"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +45,8 @@ class Execution:
       live in an expert store; the step then reads them through the cache (`loop` backend, one device).
     prune_layers: the MoE layers (0-based among the MoE layers) the pruning rule applies to; None: all.
       The layer-sensitivity calibration prunes one layer at a time (`calibration/importance.py`).
+    decision_scope: DecisionScope (or its string): on a batch split over devices, whether CAEE and
+      `capacity` decide over the whole batch or over each device's tokens.
     """
 
     backend: ExpertBackend = ExpertBackend.LOOP
@@ -44,10 +56,12 @@ class Execution:
     cost_table: CostTable | None = None
     offload: CacheManager | None = None
     prune_layers: tuple[int, ...] | None = None
+    decision_scope: DecisionScope = DecisionScope.BATCH
 
     def __post_init__(self):
         object.__setattr__(self, "backend", ExpertBackend(self.backend))
         object.__setattr__(self, "dispatch", Dispatch.parse(self.dispatch, "dispatch"))
+        object.__setattr__(self, "decision_scope", DecisionScope.parse(self.decision_scope, "decision scope"))
         if self.prune_layers is not None:
             layers = tuple(self.prune_layers)
             if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):

@@ -24,7 +24,7 @@ from caee_jax.caee.importance import slot_scale, uses_importance
 from caee_jax.caee.policy import Decision
 from caee_jax.caee.pruning import decide, ranks_across_batch, uses_mean
 from caee_jax.config import ModelConfig
-from caee_jax.model.execution import Execution
+from caee_jax.model.execution import DecisionScope, Execution
 from caee_jax.model.layers import MLP, param
 from caee_jax.model.router import route
 from caee_jax.offload.cache import ExpertCache
@@ -251,8 +251,9 @@ class MoE(nnx.Module):
 
     def _decide(self, execution: Execution, topk_ids, topk_weights, shards: int, tiers, routed) -> Decision:
         """The decide stage. A rule that ranks pairs across the batch (CAEE, `capacity`) decides, on a batch
-        split over devices, on the whole batch gathered once (`batchwide`): the one-device decision in one
-        collective. Per-token rules are left to XLA, which splits them along the batch by itself."""
+        split over devices, on the whole batch gathered once (`batchwide`: the one-device decision in one
+        collective) or on each device's tokens alone (`execution.decision_scope`). Per-token rules are left
+        to XLA, which splits them along the batch by itself."""
         rule, table, num_experts = execution.pruning, execution.cost_table, self.config.n_routed_experts
         scale = self._importance_scale(rule)
         rows = (topk_ids, topk_weights) + (() if routed is None else (routed,))
@@ -265,7 +266,8 @@ class MoE(nnx.Module):
 
         if not ranks_across_batch(rule):
             return decide_rows(*rows, *shared)
-        return batchwide(decide_rows, rows, shared)
+        spread = batchwide if execution.decision_scope is DecisionScope.BATCH else rowwise
+        return spread(decide_rows, rows, shared)
 
     def _importance_scale(self, rule) -> jax.Array | None:
         """CAEE's calibrated importance factor per expert [E] f32 for the options the rule turns on, else None."""

@@ -28,9 +28,9 @@ def _split_batch():
 
 
 def rowwise(fn, rows: tuple, shared: tuple = ()):
-    """fn(*rows, *shared), where every output row depends only on the same row of each `rows` array
-    (leading dimension: the batch's tokens, split as the rules table splits the batch) and `shared` are
-    replicated; per device under the context mesh when it splits the batch, else directly."""
+    """fn(*rows, *shared) on each device's own rows (leading dimension: the batch's tokens, split as the
+    rules table splits the batch; `shared` replicated) under a context mesh that splits the batch, else
+    directly: the one-device result when every output row depends only on the same row of each input."""
     batch = _split_batch()
     if batch is None:
         return fn(*rows, *shared)
