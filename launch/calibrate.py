@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     if offload is not None:
         return _offloaded(args, argv, offload)
     if args.local_processes:
-        return distributed.relaunch_locally(__file__, argv, args.local_processes)
+        return distributed.relaunch_locally(__file__, argv, args.local_processes, args.slow_process)
     mesh = distributed.join(args)
     lead = jax.process_index() == 0
     if lead:

@@ -197,7 +197,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.local_processes:
-        return distributed.relaunch_locally(__file__, argv, args.local_processes)
+        return distributed.relaunch_locally(__file__, argv, args.local_processes, args.slow_process)
     try:
         return run(args, offload)
     except (UserFileError, results.ResultsError, LockedError, CostTableError, StoreError) as error:
