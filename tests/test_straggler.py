@@ -118,7 +118,7 @@ def test_a_killed_helper_takes_its_spinners_along(sleeper):
 def test_a_killed_launcher_leaves_nothing_behind(sleeper):
     """The launcher that started the helper (it watches it) dies of SIGKILL: helper and spinners end."""
     code = f"import sys, time; sys.path.insert(0, {ROOT!r}); from caee_jax.parallel import straggler; import os\n"
-    code += f"straggler.start({sleeper.pid}, 2.0, [{CORE}], [os.getpid()]); print('ready', flush=True); time.sleep(60)"
+    code += f"straggler.start({sleeper.pid}, 2.0, [{CORE}], (os.getpid(),)); print('ready', flush=True); time.sleep(60)"
     launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert launcher.stdout.readline().strip() == "ready"
     assert len(helper_processes(sleeper.pid)) == 2

@@ -22,7 +22,6 @@ from jax.sharding import Mesh
 
 from caee_jax.parallel import straggler
 from caee_jax.parallel.mesh import make_mesh
-from caee_jax.parallel.straggler import SlowProcess
 
 # A process that stops answering is declared dead after this long; the others then exit with an
 # error naming it instead of waiting forever in a collective.
@@ -290,7 +289,7 @@ def idle_new_pollers(existing: set[int]) -> list[int]:
 
 
 def spawn_local(
-    argv: list[str], num_processes: int, *, pin_cores: bool = True, slow: SlowProcess | None = None
+    argv: list[str], num_processes: int, *, pin_cores: bool = True, slow: straggler.SlowProcess | None = None
 ) -> tuple[int, str]:
     """Runs `python argv...` as a `num_processes`-process cluster on this machine (loopback coordinator),
     each process with one CPU device, pinned to its own core with `taskset` when `pin_cores`.
@@ -325,7 +324,7 @@ def spawn_local(
                 )
             )
         if slow is not None:
-            helper = straggler.start(procs[slow.process].pid, slow.factor, [_core(slow.process)], [os.getpid()])
+            helper = straggler.start(procs[slow.process].pid, slow.factor, [_core(slow.process)], (os.getpid(),))
             print(f"process {slow.process} slowed about {slow.factor:g}x (helper pid {helper.pid})", file=sys.stderr)
         stdout = procs[0].communicate()[0]
         for i, proc in enumerate(procs[1:], start=1):
@@ -374,9 +373,9 @@ def add_arguments(parser, local_processes: bool = True) -> None:
     )
 
 
-def _slow_process(text: str) -> SlowProcess:
+def _slow_process(text: str) -> straggler.SlowProcess:
     try:
-        return SlowProcess.parse(text)
+        return straggler.SlowProcess.parse(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -384,17 +383,16 @@ def _slow_process(text: str) -> SlowProcess:
 def join(args) -> Mesh | None:
     """The launchers' common start, from their --cpu-devices, --coordinator/--num-processes/--process-id,
     --join-timeout and --mesh flags: simulate CPU devices, join the cluster, build the mesh (None on one
-    device). A cluster that cannot start is one "error: ..." line and exit status 2."""
-    if getattr(args, "slow_process", None):
-        print(
-            "error: --slow-process needs --local-processes (to slow one process of another cluster: "
-            "python caee_jax/parallel/straggler.py --pid PID --factor FACTOR)",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
+    device). A cluster that cannot start (or --slow-process without --local-processes, which `relaunch_locally`
+    consumes) is one "error: ..." line and exit status 2."""
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     try:
+        if getattr(args, "slow_process", None):
+            raise JoinError(
+                "--slow-process needs --local-processes (to slow one process of another cluster: "
+                "python caee_jax/parallel/straggler.py --pid PID --factor FACTOR)"
+            )
         initialize(args.coordinator, args.num_processes, args.process_id, join_timeout_s=args.join_timeout)
     except JoinError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -402,13 +400,15 @@ def join(args) -> Mesh | None:
     return make_mesh(args.mesh) if args.mesh or jax.device_count() > 1 else None
 
 
-def relaunch_locally(script: str, argv: list[str], num_processes: int, slow: SlowProcess | None = None) -> int:
+def relaunch_locally(
+    script: str, argv: list[str], num_processes: int, slow: straggler.SlowProcess | None = None
+) -> int:
     """Runs `script` with `argv` minus --local-processes and --slow-process as a local cluster, `slow` slowed
     (see `spawn_local`); prints process 0's output. A bad --slow-process is one "error: ..." line, status 2."""
     rest = _without(_without(argv, "--local-processes"), "--slow-process")
     try:
         code, stdout = spawn_local([os.path.abspath(script), *rest], num_processes, slow=slow)
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, straggler.SlowdownError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(stdout)

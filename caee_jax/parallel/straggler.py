@@ -44,6 +44,10 @@ READY = "slowing"  # the helper's first stdout line once its spinners run
 PR_SET_PDEATHSIG = 1
 
 
+class SlowdownError(Exception):
+    """The helper could not start (no such process, no permission for real-time priority, ...)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SlowProcess:
     """Process `process` of a local cluster runs about `factor` times slower."""
@@ -56,7 +60,7 @@ class SlowProcess:
 
     @classmethod
     def parse(cls, text: str) -> SlowProcess:
-        """ "ID:FACTOR", e.g. "1:2"; ValueError says what is wrong."""
+        """Reads "ID:FACTOR", e.g. "1:2"; a ValueError says what is wrong."""
         process, sep, factor = text.partition(":")
         try:
             slow = cls(int(process), float(factor))
@@ -82,9 +86,9 @@ def condition() -> str:
     return os.environ.get(ENV, "")
 
 
-def start(pid: int, factor: float, cores: list[int] | None = None, watch: list[int] = ()) -> subprocess.Popen:
+def start(pid: int, factor: float, cores: list[int] | None = None, watch: tuple[int, ...] = ()) -> subprocess.Popen:
     """Starts the helper slowing `pid` (on `cores`, default its affinity) until it, or a `watch` process, ends;
-    returns once the spinners run. RuntimeError with the helper's reason when it cannot start."""
+    returns once the spinners run. SlowdownError with the helper's reason when it cannot start."""
     command = [sys.executable, "-I", os.path.abspath(__file__), "--pid", str(pid), "--factor", f"{factor:g}"]
     command += ["--cores", ",".join(map(str, cores))] if cores else []
     command += [arg for w in watch for arg in ("--watch", str(w))]
@@ -92,7 +96,7 @@ def start(pid: int, factor: float, cores: list[int] | None = None, watch: list[i
     if helper.stdout.readline().startswith(READY):
         return helper
     stop(helper)
-    raise RuntimeError(f"cannot slow process {pid}: {helper.stderr.read().strip() or 'the helper ended'}")
+    raise SlowdownError(f"cannot slow process {pid}: {helper.stderr.read().strip() or 'the helper ended'}")
 
 
 def stop(helper: subprocess.Popen) -> None:
