@@ -66,7 +66,7 @@ from caee_jax.model.execution import Execution
 from caee_jax.offload import options as offload_options
 from caee_jax.offload.cache import Offload
 from caee_jax.offload.store import StoreError
-from caee_jax.parallel import distributed
+from caee_jax.parallel import distributed, straggler
 from caee_jax.parallel.mesh import describe
 from caee_jax.routing.storage import Storage
 
@@ -280,6 +280,7 @@ def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, off
             max_timed_steps=args.max_timed_steps,
         ),  # fmt: skip
         mesh=describe(mesh) if mesh is not None else "one device",
+        slowed=straggler.condition() or None,
         cost_table=args.cost_table,
         table=table,
         expert_means=means_path,

@@ -16,6 +16,7 @@ import pytest
 from caee_jax.caee.cost_table import CostTableError, table_for
 from caee_jax.calibration.tables import signature_of
 from caee_jax.config import preset
+from caee_jax.eval import results
 from caee_jax.parallel import straggler
 from caee_jax.parallel.distributed import spawn_local
 from caee_jax.parallel.straggler import SlowProcess
@@ -191,3 +192,13 @@ def test_a_slowed_table_is_never_used_unslowed(monkeypatch, tmp_path):
     slowed = dataclasses.replace(slowed, num_processes=2)
     with pytest.raises(CostTableError, match="launch/calibrate.py --local-processes 2 --slow-process 1:2"):
         table_for(slowed, str(tmp_path))
+
+
+def test_a_slowed_evaluation_never_resumes_an_unslowed_one():
+    """The condition is in every eval record's provenance: a case measured unslowed is not this case slowed."""
+    case = dict.fromkeys(results.CASE, 1)
+    quiet = {**dict.fromkeys((*results.EXPERIMENT, *results.PER_CASE), "same"), "slowed": None}
+    slowed = {**quiet, "slowed": "1:2"}
+    assert results.key({**case, "provenance": quiet}) != results.key({**case, "provenance": slowed})
+    with pytest.raises(results.ResultsError, match="measured with slowed None, this run has '1:2'"):
+        results.check("results.jsonl", [{**case, "provenance": quiet}], slowed, [case])
