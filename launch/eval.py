@@ -2,6 +2,7 @@
 
     python launch/eval.py                                   # bundled model, its held-out text, one device
     python launch/eval.py --local-processes 2               # the same on 2 processes (expert=2, one core each)
+    python launch/eval.py --local-processes 2 --slow-process 1:2   # process 1 ~2x slower (parallel/straggler.py)
     python launch/eval.py --batch-sizes 16 --rules caee,top_p --eval-tokens 1024 --out runs/eval-quick
     python launch/eval.py --compensation mean --out runs/eval-mean   # the model's expert_means.npz
 
