@@ -23,10 +23,12 @@ from caee_jax.parallel.straggler import SlowProcess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = max(os.sched_getaffinity(0))
-# Counts loop iterations per 0.2 s window of wall time, one line per window, until killed.
+# Counts loop iterations per 0.2 s window of wall time, one line per window, until killed. At real-time
+# priority 1 (below the competitor's), so that other load on the core does not change what it measures.
 THROUGHPUT = """
 import os, sys, time
 os.sched_setaffinity(0, {%d})
+os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
 while True:
     end, n = time.perf_counter() + 0.2, 0
     while time.perf_counter() < end:
@@ -86,7 +88,7 @@ def test_a_process_runs_about_factor_times_slower():
         target.wait()
     assert len(spinners) == 1
     assert before / during > 1.5, (before, during)
-    assert 0.35 < share < 0.65, share
+    assert 0.4 < share < 0.6, share
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -358,8 +358,8 @@ def add_arguments(parser, local_processes: bool = True) -> None:
             "--slow-process",
             type=_slow_process,
             metavar="ID:FACTOR",
-            help="with --local-processes: process ID about FACTOR times slower, its core shared with a competing "
-            "workload (e.g. 1:2; parallel/straggler.py)",
+            help="with --local-processes: slow process ID, a competing workload taking 1 - 1/FACTOR of its core "
+            "(e.g. 1:2; parallel/straggler.py)",
         )
     group.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator (multi-process)")
     group.add_argument("--num-processes", type=int)

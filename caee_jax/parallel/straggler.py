@@ -2,11 +2,12 @@
 
 A device that bounds every layer is what CAEE's straggler target is for, and two identical pinned cores
 never have one. This module makes one: a competing busy loop on the slowed process's core(s), at
-real-time priority (SCHED_FIFO), in a fine duty cycle: it spins for `period * (1 - 1/factor)`, then
-sleeps `period / factor`, so the process only runs in the gaps and every operation longer than a period
-or two takes about `factor` times as long (slightly more: each switch costs a little). This is what a
-core shared with a higher-priority tenant looks like, and to the process it is a device `factor` times
-slower. The slowness is met at run time by the unmodified process; nothing in it sleeps on purpose.
+real-time priority (SCHED_FIFO 2), in a fine duty cycle: it takes 1 - 1/factor of the core in busy
+phases of a fraction of a millisecond (`spin`), so the process only runs in the gaps, as on a core
+shared with a higher-priority tenant. A compute loop longer than a period or two runs about `factor` times slower; a
+program that blocks and wakes often, more (a wake-up in a busy phase waits for its end: XLA's MoE-layer
+call measured 2.6-4x at factor 2). The slowness is met at run time by the unmodified process; nothing in
+it sleeps on purpose.
 
 Why not the alternatives (measured here, a 2-core VM, docs/ARCHITECTURE.md): a busy loop at the same
 priority, or a CPU quota (cgroup `cpu.cfs_quota_us`, whose period is at least 1 ms; or SIGSTOP/SIGCONT
@@ -38,8 +39,9 @@ import sys
 import time
 
 ENV = "CAEE_SLOW_PROCESS"  # "ID:FACTOR" in every process of a local cluster started with --slow-process
-PERIOD_S = 400e-6  # duty-cycle period: short against a MoE layer call (~0.1-2 ms here)
+PERIOD_S = 400e-6  # duty-cycle period (about): short against a MoE layer call (~0.1-2 ms here)
 MAX_FACTOR = 10.0  # spinning 90% of the time; the kernel caps real-time tasks at 95% (sched_rt_runtime_us)
+PRIORITY = 2  # SCHED_FIFO: above every normal process, and above a real-time one at the lowest priority (1)
 READY = "slowing"  # the helper's first stdout line once its spinners run
 PR_SET_PDEATHSIG = 1
 
@@ -50,7 +52,7 @@ class SlowdownError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class SlowProcess:
-    """Process `process` of a local cluster runs about `factor` times slower."""
+    """Process `process` of a local cluster shares its core with a competitor taking 1 - 1/`factor` of it."""
 
     process: int
     factor: float
@@ -89,7 +91,7 @@ def condition() -> str:
 def start(pid: int, factor: float, cores: list[int] | None = None, watch: tuple[int, ...] = ()) -> subprocess.Popen:
     """Starts the helper slowing `pid` (on `cores`, default its affinity) until it, or a `watch` process, ends;
     returns once the spinners run. SlowdownError with the helper's reason when it cannot start."""
-    command = [sys.executable, "-I", os.path.abspath(__file__), "--pid", str(pid), "--factor", f"{factor:g}"]
+    command = [sys.executable, "-I", os.path.abspath(__file__), "--pid", str(pid), "--factor", repr(factor)]
     command += ["--cores", ",".join(map(str, cores))] if cores else []
     command += [arg for w in watch for arg in ("--watch", str(w))]
     helper = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -111,18 +113,21 @@ def stop(helper: subprocess.Popen) -> None:
 
 
 def spin(core: int, factor: float, ready: int, period_s: float = PERIOD_S) -> None:
-    """The competing workload on `core`, forever: busy `period_s * (1 - 1/factor)`, asleep `period_s / factor`.
-    Writes one byte to the pipe `ready`, and closes it, once it has its core and its priority."""
+    """The competing workload on `core`, forever: asleep about `period_s / factor`, then busy `factor - 1` times
+    as long as the sleep really lasted (a sleep overshoots by tens of microseconds), so that it takes exactly
+    1 - 1/factor of the core. Writes one byte to the pipe `ready`, and closes it, once it has its core and
+    its priority."""
     os.sched_setaffinity(0, {core})
-    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(PRIORITY))
     os.write(ready, b".")
     os.close(ready)
-    busy, idle = period_s * (1 - 1 / factor), period_s / factor
     while True:
-        end = time.perf_counter() + busy
+        asleep = time.perf_counter()
+        time.sleep(period_s / factor)
+        awake = time.perf_counter()
+        end = awake + (awake - asleep) * (factor - 1)
         while time.perf_counter() < end:
             pass
-        time.sleep(idle)
 
 
 def _die_with_parent() -> None:
@@ -161,7 +166,7 @@ def run(pid: int, factor: float, cores: list[int] | None, watch: list[int]) -> N
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(0))
     try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))  # can this process use real-time priority?
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(PRIORITY))  # may this process use real-time priority?
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     except PermissionError:
         raise PermissionError("real-time priority (SCHED_FIFO) needs CAP_SYS_NICE: root, or `ulimit -r`") from None
@@ -186,7 +191,7 @@ def run(pid: int, factor: float, cores: list[int] | None, watch: list[int]) -> N
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pid", type=int, required=True, help="the process to slow down")
-    parser.add_argument("--factor", type=float, required=True, help="about this many times slower, in (1, 10]")
+    parser.add_argument("--factor", type=float, required=True, help="competitor takes 1 - 1/FACTOR of a core, (1, 10]")
     parser.add_argument("--cores", help="comma-separated cores to compete on (default: the process's affinity)")
     parser.add_argument("--watch", type=int, action="append", default=[], help="also stop when this process ends")
     args = parser.parse_args(argv)
