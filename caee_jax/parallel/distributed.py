@@ -325,7 +325,11 @@ def spawn_local(
             )
         if slow is not None:
             helper = straggler.start(procs[slow.process].pid, slow.factor, [_core(slow.process)], (os.getpid(),))
-            print(f"process {slow.process} slowed about {slow.factor:g}x (helper pid {helper.pid})", file=sys.stderr)
+            share = f"{1 - 1 / slow.factor:.0%}"
+            print(
+                f"process {slow.process} slowed: a competitor takes {share} of its core (pid {helper.pid})",
+                file=sys.stderr,
+            )
         stdout = procs[0].communicate()[0]
         for i, proc in enumerate(procs[1:], start=1):
             err = proc.communicate()[1]
