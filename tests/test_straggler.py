@@ -77,9 +77,8 @@ def test_a_process_runs_about_factor_times_slower():
         before = statistics.median(int(target.stdout.readline()) for _ in range(4))
         helper = straggler.start(target.pid, 2.0, [CORE])
         spinners = [p for p in helper_processes(target.pid) if p != helper.pid]
-        cpu_before = sum(_cpu_seconds(p) for p in spinners)
         target.stdout.readline()  # the window the helper started in
-        start = time.monotonic()
+        cpu_before, start = sum(_cpu_seconds(p) for p in spinners), time.monotonic()
         during = statistics.median(int(target.stdout.readline()) for _ in range(4))
         share = (sum(_cpu_seconds(p) for p in spinners) - cpu_before) / (time.monotonic() - start)
         straggler.stop(helper)
@@ -95,6 +94,13 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_a_helper_that_cannot_start_says_why():
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    with pytest.raises(straggler.SlowdownError, match=f"no process {ended.pid}"):
+        straggler.start(ended.pid, 2.0, [CORE])
 
 
 def test_stop_leaves_nothing_behind(sleeper):

@@ -158,10 +158,17 @@ def _read_to_end(fd: int) -> bytes:
     return data
 
 
+def _pidfd(pid: int) -> int:
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise ProcessLookupError(f"no process {pid}") from None
+
+
 def run(pid: int, factor: float, cores: list[int] | None, watch: list[int]) -> None:
     """The helper: spinners on `cores` until `pid` or a `watch` process ends, or a signal; then none left."""
     check_factor(factor)
-    ends = [os.pidfd_open(p) for p in (pid, *watch)]  # readable once the process has ended
+    ends = [_pidfd(p) for p in (pid, *watch)]  # readable once the process has ended
     cores = sorted(cores or os.sched_getaffinity(pid))
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(0))
@@ -177,7 +184,7 @@ def run(pid: int, factor: float, cores: list[int] | None, watch: list[int]) -> N
         os.close(written)
         if len(_read_to_end(ready)) < len(cores):  # a spinner ended without its byte
             raise OSError(f"a spinner could not take its core at real-time priority (cores {cores})")
-        print(f"{READY} process {pid} about {factor:g}x on cores {cores}", flush=True)
+        print(f"{READY} process {pid}: a competitor takes {1 - 1 / factor:.0%} of each of cores {cores}", flush=True)
         poller = select.poll()
         for fd in ends:
             poller.register(fd, select.POLLIN)
