@@ -23,13 +23,15 @@ from caee_jax.parallel.straggler import SlowProcess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = max(os.sched_getaffinity(0))
-# Counts loop iterations per 0.2 s window of wall time, one line per window, until killed. At real-time
-# priority 1 (below the competitor's), so that other load on the core does not change what it measures.
+# Counts loop iterations per 0.2 s window of wall time, one line per window, until killed (or 20 s, should
+# the test die first). At real-time priority 1 (below the competitor's), so that other load on the core does
+# not change what it measures.
 THROUGHPUT = """
 import os, sys, time
 os.sched_setaffinity(0, {%d})
 os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-while True:
+stop = time.monotonic() + 20
+while time.monotonic() < stop:
     end, n = time.perf_counter() + 0.2, 0
     while time.perf_counter() < end:
         n += 1
