@@ -154,7 +154,15 @@ def test_a_slowed_local_cluster_leaves_nothing_behind(script, code):
     assert returned == code
     assert stdout.strip() == ("1:2" if code == 0 else "")
     new = {p for p in os.listdir("/proc") if p.isdigit()} - before
-    assert not [p for p in new if b"straggler.py" in open(f"/proc/{p}/cmdline", "rb").read()]
+    assert not [p for p in new if b"straggler.py" in _command_line(p)]
+
+
+def _command_line(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError):  # ended meanwhile
+        return b""
 
 
 @pytest.mark.parametrize(
