@@ -2,6 +2,7 @@
 
     python launch/calibrate.py                                  # bundled model, one device
     python launch/calibrate.py --local-processes 2              # 2 processes, one core each, mesh expert=2
+    python launch/calibrate.py --local-processes 2 --slow-process 1:2   # process 1 ~2x slower: its own table
     python launch/calibrate.py --validate --json                # fresh routings: predicted vs measured (mape)
     python launch/calibrate.py --validate --plot docs/figures/cost_validation.png
     python launch/calibrate.py --offload disk --store-dir DIR --cache-experts 0.25   # in-situ miss costs
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     if offload is not None:
         return _offloaded(args, argv, offload)
     if args.local_processes:
-        return distributed.relaunch_locally(__file__, argv, args.local_processes)
+        return distributed.relaunch_locally(__file__, argv, args.local_processes, args.slow_process)
     mesh = distributed.join(args)
     lead = jax.process_index() == 0
     if lead:

@@ -2,6 +2,7 @@
 
     python launch/eval.py                                   # bundled model, its held-out text, one device
     python launch/eval.py --local-processes 2               # the same on 2 processes (expert=2, one core each)
+    python launch/eval.py --local-processes 2 --slow-process 1:2   # process 1 ~2x slower (parallel/straggler.py)
     python launch/eval.py --batch-sizes 16 --rules caee,top_p --eval-tokens 1024 --out runs/eval-quick
     python launch/eval.py --compensation mean --out runs/eval-mean   # the model's expert_means.npz
 
@@ -66,7 +67,7 @@ from caee_jax.model.execution import DecisionScope, Execution
 from caee_jax.offload import options as offload_options
 from caee_jax.offload.cache import Offload
 from caee_jax.offload.store import StoreError
-from caee_jax.parallel import distributed
+from caee_jax.parallel import distributed, straggler
 from caee_jax.parallel.mesh import describe
 from caee_jax.routing.storage import Storage
 
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.local_processes:
-        return distributed.relaunch_locally(__file__, argv, args.local_processes)
+        return distributed.relaunch_locally(__file__, argv, args.local_processes, args.slow_process)
     try:
         return run(args, offload)
     except (UserFileError, results.ResultsError, LockedError, CostTableError, StoreError) as error:
@@ -287,6 +288,7 @@ def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, off
             max_timed_steps=args.max_timed_steps,
         ),  # fmt: skip
         mesh=describe(mesh) if mesh is not None else "one device",
+        slowed=straggler.condition() or None,
         cost_table=args.cost_table,
         table=table,
         expert_means=means_path,

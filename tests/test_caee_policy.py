@@ -14,7 +14,7 @@ from conftest import compile_counter
 from caee_jax.caee.compensation import compensate
 from caee_jax.caee.cost_model import predict
 from caee_jax.caee.cost_table import CostTable, DeviceCosts, FitQuality, block_placement
-from caee_jax.caee.policy import CAEEConfig, caee_prune
+from caee_jax.caee.policy import CAEEConfig, caee_prune, explain
 from caee_jax.calibration.tables import signature_of
 from caee_jax.config import preset
 from caee_jax.routing.ops import expert_load, weight_rank
@@ -211,3 +211,44 @@ def test_new_routing_never_recompiles():
 def test_bad_config(field, value, message):
     with pytest.raises(ValueError, match=message):
         CAEEConfig(**{field: value})
+
+
+def slowed_table(slow: int) -> CostTable:
+    """Two devices, 32 experts, top-4, loop backend; device `slow` 2x dearer in every cost."""
+    devices = [DEVICE, DEVICE]
+    devices[slow] = DeviceCosts(
+        fixed_s=2e-4, pair_s=2e-5, activation_s=2e-3, fetch_s=(0.0, 4e-3, 1e-1), comm_token_s=0.0
+    )
+    return dataclasses.replace(table(32, 2, 4, "loop"), devices=tuple(devices))
+
+
+@pytest.mark.parametrize("slow", [0, 1])
+@pytest.mark.parametrize("target", ["floor", "next", "mean"])
+def test_decisions_concentrate_on_a_slow_device(slow, target):
+    """A calibrated straggler (`launch/calibrate.py --slow-process`): device `slow` is 2x dearer in every
+    cost, the routing balanced (batch 16, 32 experts, top-4 as the bundled model). CAEE prunes there and
+    nowhere else, with every target, whichever device it is: with equal devices, this routing is pruned
+    on device 1 (slightly heavier), so slow=0 moves every decision away from where routing alone puts it."""
+    ids, weights = random_routing(5, 16, 32, 4)
+    config = CAEEConfig(theta=0.8, target=target)
+    equal = explain(table(32, 2, 4, "loop"), config, ids, weights)
+    assert (np.asarray(equal.device)[np.asarray(equal.pruned)] == 1).any()
+    devices = [DEVICE, DEVICE]
+    devices[slow] = DeviceCosts(
+        fixed_s=2e-4, pair_s=2e-5, activation_s=2e-3, fetch_s=(0.0, 4e-3, 1e-1), comm_token_s=0.0
+    )
+    costs = dataclasses.replace(table(32, 2, 4, "loop"), devices=tuple(devices))
+    decision = explain(costs, config, ids, weights)
+    device = np.asarray(decision.device)
+    assert np.asarray(decision.pruned).any() and (device[np.asarray(decision.pruned)] == slow).all()
+    assert (device[~np.asarray(decision.keep)] == slow).all()
+    assert loads(costs, ids, decision.keep)[slow] < loads(costs, ids)[slow]
+
+
+def test_target_none_is_the_straggler_logic_off():
+    """Target "none": every candidate on every device is pruned, the fast device's too."""
+    ids, weights = random_routing(5, 16, 32, 4)
+    decision = explain(slowed_table(1), CAEEConfig(theta=0.8, target="none"), ids, weights)
+    pruned = np.asarray(decision.pruned)
+    np.testing.assert_array_equal(pruned, np.asarray(decision.candidate))
+    assert set(np.asarray(decision.device)[pruned]) == {0, 1}

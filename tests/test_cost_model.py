@@ -216,13 +216,21 @@ def test_calibrate_and_validate_one_device():
     assert len(result.measured_s) == 7 and np.isfinite(result.mape)
 
 
-def test_two_process_calibration_writes_an_expert_parallel_table(tmp_path):
+@pytest.mark.parametrize("slow", [None, "1:2"])
+def test_two_process_calibration_writes_an_expert_parallel_table(tmp_path, slow):
+    """With --slow-process the table records the condition in its signature (and file name). Each device's
+    fetch times are its own process's."""
     command = [sys.executable, "launch/calibrate.py", "--preset", "tiny", "--local-processes", "2", "--json"]
     command += ["--out", str(tmp_path), "--cases-per-size", "1", "--repeats", "2", "--scratch-dir", str(tmp_path)]
+    command += ["--slow-process", slow] if slow else []
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     table = load_table(report["table"])
     assert (table.signature.num_processes, table.signature.mesh) == (2, "data=1,expert=2,tensor=1")
+    assert table.signature.slowed == (slow or "") and report["table"].endswith(
+        "-slow1x2.json" if slow else "-loop.json"
+    )
     assert table.placement == block_placement(16, 2)
     assert len(table.devices) == 2 and table.fit.samples == 7
+    assert all(d.fetch_s[1] > 0 for d in table.devices) and table.devices[0].fetch_s != table.devices[1].fetch_s

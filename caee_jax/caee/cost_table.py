@@ -55,6 +55,9 @@ class MeshSignature:
     weights: how the routed experts are stored (`routing/storage.py`: "f32", "bf16", "fp8"): an expert's
     activation cost is the reading of its stored bytes. Empty (tables written before the field, and
     positional construction without it): the experts were held in `dtype`, normalised to "f32"/"bf16".
+    slowed: the process a local cluster slowed on purpose while the table was calibrated, "ID:FACTOR"
+    (`launch/calibrate.py --slow-process`, `parallel/straggler.py`); empty: none. Such a table only applies to
+    a run slowed the same way, so it is stored apart and never picked for an unslowed run.
     """
 
     platform: str
@@ -69,6 +72,7 @@ class MeshSignature:
     dtype: str
     backend: str
     weights: str = ""
+    slowed: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "weights", Storage.of(self.weights or None, self.dtype).value)
@@ -84,7 +88,8 @@ class MeshSignature:
         dims = f"d{self.hidden_size}-f{self.moe_intermediate_size}-e{self.n_routed_experts}-k{self.num_experts_per_tok}"
         mesh = self.mesh.replace(",", "_").replace("=", "")
         stored = "" if self.in_compute_dtype else f"-{self.weights}"
-        return f"{self.platform}-{kind}-p{self.num_processes}-{mesh}-{dims}-{self.dtype}-{self.backend}{stored}"
+        slowed = f"-slow{self.slowed.replace(':', 'x')}" if self.slowed else ""
+        return f"{self.platform}-{kind}-p{self.num_processes}-{mesh}-{dims}-{self.dtype}-{self.backend}{stored}{slowed}"
 
     def differences(self, other: MeshSignature) -> list[str]:
         return [
@@ -254,7 +259,8 @@ def load_table(path: str, expected: MeshSignature | None = None, *, override: bo
 
 def table_for(signature: MeshSignature, directory: str = DEFAULT_DIR) -> CostTable:
     """The stored table of exactly this signature. Missing while a table for the same setup with the experts
-    in the compute dtype exists: a CostTableError naming `weights` (that table prices other bytes per expert)."""
+    in the compute dtype exists: a CostTableError naming `weights` (that table prices other bytes per expert);
+    missing for a slowed cluster: one naming the command that calibrates it."""
     path = os.path.join(directory, signature.slug() + ".json")
     held = dataclasses.replace(signature, weights="")
     other = os.path.join(directory, held.slug() + ".json")
@@ -263,5 +269,10 @@ def table_for(signature: MeshSignature, directory: str = DEFAULT_DIR) -> CostTab
             f"{path}: no cost table for routed experts stored as weights={signature.weights!r}; {other} was "
             f"calibrated with weights={held.weights!r} and is not used for them (calibrate with launch/calibrate.py "
             f"--weights {signature.weights}, or pass that table with --cost-table and --cost-table-any-setup)"
+        )
+    if signature.slowed and not os.path.exists(path):
+        raise CostTableError(
+            f"{path}: no cost table calibrated with process {signature.slowed.replace(':', ' slowed ')}x (calibrate "
+            f"with launch/calibrate.py --local-processes {signature.num_processes} --slow-process {signature.slowed})"
         )
     return load_table(path, signature)

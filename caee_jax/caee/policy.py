@@ -15,7 +15,9 @@ Pure jnp with static shapes, run inside the MoE layer between the router and exp
    device's load, minus what it already pruned, is still above the target. Targets: "floor", the
    highest load any device is left with once all its slots scoring below theta are pruned (pruning
    always on the device bounding the layer, as far as theta allows); "next", the next-heaviest
-   device's load; "mean", the mean load times 1 + slack. On a single device every target is the floor.
+   device's load; "mean", the mean load times 1 + slack; "none", no target: every device prunes all its
+   slots scoring below theta (the straggler logic off, a baseline). On a single device every target
+   but "none" is the floor (and "none" prunes the same slots).
 5. Refill: a pruned slot whose expert still runs for other tokens saves nothing when the expert's rows
    are computed in whole tiles (the `loop` backend) and the slot fits in the tile's spare rows: such
    slots are restored, heaviest first. The predicted device times do not change; accuracy can only gain.
@@ -48,6 +50,7 @@ class Target(Choice):
     FLOOR = "floor"
     NEXT = "next"
     MEAN = "mean"
+    NONE = "none"
 
 
 TARGETS = Target.names()
@@ -58,8 +61,9 @@ class CAEEConfig:
     """enabled: False leaves routing untouched (bit-identical to no pruning);
     theta: prune slots whose importance/cost score is below it (0: nothing); k_min: top slots per token
     never pruned; target, slack: how far a straggler is pruned ("floor": as far as theta allows, "next":
-    down to the next-heaviest device, "mean": down to mean load x (1 + slack)); refill: restore pruned
-    slots that fit in the rows their expert computes anyway (step 5 above); compensation: see
+    down to the next-heaviest device, "mean": down to mean load x (1 + slack), "none": every device as far
+    as theta allows, the straggler logic off); refill: restore pruned slots that fit in the rows their
+    expert computes anyway (step 5 above); compensation: see
     `compensation.py`; expert_importance, layer_sensitivity: scale each slot's importance by its expert's
     calibrated output-norm factor, by its layer's calibrated sensitivity (`caee/importance.py`; the model
     needs an importance calibration set: `caee_jax.caee.importance.load_importance`)."""
@@ -184,7 +188,9 @@ def explain(
     protected = weight_rank(topk_weights) < config.k_min
     candidates = ~protected & (score < config.theta) & everything
     load = before.device_s
-    if config.target is Target.FLOOR or table.num_devices == 1:
+    if config.target is Target.NONE:
+        excess = jnp.full(load.shape, jnp.inf)
+    elif config.target is Target.FLOOR or table.num_devices == 1:
         floor = predict(table, topk_ids, everything & ~candidates, residency).device_s  # every candidate pruned
         # The device left heaviest prunes all its candidates; the others come down to its load.
         excess = jnp.where(floor >= jnp.max(floor), jnp.inf, load - jnp.max(floor))

@@ -4,13 +4,14 @@
    work it does under expert parallelism) on random routings: batch sizes 1-64, few or many active
    experts, uniform or skewed popularity, some pairs pruned. Non-negative least squares of the median
    time on [1, computed rows, active experts] gives fixed_s, pair_s, activation_s.
-2. Fetch, per offload tier: one expert's weights copied host RAM -> device, and read from disk with
-   O_DIRECT (page cache bypassed) -> device.
+2. Fetch, per offload tier and per process (each on its own device): one expert's weights copied host
+   RAM -> device, and read from disk with O_DIRECT (page cache bypassed) -> device.
 3. Communication, with several devices: the whole expert-parallel layer (`run_experts_parallel`, the
    model's decode dispatch, tokens split over the mesh as decode splits them) is timed on the same
    routings; what the slowest device's compute does not explain is fitted as a fixed part plus a
-   per-token part. Each device computes the pairs routed to its experts, from every device in the
-   `data_expert` layout: the pairs it receives.
+   per-token part, the same on every device (a layer time does not say whose wait it was). Each device
+   computes the pairs routed to its experts, from every device in the `data_expert` layout: the pairs it
+   receives.
 
 Every process runs the same calls in the same order (collectives need it); process 0 gathers the
 per-device fits. Times are medians of repeated runs, in seconds.
@@ -280,11 +281,12 @@ def calibrate(
         coefficients[shard] = nonnegative_lstsq(features, times)
         held[shard] = True
         quality.append((features @ coefficients[shard], times))
-    if jax.process_count() > 1:  # each shard's fit from the first process holding it
-        all_coefficients = multihost_utils.process_allgather(coefficients)  # [processes, S, 3]
+    fetch = np.tile(measure_fetch(bench, scratch_dir), (bench.num_shards, 1))  # [S, 2]: this process's device
+    if jax.process_count() > 1:  # each shard's fit and fetch times from the first process holding it
         first = multihost_utils.process_allgather(held).argmax(axis=0)  # [S]
-        coefficients = all_coefficients[first, np.arange(bench.num_shards)]
-    from_host, from_disk = measure_fetch(bench, scratch_dir)
+        shard = np.arange(bench.num_shards)
+        coefficients = multihost_utils.process_allgather(coefficients)[first, shard]  # from [processes, S, 3]
+        fetch = multihost_utils.process_allgather(fetch)[first, shard]
 
     comm_fixed, comm_token = 0.0, 0.0
     if bench.num_shards > 1:
@@ -301,10 +303,10 @@ def calibrate(
             fixed_s=float(c[0] + comm_fixed),
             pair_s=float(c[1]),
             activation_s=float(c[2]),
-            fetch_s=(0.0, from_host, from_disk),
+            fetch_s=(0.0, float(from_host), float(from_disk)),
             comm_token_s=float(comm_token),
         )
-        for c in coefficients
+        for c, (from_host, from_disk) in zip(coefficients, fetch, strict=True)
     )
     predicted, measured = (np.concatenate(parts) for parts in zip(*quality, strict=True))
     signature = signature_of(config, model.mesh, model.dtype, bench.backend, model.weights)

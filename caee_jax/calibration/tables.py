@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from caee_jax.caee.cost_table import DEFAULT_DIR, CostTable, MeshSignature, load_table, table_for
 from caee_jax.config import ModelConfig
+from caee_jax.parallel import straggler
 from caee_jax.parallel.mesh import describe
 from caee_jax.routing.backend import ExpertBackend
 from caee_jax.routing.storage import Storage
@@ -14,7 +15,8 @@ from caee_jax.routing.storage import Storage
 
 def signature_of(config: ModelConfig, mesh, dtype, backend: ExpertBackend | str, weights=None) -> MeshSignature:
     """The signature of running `config` on `mesh` (None: one device) with this dtype and expert backend,
-    the routed experts stored as `weights` (`routing/storage.py`; None: in `dtype`)."""
+    the routed experts stored as `weights` (`routing/storage.py`; None: in `dtype`), with this process's local
+    cluster slowed as its launcher said (`straggler.condition`)."""
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
     return MeshSignature(
         platform=devices[0].platform,
@@ -29,6 +31,7 @@ def signature_of(config: ModelConfig, mesh, dtype, backend: ExpertBackend | str,
         dtype=jnp.dtype(dtype).name,
         backend=ExpertBackend(backend).value,
         weights=Storage.of(weights, dtype).value,
+        slowed=straggler.condition(),
     )
 
 

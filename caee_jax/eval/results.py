@@ -33,7 +33,7 @@ SETTINGS = (
 )  # fmt: skip
 CASE = ("rule", "knob", "batch_size", "processes", *SETTINGS)
 EXPERIMENT = ("model_fingerprint", "eval_sha256", "prefix", "steps", "dtype", "weights", "offload", "code")
-PER_CASE = ("eval_tokens", "mesh", "cost_table_sha256", "expert_means_sha256", "importance_sha256")
+PER_CASE = ("eval_tokens", "mesh", "slowed", "cost_table_sha256", "expert_means_sha256", "importance_sha256")
 CONTENT_HASH_LIMIT = 256 << 20  # model files up to this size are hashed; larger ones by size and mtime
 
 
@@ -121,10 +121,12 @@ def provenance(
     expert_means,
     offload,
     importance=None,
+    slowed=None,
 ) -> dict:
     """What a run measures on: `model` (a label) with the identity of `model_dir` or `preset_config`; the
     evaluation text; `window` (eval_tokens, prefix, steps, dtype, weights: the routed experts' storage when
-    not held in dtype, else None); the mesh; the cost table (its path and
+    not held in dtype, else None); the mesh, and `slowed`, its process slowed on purpose ("ID:FACTOR",
+    `parallel/straggler.py`; None: none); the cost table (its path and
     content `table`); the calibration files (expert means, CAEE importance: path and SHA-256); `offload`
     (`offload_provenance`); the code."""
     return dict(
@@ -134,6 +136,7 @@ def provenance(
         eval_sha256=hashlib.sha256(eval_bytes).hexdigest(),
         **window,
         mesh=mesh,
+        slowed=slowed,
         cost_table=cost_table and os.path.abspath(cost_table),
         cost_table_sha256=table_fingerprint(table),
         expert_means_sha256=expert_means and sha256_file(expert_means),

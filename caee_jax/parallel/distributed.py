@@ -7,6 +7,7 @@ devices and one mesh spans them all.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import math
 import os
@@ -19,6 +20,7 @@ import time
 import jax
 from jax.sharding import Mesh
 
+from caee_jax.parallel import straggler
 from caee_jax.parallel.mesh import make_mesh
 
 # A process that stops answering is declared dead after this long; the others then exit with an
@@ -286,37 +288,66 @@ def idle_new_pollers(existing: set[int]) -> list[int]:
     return sorted(pollers)
 
 
-def spawn_local(argv: list[str], num_processes: int, *, pin_cores: bool = True) -> tuple[int, str]:
+def spawn_local(
+    argv: list[str], num_processes: int, *, pin_cores: bool = True, slow: straggler.SlowProcess | None = None
+) -> tuple[int, str]:
     """Runs `python argv...` as a `num_processes`-process cluster on this machine (loopback coordinator),
     each process with one CPU device, pinned to its own core with `taskset` when `pin_cores`.
 
+    slow: that process shares its core with a competing workload for its whole life (`parallel/straggler.py`),
+    and every process has the condition in its environment (`straggler.ENV`, recorded in cost tables).
     Process 0's progress (stderr) shows; its stdout is returned without gloo's connection lines.
     Returns (worst exit code, process 0's stdout); a failing process's stderr is printed.
     """
+    if slow is not None:
+        slow.check(num_processes)
+        if not pin_cores:
+            raise ValueError("--slow-process needs each process pinned to its own core")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cluster = ["--cpu-devices", "1", "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(num_processes)]
-    procs = []
-    for i in range(num_processes):
-        command = [sys.executable, *argv, *cluster, "--process-id", str(i)]
-        if pin_cores:
-            command = ["taskset", "-c", str(i % os.cpu_count()), *command]
-        procs.append(
-            subprocess.Popen(
-                command,
-                stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
-                stderr=None if i == 0 else subprocess.PIPE,
-                text=True,
+    env = {**os.environ, straggler.ENV: str(slow) if slow else ""}
+    procs, helper = [], None
+    try:
+        for i in range(num_processes):
+            command = [sys.executable, *argv, *cluster, "--process-id", str(i)]
+            if pin_cores:
+                command = ["taskset", "-c", str(_core(i)), *command]
+            procs.append(
+                subprocess.Popen(
+                    command,
+                    stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
+                    stderr=None if i == 0 else subprocess.PIPE,
+                    text=True,
+                    env=env,
+                )
             )
-        )
-    stdout = procs[0].communicate()[0]
-    for i, proc in enumerate(procs[1:], start=1):
-        err = proc.communicate()[1]
-        if proc.returncode:
-            print(f"process {i} failed:\n{err[-4000:]}", file=sys.stderr)
+        if slow is not None:
+            helper = straggler.start(procs[slow.process].pid, slow.factor, [_core(slow.process)], (os.getpid(),))
+            share = f"{1 - 1 / slow.factor:.0%}"
+            print(
+                f"process {slow.process} slowed: a competitor takes {share} of its core (pid {helper.pid})",
+                file=sys.stderr,
+            )
+        stdout = procs[0].communicate()[0]
+        for i, proc in enumerate(procs[1:], start=1):
+            err = proc.communicate()[1]
+            if proc.returncode:
+                print(f"process {i} failed:\n{err[-4000:]}", file=sys.stderr)
+    finally:
+        if helper is not None:
+            straggler.stop(helper)
+        for proc in procs:  # only left running when this function fails
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     stdout = "\n".join(line for line in stdout.splitlines() if not line.startswith("[Gloo]"))
     return max(abs(p.returncode) for p in procs), stdout
+
+
+def _core(process_id: int) -> int:
+    return process_id % os.cpu_count()
 
 
 def add_arguments(parser, local_processes: bool = True) -> None:
@@ -327,6 +358,13 @@ def add_arguments(parser, local_processes: bool = True) -> None:
     )
     if local_processes:
         group.add_argument("--local-processes", type=int, help="run as this many local processes, one core each")
+        group.add_argument(
+            "--slow-process",
+            type=_slow_process,
+            metavar="ID:FACTOR",
+            help="with --local-processes: slow process ID, a competing workload taking 1 - 1/FACTOR of its core "
+            "(e.g. 1:2; parallel/straggler.py)",
+        )
     group.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator (multi-process)")
     group.add_argument("--num-processes", type=int)
     group.add_argument("--process-id", type=int)
@@ -339,13 +377,26 @@ def add_arguments(parser, local_processes: bool = True) -> None:
     )
 
 
+def _slow_process(text: str) -> straggler.SlowProcess:
+    try:
+        return straggler.SlowProcess.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def join(args) -> Mesh | None:
     """The launchers' common start, from their --cpu-devices, --coordinator/--num-processes/--process-id,
     --join-timeout and --mesh flags: simulate CPU devices, join the cluster, build the mesh (None on one
-    device). A cluster that cannot start is one "error: ..." line and exit status 2."""
+    device). A cluster that cannot start (or --slow-process without --local-processes, which `relaunch_locally`
+    consumes) is one "error: ..." line and exit status 2."""
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     try:
+        if getattr(args, "slow_process", None):
+            raise JoinError(
+                "--slow-process needs --local-processes (to slow one process of another cluster: "
+                "python caee_jax/parallel/straggler.py --pid PID --factor FACTOR)"
+            )
         initialize(args.coordinator, args.num_processes, args.process_id, join_timeout_s=args.join_timeout)
     except JoinError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -353,10 +404,22 @@ def join(args) -> Mesh | None:
     return make_mesh(args.mesh) if args.mesh or jax.device_count() > 1 else None
 
 
-def relaunch_locally(script: str, argv: list[str], num_processes: int) -> int:
-    """Runs `script` with `argv` minus --local-processes as a local cluster; prints process 0's output."""
-    rest = [a for i, a in enumerate(argv) if a != "--local-processes" and argv[i - 1 : i] != ["--local-processes"]]
-    rest = [a for a in rest if not a.startswith("--local-processes=")]
-    code, stdout = spawn_local([os.path.abspath(script), *rest], num_processes)
+def relaunch_locally(
+    script: str, argv: list[str], num_processes: int, slow: straggler.SlowProcess | None = None
+) -> int:
+    """Runs `script` with `argv` minus --local-processes and --slow-process as a local cluster, `slow` slowed
+    (see `spawn_local`); prints process 0's output. A bad --slow-process is one "error: ..." line, status 2."""
+    rest = _without(_without(argv, "--local-processes"), "--slow-process")
+    try:
+        code, stdout = spawn_local([os.path.abspath(script), *rest], num_processes, slow=slow)
+    except (ValueError, straggler.SlowdownError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(stdout)
     return code
+
+
+def _without(argv: list[str], flag: str) -> list[str]:
+    """`argv` without `flag` and its value (as "FLAG VALUE" or "FLAG=VALUE")."""
+    rest = [a for i, a in enumerate(argv) if a != flag and argv[i - 1 : i] != [flag]]
+    return [a for a in rest if not a.startswith(flag + "=")]
