@@ -13,10 +13,12 @@ import pytest
 from flax import nnx
 
 import caee_jax
+from caee_jax.caee.cost_model import predict
 from caee_jax.caee.cost_table import CostTable, CostTableError, DeviceCosts, FitQuality, block_placement
 from caee_jax.caee.policy import CAEEConfig, explain
 from caee_jax.calibration.tables import signature_of
 from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
+from caee_jax.model.cache import LatentCache
 from caee_jax.model.execution import Execution
 from caee_jax.model.transformer import _is_routed_expert
 from caee_jax.offload.cache import Offload
@@ -24,6 +26,7 @@ from caee_jax.parallel import eplb
 from caee_jax.parallel.mesh import make_mesh
 from caee_jax.parallel.placement import mesh_context, place_state
 from caee_jax.parallel.replicas import PlacementError, to_slots
+from caee_jax.runtime import steps
 
 ATOL = 1e-5
 SEED = 5
@@ -187,6 +190,34 @@ def test_caee_counts_loads_by_the_slots_device():
         moved |= not np.allclose(np.asarray(want.device_s), np.asarray(logical.device_s))
     assert moved  # the physical loads differ from the logical ones: the comparison can fail
     assert (~routing.keep_mask).any()
+
+
+def test_the_eval_steps_predicted_times_price_slots():
+    """`steps.teacher_forced_step` on a placed model (expert=2) predicts each layer's device times from the
+    slots and their devices (`CostTable.over_slots`), not from the logical experts."""
+    mesh = mesh_of("expert=2")
+    placement = placement_for(2)
+    table = table_for(caee_jax.init_random("tiny", seed=SEED), mesh)
+    execution = Execution(pruning=CAEEConfig(theta=2.0), cost_table=table)
+    model = caee_jax.init_random("tiny", seed=SEED, mesh=mesh, placement=placement, execution=execution)
+    tokens, positions = jnp.asarray(TOKENS[:, 0]), jnp.zeros(len(TOKENS), jnp.int32)
+    with mesh_context(mesh):
+        cache = LatentCache.zeros(CONFIG, len(TOKENS), 4)
+        routing = model.module(tokens[:, None], positions[:, None], cache, execution=execution).routing
+        predicted = steps.teacher_forced_step(
+            model.graphdef, model.state, cache, tokens, positions, execution=execution, table=table
+        )[3]  # donates the cache: last
+    k = CONFIG.num_experts_per_tok
+    physical, differs = table.over_slots(placement.num_slots), False
+    for layer in range(LAYERS):
+        slots, ids = np.asarray(routing.slot_ids[layer]).reshape(-1, k), np.asarray(routing.topk_ids[layer])
+        keep = np.asarray(routing.keep_mask[layer]).reshape(-1, k)
+        for side, mask in enumerate((np.ones_like(keep), keep)):
+            want = predict(physical, jnp.asarray(slots), jnp.asarray(mask)).device_s
+            np.testing.assert_allclose(np.asarray(predicted[side, layer]), np.asarray(want), rtol=1e-6)
+        logical = predict(table, jnp.asarray(ids.reshape(-1, k)), jnp.ones(keep.shape, bool)).device_s
+        differs |= not np.allclose(np.asarray(logical), np.asarray(predicted[0, layer]))
+    assert differs
 
 
 def test_expert_sums_stay_logical():
