@@ -27,6 +27,7 @@ from caee_jax.parallel.mesh import make_mesh
 from caee_jax.parallel.placement import mesh_context, place_state
 from caee_jax.parallel.replicas import PlacementError, to_slots
 from caee_jax.runtime import steps
+from caee_jax.weights.hf_export import hf_tensors
 
 ATOL = 1e-5
 SEED = 5
@@ -269,6 +270,31 @@ def test_slots_not_a_multiple_of_the_expert_shards_are_refused():
     broken = eplb.Placement(slots, np.zeros_like(ranks), EXPERTS, 1)
     with pytest.raises(PlacementError, match="replica_rank must number"):
         caee_jax.init_random("tiny", seed=SEED, placement=broken)
+
+
+def test_fp8_experts_are_placed_with_their_scales():
+    """fp8-stored experts: the block scales are gathered with their slots (the unplaced fp8 model's logits)."""
+    tokens = TOKENS[:2]
+    want = caee_jax.init_random("tiny", seed=SEED, weights="fp8")(tokens)
+    placed = caee_jax.init_random("tiny", seed=SEED, weights="fp8", placement=placement_for(1, extra=3))
+    assert dict(nnx.to_flat_state(placed.state))[("moe_layers", "ffn", "gate_scale")].get_value().shape[1] == 19
+    np.testing.assert_allclose(np.asarray(placed(tokens)), np.asarray(want), atol=ATOL, rtol=0)
+
+
+def test_placing_again_and_unplacing_recover_the_logical_experts():
+    module = caee_jax.init_random("tiny", seed=SEED).module
+    flat = dict(nnx.to_flat_state(nnx.state(module)))
+    want = {name: flat[("moe_layers", "ffn", name)].get_value() for name in ("gate_proj", "up_proj", "down_proj")}
+    module.set_placement(placement_for(1, extra=3))
+    with pytest.raises(ValueError, match="export it after set_placement"):
+        hf_tensors(module)
+    module.set_placement(placement_for(1, extra=5))
+    assert module.moe_layers.ffn.num_slots == EXPERTS + 5
+    module.set_placement(None)
+    assert module.moe_layers.ffn.expert_slots is None
+    flat = dict(nnx.to_flat_state(nnx.state(module)))
+    for name, value in want.items():
+        np.testing.assert_array_equal(np.asarray(flat[("moe_layers", "ffn", name)].get_value()), np.asarray(value))
 
 
 def test_a_placement_and_offload_are_refused_together():

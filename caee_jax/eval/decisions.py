@@ -126,12 +126,12 @@ def caee_decisions(model, prompt, rule: CAEEConfig | None = None, table: CostTab
         raise ValueError(f"caee_decisions needs a CAEEConfig rule and a cost table; got rule {rule!r}, table {table}")
     if execution.offload is not None:
         raise ValueError("caee_decisions runs the experts on device; load the model without offload")
-    execution = dataclasses.replace(execution, pruning=rule, cost_table=table)
-    (ids,) = encode_prompts(model, [prompt])
     if model.placement is not None:
         raise ValueError(
             "caee_decisions explains a model without EPLB replicas (one slot per expert); load it unplaced"
         )
+    execution = dataclasses.replace(execution, pruning=rule, cost_table=table)
+    (ids,) = encode_prompts(model, [prompt])
     limit = model.config.max_position_embeddings
     if len(ids) > limit:
         raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {limit}")
