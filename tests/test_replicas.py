@@ -17,6 +17,7 @@ from caee_jax.caee.cost_model import predict
 from caee_jax.caee.cost_table import CostTable, CostTableError, DeviceCosts, FitQuality, block_placement
 from caee_jax.caee.policy import CAEEConfig, explain
 from caee_jax.calibration.tables import signature_of
+from caee_jax.eval.decode_eval import compare
 from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
 from caee_jax.model.cache import LatentCache
 from caee_jax.model.execution import Execution
@@ -219,6 +220,26 @@ def test_the_eval_steps_predicted_times_price_slots():
         logical = predict(table, jnp.asarray(ids.reshape(-1, k)), jnp.ones(keep.shape, bool)).device_s
         differs |= not np.allclose(np.asarray(logical), np.asarray(predicted[0, layer]))
     assert differs
+
+
+def test_eval_compares_a_placed_candidate_with_the_unplaced_model():
+    """`decode_eval.compare` with a placed candidate model (expert=2): EPLB alone predicts the same tokens
+    (nll within 1e-5, full agreement) and prices its MoE layers on the slots' devices, not the baseline's;
+    EPLB with CAEE prunes."""
+    mesh = mesh_of("expert=2")
+    plain = caee_jax.init_random("tiny", seed=SEED, mesh=mesh)
+    placed = caee_jax.init_random("tiny", seed=SEED, mesh=mesh, placement=placement_for(2))
+    table = table_for(plain, mesh)
+    windows = np.random.default_rng(3).integers(0, CONFIG.vocab_size, (4, 8)).astype(np.int32)
+    alone = compare(plain, Execution(), windows, prefix=5, table=table, candidate_model=placed)
+    np.testing.assert_allclose(np.concatenate(alone.nll), np.concatenate(alone.nll_base), atol=ATOL, rtol=0)
+    summary = alone.summary()
+    assert summary["agreement"] == 1.0 and summary["pruned_pair_fraction"] == 0.0
+    assert not np.allclose(summary["predicted_device_s"], summary["predicted_device_unpruned_s"])
+    caee = Execution(pruning=CAEEConfig(theta=2.0), cost_table=table)
+    both = compare(plain, caee, windows, prefix=5, table=table, candidate_model=placed).summary()
+    assert both["pruned_pair_fraction"] > 0
+    assert both["predicted_device_unpruned_s"] == summary["predicted_device_unpruned_s"]
 
 
 def test_expert_sums_stay_logical():
