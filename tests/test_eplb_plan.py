@@ -11,9 +11,11 @@ import sys
 
 import numpy as np
 import pytest
+from test_pruning import single_device_table
 
 import caee_jax
 from caee_jax.caee import expert_means
+from caee_jax.caee.cost_table import save_table
 from caee_jax.parallel import eplb, eplb_plan
 from caee_jax.parallel.replicas import PlacementError
 
@@ -117,3 +119,28 @@ def test_plan_and_run_with_eplb_flags(means_file, tmp_path):
         result = launch(*argv)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: "), result.stderr
         assert fragment in result.stderr
+
+
+def test_eval_runs_eplb_and_caee_with_eplb_beside_caee(means_file, tmp_path):
+    """launch/eval.py --rules caee,eplb,caee+eplb --eplb-slots: eplb predicts as the unplaced model (full
+    agreement, the same perplexity), caee+eplb prunes, each EPLB case records its placement; the rules and
+    the placement flags come together or not at all."""
+    table = save_table(single_device_table(caee_jax.init_random("tiny")), str(tmp_path))
+    (tmp_path / "text.txt").write_text(open(os.path.join(caee_jax.api.BUNDLED_MODEL, "heldout.txt")).read()[:4000])
+    command = ["launch/eval.py", "--preset", "tiny", "--eval-file", str(tmp_path / "text.txt"), "--cost-table", table]
+    command += ["--out", str(tmp_path / "out"), "--batch-sizes", "2", "--prefix", "4", "--steps", "3"]
+    command += ["--eval-tokens", "6", "--cut-half-width", "0", "--max-timed-steps", "4"]
+    rules = ["--rules", "caee,eplb,caee+eplb", "--knobs", "caee=1.5;caee+eplb=1.5"]
+    result = launch(*command, *rules, "--eplb-slots", "19", "--eplb-loads", means_file)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = {r["rule"]: r for r in map(json.loads, open(tmp_path / "out" / "results.jsonl"))}
+    assert sorted(records) == ["caee", "caee+eplb", "eplb"]
+    eplb_alone = records["eplb"]
+    assert eplb_alone["agreement"] == 1.0 and eplb_alone["pruned_pair_fraction"] == 0.0
+    assert abs(eplb_alone["ppl"] / eplb_alone["ppl_unpruned"] - 1) < 1e-5
+    assert records["caee+eplb"]["pruned_pair_fraction"] > 0
+    assert records["eplb"]["eplb"].startswith("19 slots") and records["caee"]["eplb"] is None
+    assert "| 1 | 2 | caee+eplb | 1.5 |" in (tmp_path / "out" / "results.md").read_text()
+    for argv, fragment in ((rules, "give both or neither"), (["--eplb-slots", "19"], "give both or neither")):
+        refused = launch(*command, *argv)
+        assert refused.returncode == 2 and fragment in refused.stderr, refused.stderr[-3000:]
