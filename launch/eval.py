@@ -370,6 +370,8 @@ def _placed(args, mesh, options, model, means_path, importance_path):
     placement: slots and fingerprint), or (None, None) without them."""
     if not (args.eplb_slots or args.eplb_placement):
         return None, None
+    if options["offload"] is not None:
+        raise UserFileError("--eplb-slots/--eplb-placement: offloaded experts have no replicas; drop --offload")
     model_dir = None if args.preset else args.model or caee_jax.api.BUNDLED_MODEL
     shards = 1 if mesh is None else expert_shards(mesh)
     try:

@@ -143,7 +143,7 @@ def compare(
     if offloaded != (managers[1] is not None) or (offloaded and managers[0] is managers[1]):
         raise ValueError("offloaded, the baseline and the candidate each need a cache manager of their own")
     candidate_model = candidate_model or model
-    if candidate_model is not model and (offloaded or candidate_model.mesh is not model.mesh):
+    if candidate_model is not model and (offloaded or candidate_model.mesh != model.mesh):
         raise ValueError("a candidate model runs on the baseline's mesh, with its experts on device")
     sides = ((model, baseline), (candidate_model, candidate))
     mesh = model.mesh

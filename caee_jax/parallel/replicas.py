@@ -83,7 +83,8 @@ def logical_stack(stack: jax.Array, expert_slots: jax.Array) -> jax.Array:
 
 
 def to_slots(topk_ids: jax.Array, expert_slots: jax.Array, replica_count: jax.Array) -> jax.Array:
-    """One layer's routing topk_ids [N, K] (logical) -> [N, K] physical slots: token n's pair with expert e
-    goes to e's replica n mod count[e] (`Placement.route`). expert_slots [E, R], replica_count [E]."""
+    """One layer's routing topk_ids [N, K] (logical) -> [N, K] physical slots: token n (the row of the
+    flattened batch, b * T + t) sends its pair with expert e to e's replica n mod count[e]
+    (`Placement.route`: a fixed spread, no feedback). expert_slots [E, R], replica_count [E]."""
     rank = jnp.arange(topk_ids.shape[0], dtype=jnp.int32)[:, None] % replica_count[topk_ids]
     return expert_slots[topk_ids, rank]
