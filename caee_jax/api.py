@@ -19,6 +19,9 @@ from caee_jax.model.transformer import DeepseekV3
 from caee_jax.offload.cache import ExpertCache, Offload
 from caee_jax.offload.disk_store import DiskStore
 from caee_jax.offload.store import HostStore, without_routed_experts
+from caee_jax.parallel import eplb_plan
+from caee_jax.parallel.eplb import Placement
+from caee_jax.parallel.expert_parallel import expert_shards
 from caee_jax.parallel.mesh import make_mesh
 from caee_jax.parallel.placement import batch_sharding, mesh_context, padded_batch, place_state, to_mesh
 from caee_jax.routing.backend import ExpertBackend
@@ -56,6 +59,10 @@ class Model:
     execution: an `Execution` (the static plan of the MoE layers), or just an expert backend
     (`ExpertBackend` or its name). mesh: a `Mesh` (or spec such as
     "data=2,expert=4", see `parallel/mesh.py`) to shard the parameters over; calls then run on it.
+    placement: an EPLB `Placement` (`parallel/eplb.py`) made for this model and the mesh's expert shards,
+    or the path of one saved by `parallel/eplb_plan.py`: the routed experts are held as its physical
+    slots, hot experts replicated (`parallel/replicas.py`); the results equal the unplaced model's.
+    None: one slot per expert.
     """
 
     def __init__(
@@ -65,6 +72,7 @@ class Model:
         execution: Execution | ExpertBackend | str = "loop",
         mesh: Mesh | str | None = None,
         offload: Offload | None = None,
+        placement: Placement | str | os.PathLike | None = None,
     ):
         self.module = module
         self.config: ModelConfig = module.config
@@ -79,6 +87,14 @@ class Model:
                 f"backend {self.execution.backend.value!r} cannot run fp8-stored experts (block scales); use 'loop' "
                 "or 'pallas', or store the experts as f32/bf16"
             )
+        if placement is not None:
+            if offload is not None:
+                raise ValueError("offloaded experts have no replicas: give an EPLB placement or offload, not both")
+            shards = 1 if self.mesh is None else expert_shards(self.mesh)
+            if isinstance(placement, str | os.PathLike):
+                placement = eplb_plan.read(os.fspath(placement), self.config, shards)
+            module.set_placement(placement, shards)
+        self.placement: Placement | None = placement
         self.graphdef, self.state = nnx.split(module)
         if self.mesh is not None:
             self.state = place_state(self.state, self.mesh)
@@ -183,7 +199,14 @@ class Model:
 
 
 def load(
-    path: str | os.PathLike | None = None, *, dtype=None, weights=None, execution="loop", mesh=None, offload=None
+    path: str | os.PathLike | None = None,
+    *,
+    dtype=None,
+    weights=None,
+    execution="loop",
+    mesh=None,
+    offload=None,
+    placement=None,
 ) -> Model:
     """Loads a checkpoint directory; without a path, the bundled small model (`docs/MODEL_CARD.md`).
 
@@ -197,6 +220,7 @@ def load(
     with "fp8"). execution: as in `Model` (an `Execution` with pruning and
     cost table, or a backend: "loop", the CPU default, "dense", "pallas"). mesh: as in `Model`. offload: an
     `Offload` (experts in a store behind a device cache; `offload/`), or None (every expert on device).
+    placement: an EPLB `Placement` or its file, as in `Model` (redundant expert replicas), or None.
     """
     if path is None:
         if not os.path.isdir(BUNDLED_MODEL):
@@ -216,7 +240,7 @@ def load(
             module.store_experts(Storage.parse(weights, "weights"))
     else:
         module = load_hf_model(path, config, dtype or jnp.float32, weights)
-    return Model(module, Tokenizer.from_dir(path, config.eos_ids), execution, mesh, offload)
+    return Model(module, Tokenizer.from_dir(path, config.eos_ids), execution, mesh, offload, placement)
 
 
 def init_random(
@@ -228,9 +252,11 @@ def init_random(
     execution="loop",
     mesh=None,
     offload=None,
+    placement=None,
 ) -> Model:
     """A model with random weights (normal(0, 0.02)) for a config or preset name: tests, demos, benchmarks.
     weights: the routed experts' storage as in `load` (drawn in float32, then stored so: fp8 block-quantised).
+    placement: an EPLB `Placement` as in `Model`.
 
     With a disk `offload` the routed experts come from the store, so they are never drawn (a model whose
     experts exceed host RAM can be built); the other weights then differ from the same seed's resident ones.
@@ -245,4 +271,4 @@ def init_random(
     module = nnx.merge(graphdef, random_state(state, seed))
     if weights is not None:
         module.store_experts(Storage.parse(weights, "weights"))
-    return Model(module, None, execution, mesh, offload)
+    return Model(module, None, execution, mesh, offload, placement)

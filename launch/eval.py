@@ -33,6 +33,14 @@ checkpoints_tools.expert_store`), --cache-experts N|FRACTION, --cache-policy, --
 launch/run.py. Every rule then runs offloaded; the unpruned and the pruned side each have their own cache
 (warmed alike by the same prefill), and each record holds both sides' cache statistics per decode step.
 The offload setup is part of the provenance.
+
+EPLB (redundant expert replicas, caee_jax/parallel/replicas.py): with --eplb-slots P (balanced for this
+mesh from the routed-token counts of --eplb-loads, default the model's expert_means.npz, measured on
+calibration text) or --eplb-placement FILE (launch/plan_eplb.py), the rules `eplb` (the placed model,
+nothing pruned: the same predictions, another step time) and `caee+eplb` (CAEE on the placed model,
+knob theta) run against the unplaced, unpruned model, side by side with caee and the peer rules:
+    python launch/eval.py --rules caee,eplb,caee+eplb --eplb-slots 40 --local-processes 2
+Each such case records its placement (slots and fingerprint).
 """
 
 from __future__ import annotations
@@ -67,7 +75,8 @@ from caee_jax.model.execution import DecisionScope, Execution
 from caee_jax.offload import options as offload_options
 from caee_jax.offload.cache import Offload
 from caee_jax.offload.store import StoreError
-from caee_jax.parallel import distributed, straggler
+from caee_jax.parallel import distributed, eplb_plan, straggler
+from caee_jax.parallel.expert_parallel import expert_shards
 from caee_jax.parallel.mesh import describe
 from caee_jax.routing.storage import Storage
 
@@ -79,6 +88,7 @@ KNOBS = {  # default sweep per rule, from light to heavy pruning
     "top_p": (0.9, 0.8, 0.7, 0.6),
     "capacity": (2.0, 1.5, 1.0, 0.75),
 }
+EPLB_RULES = ("eplb", "caee+eplb")  # on the model placed with EPLB replicas: unpruned (knob 0), CAEE (theta)
 
 
 def _positive(text: str) -> int:
@@ -152,6 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="routed experts' storage (fp8: e4m3 + 128x128 block scales); default: --dtype",
     )
     offload_options.add_arguments(parser)
+    eplb_plan.add_arguments(parser)
     distributed.add_arguments(parser)
     cli.add_debug_flag(parser)
     return parser.parse_args(argv)
@@ -161,15 +172,24 @@ def sweep(args, top_k: int | None = None) -> list[tuple[str, float]]:
     """(rule, knob) cases in order, each a valid rule (errors name the --rules/--knobs part at fault). With the
     model's top_k: default topk knobs that prune nothing (>= K) are dropped, a given one above K is an error."""
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
-    unknown = [r for r in rules if r != "caee" and r not in PEER_RULES]
+    unknown = [r for r in rules if r != "caee" and r not in PEER_RULES and r not in EPLB_RULES]
     if unknown:
-        raise UserFileError(f"--rules: unknown rule {unknown[0]!r}; rules are caee, {', '.join(PEER_RULES)}")
-    knobs, given = dict(KNOBS), {}
+        names = ", ".join(("caee", *PEER_RULES, *EPLB_RULES))
+        raise UserFileError(f"--rules: unknown rule {unknown[0]!r}; rules are {names}")
+    placed = args.eplb_slots or args.eplb_placement
+    if any(rule in EPLB_RULES for rule in rules) != bool(placed):
+        raise UserFileError(
+            "the rules eplb and caee+eplb run on a placed model and --eplb-slots / --eplb-placement only place it "
+            "for them: give both or neither"
+        )
+    knobs, given = dict(KNOBS, eplb=(0.0,), **{"caee+eplb": KNOBS["caee"]}), {}
     for part in (args.knobs or "").split(";"):
         if part.strip():
             name, _, values = (p.strip() for p in part.partition("="))
             if name not in rules:
                 raise UserFileError(f"--knobs {part!r}: rule {name!r} is not among --rules ({', '.join(rules)})")
+            if name == "eplb":
+                raise UserFileError(f"--knobs {part!r}: eplb has no knob (its slots: --eplb-slots)")
             try:
                 knobs[name] = given[name] = tuple(float(v) for v in values.split(","))
             except ValueError:
@@ -178,7 +198,7 @@ def sweep(args, top_k: int | None = None) -> list[tuple[str, float]]:
     for rule in rules:
         for knob in knobs[rule]:
             try:
-                pruning = rule_of(rule, knob, **_rule_settings(args))
+                pruning = _pruning(rule, knob, args)
                 if top_k is not None and rule in given:
                     check_top_k(pruning, top_k)
             except ValueError as error:
@@ -186,6 +206,13 @@ def sweep(args, top_k: int | None = None) -> list[tuple[str, float]]:
             if top_k is None or rule in given or rule != "topk" or knob < top_k:
                 cases.append((rule, float(knob)))
     return cases
+
+
+def _pruning(rule: str, knob: float, args):
+    """The pruning rule of a case: `eplb` prunes nothing, `caee+eplb` is CAEE."""
+    if rule == "eplb":
+        return None
+    return rule_of("caee" if rule == "caee+eplb" else rule, knob, **_rule_settings(args))
 
 
 def _rule_settings(args) -> dict:
@@ -270,7 +297,8 @@ def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, off
     length = args.prefix + args.steps + 1
     if len(ids) <= length:
         raise UserFileError(f"--eval-file {path}: {len(ids)} tokens; --prefix + --steps needs more than {length}")
-    table = _table(args, model, mesh) if any(rule == "caee" for rule, _ in rules) else None
+    table = _table(args, model, mesh) if any(rule in ("caee", "caee+eplb") for rule, _ in rules) else None
+    placed, eplb_id = _placed(args, mesh, options, model, means_path, importance_path)
 
     provenance = results.provenance(
         model=args.model or args.preset or "bundled caee-small",
@@ -305,6 +333,7 @@ def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, off
     processes = jax.process_count()
     cases = [
         dict(rule=rule, knob=knob, batch_size=batch, processes=processes, **settings)
+        | dict(eplb=eplb_id if rule in EPLB_RULES else None)
         for batch in args.batch_sizes
         for rule, knob in rules
     ]
@@ -318,22 +347,23 @@ def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, off
             continue
         candidate = Execution(
             model.execution.backend,
-            pruning=rule_of(case["rule"], case["knob"], **_rule_settings(args)),
+            pruning=_pruning(case["rule"], case["knob"], args),
             cost_table=table,
             offload=candidate_manager,
             decision_scope=case["decision_scope"],
         )
+        runner = dict(candidate_model=placed if case["rule"] in EPLB_RULES else None)
         comparison = Comparison()
         batch = case["batch_size"]
         measured = -(-args.eval_tokens // (batch * args.steps))
         for i in range(measured):
             windows = windows_of(ids, length, batch, seed=1000 * batch + i)
-            compare(model, candidate, windows, args.prefix, comparison, table)
+            compare(model, candidate, windows, args.prefix, comparison, table, **runner)
         for i in itertools.count(measured):  # more alternated timing on more windows, for a narrower interval
             if len(comparison.step_s) >= args.max_timed_steps or _cut_is_narrow(comparison, args.cut_half_width):
                 break
             windows = windows_of(ids, length, batch, seed=1000 * batch + i)
-            compare(model, candidate, windows, args.prefix, comparison, table, timing_only=True)
+            compare(model, candidate, windows, args.prefix, comparison, table, timing_only=True, **runner)
         record.update(eval_file=provenance["eval_file"], model=provenance["model"], **comparison.summary())
         if lead:
             results.append(results_path, record)
@@ -343,6 +373,29 @@ def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, off
         report.plot_pareto(records, os.path.join(args.out, "pareto.png"))
         print(f"{len(records)} cases in {results_path}; table results.md, plot pareto.png")
     return 0
+
+
+def _placed(args, mesh, options, model, means_path, importance_path):
+    """(The model again, placed with the EPLB flags' placement and the same calibrations, a label of the
+    placement: slots and fingerprint), or (None, None) without them."""
+    if not (args.eplb_slots or args.eplb_placement):
+        return None, None
+    if options["offload"] is not None:
+        raise UserFileError("--eplb-slots/--eplb-placement: offloaded experts have no replicas; drop --offload")
+    model_dir = None if args.preset else args.model or caee_jax.api.BUNDLED_MODEL
+    shards = 1 if mesh is None else expert_shards(mesh)
+    try:
+        placement = eplb_plan.from_args(args, model.config, shards, model_dir)
+    except ValueError as error:
+        raise UserFileError(str(error)) from None
+    options = dict(options, placement=placement)
+    placed = caee_jax.init_random(args.preset, **options) if args.preset else caee_jax.load(args.model, **options)
+    if means_path:
+        expert_means.load_means(placed, means_path)
+    if importance_path:
+        importance.load_importance(placed, importance_path)
+    digest = hashlib.sha256(placement.slot_expert.tobytes() + placement.replica_rank.tobytes()).hexdigest()
+    return placed, f"{placement.num_slots} slots, sha256 {digest[:16]}"
 
 
 def _cut_is_narrow(comparison: Comparison, half_width: float) -> bool:
@@ -381,7 +434,7 @@ def _resolve_importance_options(args) -> None:
     """--expert-importance / --layer-sensitivity not given: on when CAEE is swept and an importance calibration
     is at hand (--importance, or the model directory's importance.npz), as measured in docs/RESULTS.md
     (issue 20); else off."""
-    caee = "caee" in [r.strip() for r in args.rules.split(",")]
+    caee = bool({"caee", "caee+eplb"} & {r.strip() for r in args.rules.split(",")})
     available = bool(args.importance) or (
         not args.preset and os.path.isfile(importance.default_path(args.model or caee_jax.api.BUNDLED_MODEL))
     )

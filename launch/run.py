@@ -14,6 +14,12 @@ Offloaded experts (one device): --offload host, or --offload disk --store-dir DI
 --cache-policy lru|lfu|cost; --json then reports the cache statistics of every step, and --offload-plot
 FILE draws each decode step's fetch vs compute time.
 
+EPLB replicas: --eplb-slots P holds each MoE layer's routed experts in P physical slots (a multiple of the
+expert shards), hot experts replicated, balanced for this mesh from the routed-token counts of
+--eplb-loads (default CHECKPOINT/expert_means.npz, measured on calibration text by
+launch/calibrate_means.py); --eplb-placement FILE uses a saved placement (launch/plan_eplb.py). The
+completion is the unplaced model's; CAEE then prices each pair on its replica's device.
+
 Without --checkpoint or --preset it runs the bundled small model (docs/MODEL_CARD.md) on a Python
 prompt; --preset NAME runs a random-weight preset instead (a smoke test, not meaningful text).
 Multi-host: every process runs this same command with its own --process-id (or none of the three
@@ -49,7 +55,8 @@ from caee_jax.eval.offload_timeline import offload_report, plot_timeline
 from caee_jax.model.execution import Execution
 from caee_jax.offload import options as offload_options
 from caee_jax.offload.store import StoreError
-from caee_jax.parallel import distributed
+from caee_jax.parallel import distributed, eplb_plan
+from caee_jax.parallel.expert_parallel import expert_shards
 from caee_jax.parallel.mesh import describe
 from caee_jax.routing.storage import Storage
 from caee_jax.weights.orbax_checkpoint import is_converted, stored_weights
@@ -97,6 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--skip-table-probe", action="store_true", help="do not time a few MoE-layer calls against the cost table"
     )
     offload_options.add_arguments(parser)
+    eplb_plan.add_arguments(parser)
     parser.add_argument("--offload-plot", help="with --offload: a PNG of each decode step's fetch vs compute time")
     distributed.add_arguments(parser, local_processes=False)
     cli.add_debug_flag(parser)
@@ -117,6 +125,7 @@ def main(argv=None) -> int:
         if args.offload_plot and not offload:
             raise ValueError("--offload-plot needs --offload host|disk")
         options = dict(dtype=args.dtype, weights=args.weights, execution=execution, mesh=mesh, offload=offload)
+        options["placement"] = _placement(args, mesh)
         if args.preset:
             model = caee_jax.init_random(args.preset, seed=args.seed, **options)
             source = f"preset {args.preset} (random weights)"
@@ -144,7 +153,12 @@ def main(argv=None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
     load_s = time.perf_counter() - start
-    probe = _probe_table(model, args) if execution.cost_table is not None and not args.skip_table_probe else None
+    probe = None
+    if execution.cost_table is not None and not args.skip_table_probe:
+        if model.placement is None:
+            probe = _probe_table(model, args)
+        elif jax.process_index() == 0:
+            print("note: the cost-table probe runs on models without EPLB replicas; skipped", file=sys.stderr)
 
     if args.prompt_ids is not None:
         prompt = args.prompt_ids
@@ -178,6 +192,7 @@ def main(argv=None) -> int:
         "model": source,
         "mesh": describe(mesh) if mesh else None,
         "pruning": repr(execution.pruning) if execution.pruning else None,
+        "eplb_slots": None if model.placement is None else model.placement.num_slots,
         "process": jax.process_index(),
         "processes": jax.process_count(),
         "generated_ids": ids,
@@ -287,6 +302,15 @@ def _execution(args, mesh) -> Execution:
         )
         table = _table(config, mesh, args)
     return Execution(args.backend, pruning=rule, cost_table=table)
+
+
+def _placement(args, mesh):
+    """The EPLB placement the flags ask for (`parallel/eplb_plan.py`), or None."""
+    if not (args.eplb_slots or args.eplb_placement or args.eplb_loads):
+        return None
+    model_dir = None if args.preset else args.checkpoint or caee_jax.api.BUNDLED_MODEL
+    config = preset(args.preset) if args.preset else ModelConfig.from_hf(model_dir)
+    return eplb_plan.from_args(args, config, 1 if mesh is None else expert_shards(mesh), model_dir)
 
 
 def _probe_table(model, args):

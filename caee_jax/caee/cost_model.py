@@ -36,9 +36,10 @@ class Prediction(NamedTuple):
 
 
 def row_tile(table: CostTable, num_tokens: int) -> int:
-    """Rows an expert's pairs are computed in, for a batch of `num_tokens` on the table's mesh."""
+    """Rows an expert's pairs are computed in, for a batch of `num_tokens` on the table's mesh (its
+    placement's experts: the physical slots when they are replicated, as the runtime's tile counts them)."""
     sig = table.signature
-    return table.backend.row_tile(num_tokens * sig.num_experts_per_tok, sig.n_routed_experts)
+    return table.backend.row_tile(num_tokens * sig.num_experts_per_tok, len(table.placement))
 
 
 def computed_rows(pairs: jax.Array, tile: int) -> jax.Array:

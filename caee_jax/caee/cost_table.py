@@ -137,7 +137,8 @@ class FitQuality:
 
 @dataclasses.dataclass(frozen=True)
 class CostTable:
-    """devices: one DeviceCosts per expert shard; placement: the shard of each expert (E entries)."""
+    """devices: one DeviceCosts per expert shard; placement: the shard of each expert (E entries), or of
+    each physical slot (P >= E entries, `over_slots`) when the experts are replicated."""
 
     signature: MeshSignature
     devices: tuple[DeviceCosts, ...]
@@ -165,7 +166,7 @@ class CostTable:
     def __post_init__(self):
         if not self.devices:
             raise CostTableError("devices is empty; a table has one entry per expert shard")
-        if len(self.placement) != self.signature.n_routed_experts:
+        if len(self.placement) < self.signature.n_routed_experts:
             raise CostTableError(
                 f"placement has {len(self.placement)} entries for {self.signature.n_routed_experts} experts"
             )
@@ -188,6 +189,21 @@ class CostTable:
     def placement_array(self) -> jax.Array:
         """[E] int32: the device of each expert."""
         return jnp.asarray(np.array(self.placement, np.int32))
+
+    def over_slots(self, num_slots: int) -> CostTable:
+        """This table for P = `num_slots` physical expert slots (replicated experts, `parallel/replicas.py`):
+        slot p on device p // (P / S), as `shard_map` places a [P, ...] stack. Each slot is priced as the
+        expert it copies was on its device: the per-device constants hold per pair and per active expert
+        (an active replica reads its own copy of the weights), so only the placement changes. Only a table
+        of the contiguous block placement (what calibration measures) can be moved so; any other is refused."""
+        sig = self.signature
+        blocks = block_placement(sig.n_routed_experts, self.num_devices)
+        if self.placement not in (blocks, block_placement(num_slots, self.num_devices)):
+            raise CostTableError(
+                "the cost table's placement is not the contiguous block placement; it cannot be moved onto "
+                f"{num_slots} replicated expert slots (calibrate a table with launch/calibrate.py)"
+            )
+        return dataclasses.replace(self, placement=block_placement(num_slots, self.num_devices))
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "units": "seconds", **dataclasses.asdict(self)}

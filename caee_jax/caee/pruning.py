@@ -23,6 +23,8 @@ def decide(
     residency: jax.Array | None = None,
     importance_scale: jax.Array | None = None,
     routed: jax.Array | None = None,
+    slot_ids: jax.Array | None = None,
+    num_slots: int | None = None,
 ) -> Decision:
     """topk_ids, topk_weights [N, K] -> Decision (keep_mask [N, K] bool, combine weights [N, K]).
 
@@ -33,6 +35,11 @@ def decide(
     importance_scale [E] f32: CAEE's calibrated per-expert importance factor (`caee/importance.py`), or None.
     routed [N, K] bool: the pairs of real tokens (None: all); a padded batch's dummy rows never run and
     CAEE does not count them (the `capacity` peer rule's budget still counts N).
+    slot_ids [N, K]: with replicated experts (`parallel/replicas.py`), the physical slot of each pair among
+    `num_slots`. CAEE then works on slots: a slot's device, its users and its activation cost are what
+    decide a straggler's load and a pair's price (a hot expert's replicas on two devices are two loads),
+    so the table is moved onto the slots (`CostTable.over_slots`) and importance_scale comes per slot [P].
+    Peer rules are rules on the router's weights and stay logical (`capacity` caps each logical expert).
     """
     with jax.named_scope("decide"):
         everything = jnp.ones(topk_ids.shape, bool) if routed is None else routed
@@ -43,11 +50,15 @@ def decide(
             return Decision(keep, compensate(topk_weights, keep, rule.compensation, rule.partial_alpha))
         if table is None:
             raise ValueError("CAEE needs a cost table: Execution(cost_table=...) (see launch/calibrate.py)")
-        if len(table.placement) != num_experts or table.num_devices != num_shards:
+        if table.signature.n_routed_experts != num_experts or table.num_devices != num_shards:
             raise ValueError(
-                f"the cost table covers {len(table.placement)} experts on {table.num_devices} device(s); this layer "
-                f"has {num_experts} experts on {num_shards} expert shard(s)"
+                f"the cost table covers {table.signature.n_routed_experts} experts on {table.num_devices} device(s); "
+                f"this layer has {num_experts} experts on {num_shards} expert shard(s)"
             )
+        if slot_ids is not None:
+            table, topk_ids = table.over_slots(num_slots), slot_ids
+        elif len(table.placement) != num_experts:
+            raise ValueError(f"the cost table places {len(table.placement)} expert slots; this layer has no replicas")
         return caee_prune(table, rule, topk_ids, topk_weights, residency, importance_scale, routed)
 
 

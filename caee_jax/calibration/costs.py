@@ -143,6 +143,11 @@ class Bench:
     """Times one MoE layer (index 0) of a loaded `caee_jax.Model` on its devices."""
 
     def __init__(self, model, repeats: int = 15):
+        if model.placement is not None:
+            raise ValueError(
+                "cost tables are measured on a model without EPLB replicas (one slot per expert); this model is placed "
+                "with a Placement: load it without one to calibrate or probe (a table is moved onto slots by itself)"
+            )
         self.model = model
         self.config = model.config
         self.backend = model.execution.backend

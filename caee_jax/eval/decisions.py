@@ -116,7 +116,8 @@ def caee_decisions(model, prompt, rule: CAEEConfig | None = None, table: CostTab
     """CAEE's decisions for `prompt` (text, or token ids) on `model`, per MoE layer, token and routed slot.
 
     rule, table: default to the model's own (`model.execution`); a model loaded without pruning needs
-    both. Runs on the model's mesh like any call; offloaded models are not supported.
+    both. Runs on the model's mesh like any call; offloaded models and models with EPLB replicas are not
+    supported.
     """
     execution = model.execution
     rule = rule or execution.pruning
@@ -125,6 +126,10 @@ def caee_decisions(model, prompt, rule: CAEEConfig | None = None, table: CostTab
         raise ValueError(f"caee_decisions needs a CAEEConfig rule and a cost table; got rule {rule!r}, table {table}")
     if execution.offload is not None:
         raise ValueError("caee_decisions runs the experts on device; load the model without offload")
+    if model.placement is not None:
+        raise ValueError(
+            "caee_decisions explains a model without EPLB replicas (one slot per expert); load it unplaced"
+        )
     execution = dataclasses.replace(execution, pruning=rule, cost_table=table)
     (ids,) = encode_prompts(model, [prompt])
     limit = model.config.max_position_embeddings

@@ -120,13 +120,17 @@ def compare(
     result: Comparison | None = None,
     table=None,
     timing_only: bool = False,
+    candidate_model=None,
 ) -> Comparison:
     """Teacher-forced decode of windows [B, prefix + steps + 1], baseline (model.execution) vs candidate;
     with a cost table, each step's MoE time is also predicted, unpruned and as pruned. timing_only: only
     the alternated step times are added to `result` (more timing for a narrower cut interval). Offloaded, the
     candidate's `offload` is a manager of its own (`model.execution.offload.twin()`); the baseline's
     final expert cache is left on the model. A batch that does not split over the mesh is padded with
-    dummy rows (copies of the first window) that run no expert and are left out of every figure."""
+    dummy rows (copies of the first window) that run no expert and are left out of every figure.
+    candidate_model: another `caee_jax.Model` of the same weights and mesh whose parameters run the candidate
+    side (e.g. placed with EPLB replicas: `api.Model(placement=)`); None: `model`'s. With it, the unpruned
+    prediction is the baseline's (model's placement) and the candidate's is as the candidate ran."""
     result = result or Comparison()
     batch, length = windows.shape
     rows = padded_batch(model.mesh, batch)
@@ -138,6 +142,10 @@ def compare(
     offloaded = managers[0] is not None
     if offloaded != (managers[1] is not None) or (offloaded and managers[0] is managers[1]):
         raise ValueError("offloaded, the baseline and the candidate each need a cache manager of their own")
+    candidate_model = candidate_model or model
+    if candidate_model is not model and (offloaded or candidate_model.mesh != model.mesh):
+        raise ValueError("a candidate model runs on the baseline's mesh, with its experts on device")
+    sides = ((model, baseline), (candidate_model, candidate))
     mesh = model.mesh
     put = (lambda a: to_mesh(a, batch_sharding(mesh, a.ndim))) if mesh is not None else jnp.asarray
     num_layers = model.config.num_moe_layers
@@ -159,16 +167,16 @@ def compare(
         for t in range(prefix, prefix + num_steps):
             tokens, positions = put(windows[:, t]), put(np.full(rows, t, np.int32))
             outputs = []
-            for side, execution in enumerate((baseline, candidate)):
+            for side, (runner, execution) in enumerate(sides):
                 start = time.perf_counter()
                 out = steps.teacher_forced_step(
-                    model.graphdef, model.state, caches[side], tokens, positions, experts[side], valid,
+                    runner.graphdef, runner.state, caches[side], tokens, positions, experts[side], valid,
                     execution=execution, table=table,
                 )  # fmt: skip
                 jax.block_until_ready(out)
                 outputs.append((out, time.perf_counter() - start))
                 caches[side], experts[side] = out[1], out[4]
-            (base_lp, _, base_counts, _, _), base_s = outputs[0]
+            (base_lp, _, base_counts, base_predicted, _), base_s = outputs[0]
             (cand_lp, _, counts, predicted, _), cand_s = outputs[1]
             result.step_base_s.append(base_s)
             result.step_s.append(cand_s)
@@ -190,7 +198,8 @@ def compare(
             result.total_pairs += batch * model.config.num_experts_per_tok * num_layers
             result.active_experts.append(int(active) / num_layers)
             result.active_experts_base.append(int(base_counts[3]) / num_layers)
-            result.predicted_unpruned_s.append(np.asarray(predicted[0]))
+            unpruned = predicted if candidate_model is model else base_predicted
+            result.predicted_unpruned_s.append(np.asarray(unpruned[0]))
             result.predicted_s.append(np.asarray(predicted[1]))
             if offloaded:
                 result.offload_base.append(stats[0])

@@ -31,7 +31,7 @@ SETTINGS = (
     "compensation", "k_min", "target", "slack", "refill", "expert_importance", "layer_sensitivity",
     "expert_means", "importance", "decision_scope",
 )  # fmt: skip
-CASE = ("rule", "knob", "batch_size", "processes", *SETTINGS)
+CASE = ("rule", "knob", "batch_size", "processes", *SETTINGS, "eplb")  # eplb: the placement of EPLB cases, else None
 EXPERIMENT = ("model_fingerprint", "eval_sha256", "prefix", "steps", "dtype", "weights", "offload", "code")
 PER_CASE = ("eval_tokens", "mesh", "slowed", "cost_table_sha256", "expert_means_sha256", "importance_sha256")
 CONTENT_HASH_LIMIT = 256 << 20  # model files up to this size are hashed; larger ones by size and mtime

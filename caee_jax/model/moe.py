@@ -5,9 +5,13 @@ decide   the pruning rule and cost model: which pairs run, with what weight (`ca
 execute  the routed experts behind `run_experts`, expert-parallel under a mesh (`parallel/expert_parallel.py`)
 combine  `mean` compensation for pruned slots, plus the always-on shared experts
 
+With redundant expert replicas (an EPLB placement, `parallel/replicas.py`), route stays logical, each
+pair is then mapped to one physical slot, decide prices CAEE's pairs by slot (`caee/pruning.py`), execute
+runs slots, and combine and every statistic stay logical.
+
 Each stage is a pure function under its own `jax.named_scope`; the static plan (`Execution`) and the
 arrays are separate arguments. Letters: B batch, T tokens, N = B*T, D hidden, E experts, F expert width,
-K top-k.
+K top-k, P physical expert slots.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from caee_jax.model.router import route
 from caee_jax.offload.cache import ExpertCache
 from caee_jax.offload.execute import residency, run_offloaded
 from caee_jax.parallel.expert_parallel import execute, expert_parallel_mesh, expert_shards
+from caee_jax.parallel.replicas import SlotTables, gather_slots, logical_stack, to_slots
 from caee_jax.parallel.rowwise import batchwide, rowwise
 from caee_jax.routing.backend import ExpertWeights
 from caee_jax.routing.ops import expert_load
@@ -59,13 +64,19 @@ class ExpertImportance(nnx.Variable):
     (`DeepseekV3.set_importance`), like `ExpertMeans`."""
 
 
+class ExpertSlots(nnx.Variable):
+    """The replica tables of a placed model (`parallel/replicas.py`), int32 per MoE layer: slot_expert [P],
+    expert_slots [E, R], replica_count [E]. Not checkpoint tensors: absent until `MoE.place_experts`."""
+
+
 class Routing(NamedTuple):
     """What the router chose for each token: ids [B, T, K] int32, gate weights [B, T, K] f32; keep_mask
     [B, T, K] bool: the pairs that ran (pruning); dropped_pairs: int32 scalar, kept pairs that
     expert-parallel dispatch had no slot for; expert_sums: [E, D] f32 when the call collects them
     (`collect_expert_sums`), else None; residency: [E] int32 tier of each expert when the decision was
     made (offloaded experts, `offload.execute.residency`: 0 resident), else None; expert_sq_norms: [E] f32
-    with `expert_sums`, every routed expert's squared output norm summed over its pairs, else None."""
+    with `expert_sums`, every routed expert's squared output norm summed over its pairs, else None;
+    slot_ids: [B, T, K] int32, the physical slot each pair ran on when the experts are replicated, else None."""
 
     topk_ids: jax.Array
     topk_weights: jax.Array
@@ -74,6 +85,7 @@ class Routing(NamedTuple):
     expert_sums: jax.Array | None = None
     residency: jax.Array | None = None
     expert_sq_norms: jax.Array | None = None
+    slot_ids: jax.Array | None = None
 
 
 def routing_counts(routing: Routing, num_experts: int, pruned: bool = True, valid: jax.Array | None = None):
@@ -122,6 +134,9 @@ class MoE(nnx.Module):
         self.expert_means: ExpertMeans | None = nnx.data(None)
         self.expert_importance: ExpertImportance | None = nnx.data(None)
         self.layer_sensitivity: ExpertImportance | None = nnx.data(None)
+        self.slot_expert: ExpertSlots | None = nnx.data(None)
+        self.expert_slots: ExpertSlots | None = nnx.data(None)
+        self.replica_count: ExpertSlots | None = nnx.data(None)
 
     @property
     def expert_weights(self) -> ExpertWeights:
@@ -160,6 +175,33 @@ class MoE(nnx.Module):
             # New variables, not set_value: a copy of this module (nnx.merge of its split) shares them.
             setattr(self, f"{name}_proj", variable.replace(value.astype(weights.dtype)))
             setattr(self, f"{name}_scale", nnx.data(scale))
+
+    def place_experts(self, tables: SlotTables | None) -> None:
+        """On a stack of MoE layers ([L, E, ...] experts): holds the routed experts (and fp8 scales) as the
+        physical slots of `tables` [L, P, ...], each slot a copy of its expert, and routes by the tables;
+        None returns to one slot per expert. A placed stack is first taken back to its logical experts."""
+        for name in EXPERT_AXES:
+            for kind in ("proj", "scale"):
+                variable = getattr(self, f"{name}_{kind}")
+                if variable is None:
+                    continue
+                value = variable[...]
+                if self.expert_slots is not None:
+                    value = logical_stack(value, self.expert_slots[...])
+                if tables is not None:
+                    value = gather_slots(value, jnp.asarray(tables.slot_expert))
+                # New variables, not set_value: a copy of this module (nnx.merge of its split) shares them.
+                setattr(self, f"{name}_{kind}", variable.replace(value))
+        axes = {"slot_expert": ("layers", "slots"), "replica_count": ("layers", "router")}
+        axes["expert_slots"] = ("layers", "router", "replicas")
+        for field, logical_axes in axes.items():
+            table = None if tables is None else jnp.asarray(getattr(tables, field))
+            setattr(self, field, nnx.data(None if table is None else ExpertSlots(table, logical_axes=logical_axes)))
+
+    @property
+    def num_slots(self) -> int:
+        """Physical expert slots P (E without replicas)."""
+        return self.gate_proj.shape[-3]
 
     def __call__(
         self,
@@ -216,14 +258,20 @@ class MoE(nnx.Module):
         shards = expert_shards(mesh)
         manager = execution.offload
         tiers = None if expert_cache is None else residency(expert_cache, layer_index, manager)
-        decision = self._decide(execution, topk_ids, topk_weights, shards, tiers, routed)
+        slot_ids = None
+        if self.expert_slots is not None:
+            if expert_cache is not None:
+                raise ValueError("offloaded experts have no replicas; this model is placed with an EPLB placement")
+            with jax.named_scope("replicas"):
+                slot_ids = to_slots(topk_ids, self.expert_slots[...], self.replica_count[...])
+        decision = self._decide(execution, topk_ids, topk_weights, shards, tiers, routed, slot_ids)
         if execution.prune_layers is not None:
             decision = _only_in_layers(decision, topk_weights, layer_index, execution.prune_layers)
         placed = dict(mesh=mesh, layer_index=layer_index, decode=t == 1)
         if expert_cache is None:
             y, dropped = execute(
                 flat,
-                topk_ids,
+                topk_ids if slot_ids is None else slot_ids,
                 decision.weights,
                 decision.keep_mask,
                 self.expert_weights,
@@ -245,24 +293,34 @@ class MoE(nnx.Module):
             y = y.reshape(x.shape)
             if self.shared is not None:
                 y = y + self.shared(x)
-        sums, sq_norms = self._expert_sums(flat, topk_ids, execution, placed, routed) if collect_sums else (None, None)
+        sums, sq_norms = (None, None)
+        if collect_sums:
+            sums, sq_norms = self._expert_sums(flat, topk_ids, slot_ids, execution, placed, routed)
         routing = (topk_ids, topk_weights, decision.keep_mask)
-        return y, Routing(*(a.reshape(b, t, k) for a in routing), dropped, sums, tiers, sq_norms), expert_cache
+        slots = None if slot_ids is None else slot_ids.reshape(b, t, k)
+        routing = Routing(*(a.reshape(b, t, k) for a in routing), dropped, sums, tiers, sq_norms, slots)
+        return y, routing, expert_cache
 
-    def _decide(self, execution: Execution, topk_ids, topk_weights, shards: int, tiers, routed) -> Decision:
+    def _decide(self, execution: Execution, topk_ids, topk_weights, shards: int, tiers, routed, slot_ids) -> Decision:
         """The decide stage. A rule that ranks pairs across the batch (CAEE, `capacity`) decides, on a batch
         split over devices, on the whole batch gathered once (`batchwide`: the one-device decision in one
         collective) or on each device's tokens alone (`execution.decision_scope`). Per-token rules are left
-        to XLA, which splits them along the batch by itself."""
+        to XLA, which splits them along the batch by itself. slot_ids [N, K] or None: each pair's replica
+        slot on a placed model (CAEE then prices slots, with the importance factor per slot)."""
         rule, table, num_experts = execution.pruning, execution.cost_table, self.config.n_routed_experts
         scale = self._importance_scale(rule)
-        rows = (topk_ids, topk_weights) + (() if routed is None else (routed,))
+        if scale is not None and slot_ids is not None:
+            scale = scale[self.slot_expert[...]]
+        optional = {"routed": routed, "slot_ids": slot_ids}
+        present = [name for name, value in optional.items() if value is not None]
+        rows = (topk_ids, topk_weights, *(optional[name] for name in present))
         shared = () if scale is None else (scale,)
 
         def decide_rows(ids, weights, *rest):
-            mask = rest[0] if routed is not None else None
+            given = dict(zip(present, rest, strict=False))
             factor = rest[-1] if scale is not None else None
-            return decide(rule, table, ids, weights, num_experts, shards, tiers, factor, mask)
+            inputs = (ids, weights, num_experts, shards, tiers, factor, given.get("routed"))
+            return decide(rule, table, *inputs, slot_ids=given.get("slot_ids"), num_slots=self.num_slots)
 
         if not ranks_across_batch(rule):
             return decide_rows(*rows, *shared)
@@ -290,9 +348,12 @@ class MoE(nnx.Module):
         compensation = mean_outputs(self.expert_means[...], topk_ids, topk_weights, keep_mask)
         return (y.astype(jnp.float32) + compensation).astype(y.dtype)
 
-    def _expert_sums(self, flat, topk_ids, execution: Execution, placed: dict, routed) -> tuple[jax.Array, jax.Array]:
+    def _expert_sums(
+        self, flat, topk_ids, slot_ids, execution: Execution, placed: dict, routed
+    ) -> tuple[jax.Array, jax.Array]:
         """([E, D] f32, [E] f32): each expert's unweighted output, and its squared norm, summed over its
-        routed pairs (every top-k slot of the real rows, `routed` [N, K] or None: all).
+        routed pairs (every top-k slot of the real rows, `routed` [N, K] or None: all); with replicas the
+        pairs run on their slots (slot_ids [N, K]) and are summed by logical expert.
 
         Runs one row per (token, slot) pair, so it builds [N*K, D], never an output per expert and token;
         expert-parallel all_to_all gets a capacity that drops no pair.
@@ -301,9 +362,10 @@ class MoE(nnx.Module):
             k = topk_ids.shape[-1]
             pairs = jnp.repeat(flat, k, axis=0)  # [N*K, D]: row n*K + j is token n
             ids = topk_ids.reshape(-1, 1)
+            run_ids = ids if slot_ids is None else slot_ids.reshape(-1, 1)
             ones = jnp.ones(ids.shape, jnp.float32)
             everything = jnp.ones(ids.shape, bool) if routed is None else routed.reshape(-1, 1)
-            args = (pairs, ids, ones, everything, self.expert_weights, execution.backend)
+            args = (pairs, run_ids, ones, everything, self.expert_weights, execution.backend)
             placed = dict(placed, scales=self.expert_scales)
             outputs, _ = execute(*args, dispatch=execution.dispatch, capacity_factor=None, **placed)
             outputs = outputs.astype(jnp.float32)

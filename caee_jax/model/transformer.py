@@ -19,6 +19,8 @@ from caee_jax.model.execution import DEFAULT_EXECUTION, Execution
 from caee_jax.model.layers import MLP, Embed, RMSNorm, param
 from caee_jax.model.moe import ExpertImportance, ExpertMeans, MoE, Routing
 from caee_jax.offload.cache import ExpertCache
+from caee_jax.parallel.eplb import Placement
+from caee_jax.parallel.replicas import check_placement, slot_tables
 from caee_jax.routing.storage import Storage
 
 
@@ -127,6 +129,18 @@ class DeepseekV3(nnx.Module):
         """Re-stores the routed experts of every MoE layer as `weights` (`MoE.store_experts`)."""
         if self.moe_layers is not None:
             self.moe_layers.ffn.store_experts(weights)
+
+    def set_placement(self, placement: Placement | None, num_shards: int = 1) -> None:
+        """Holds the routed experts as the physical slots of an EPLB placement (`parallel/replicas.py`),
+        checked against this model and the `num_shards` expert shards it will run on; None: one slot per
+        expert again. Weights are gathered once, here."""
+        if self.moe_layers is None:
+            raise ValueError("the model has no MoE layers: nothing to place")
+        tables = None
+        if placement is not None:
+            check_placement(placement, self.config.num_moe_layers, self.config.n_routed_experts, num_shards)
+            tables = slot_tables(placement)
+        self.moe_layers.ffn.place_experts(tables)
 
     def set_expert_means(self, means) -> None:
         """Sets each MoE layer's calibrated mean expert outputs, [L_moe, E, D] (stored float32), for `mean`

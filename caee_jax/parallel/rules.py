@@ -35,6 +35,8 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     "sequence": None,
     "latent": None,
     "top_k": None,
+    "slots": None,  # a placed model's replica tables (`replicas.py`): small, every device routes with them
+    "replicas": None,
 }
 
 

@@ -152,18 +152,20 @@ def teacher_forced_step(
 ):
     """tokens [B] at positions [B] -> (log-probabilities [B, V], cache, routing counts [4] (`routing_counts`),
     predicted MoE time per layer and device [2, L, S]: unpruned, as run (s; 0 without table; offloaded, a
-    non-resident expert adds its tier's fetch time), expert_cache)."""
+    non-resident expert adds its tier's fetch time; with EPLB replicas, by slot on the slots' devices),
+    expert_cache)."""
     model, out = _decode(graphdef, state, cache, tokens, positions, execution, expert_cache, valid)
     logprobs = jax.nn.log_softmax(out.logits[:, 0], axis=-1)
     routing = out.routing
     predicted = jnp.zeros((2, 1, 1))
     if table is not None:
+        ids = routing.topk_ids if routing.slot_ids is None else routing.slot_ids
+        if routing.slot_ids is not None:
+            table = table.over_slots(model.moe_layers.ffn.num_slots)
         device_s = jax.vmap(lambda ids, keep, tiers: predict(table, ids[:, 0], keep[:, 0], tiers).device_s)
         shape = routing.keep_mask.shape  # [L, B, 1, K]
         everything = jnp.ones(shape, bool) if valid is None else jnp.broadcast_to(valid[None, :, None, None], shape)
-        predicted = jnp.stack(
-            [device_s(routing.topk_ids, keep, routing.residency) for keep in (everything, routing.keep_mask)]
-        )
+        predicted = jnp.stack([device_s(ids, keep, routing.residency) for keep in (everything, routing.keep_mask)])
     replicated = [gather_replicated(a) for a in (logprobs, _counts(model, out, execution, valid), predicted)]
     return replicated[0], out.cache, *replicated[1:], out.expert_cache
 

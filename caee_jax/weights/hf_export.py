@@ -16,7 +16,10 @@ from caee_jax.weights.hf_layout import recipes
 
 
 def hf_tensors(module, dtype=np.float32) -> dict[str, np.ndarray]:
-    """Every HF DeepseekV3 tensor of a `DeepseekV3` module, cast to `dtype` (the bias stays float32)."""
+    """Every HF DeepseekV3 tensor of a `DeepseekV3` module, cast to `dtype` (the bias stays float32). A module
+    holding EPLB replicas is refused: its expert stacks are physical slots (`set_placement(None)` first)."""
+    if module.moe_layers is not None and module.moe_layers.ffn.expert_slots is not None:
+        raise ValueError("the model holds EPLB replicas (physical expert slots); export it after set_placement(None)")
     flat = {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(module))}
     out: dict[str, np.ndarray] = {}
     for recipe in recipes(module.config):
