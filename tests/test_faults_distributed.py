@@ -163,3 +163,33 @@ def test_a_missing_middle_process_is_named_to_everyone():
     outcomes = rendezvous_all([3, 3], timeout_s=2)
     assert outcomes[0].startswith("process 2 of 3 never joined the coordinator at 127.0.0.1:")
     assert outcomes[1] == outcomes[0]
+
+
+def test_a_terminated_launcher_ends_its_local_cluster(tmp_path):
+    """SIGTERM to a launcher running `--local-processes` (a job scheduler stopping it) ends every process of
+    its cluster, even processes that ignore SIGTERM, as JAX's distributed runtime makes them."""
+    worker = "import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    worker += f"open(os.path.join({str(tmp_path)!r}, str(os.getpid())), 'w').close(); time.sleep(60)"
+    launcher = f"import sys; sys.path.insert(0, {ROOT!r}); from caee_jax.parallel.distributed import spawn_local\n"
+    launcher += f"spawn_local(['-c', {worker!r}], 2)"
+    proc = subprocess.Popen([sys.executable, "-c", launcher])
+    deadline = time.monotonic() + SLACK_S
+    while len(os.listdir(tmp_path)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = [int(name) for name in os.listdir(tmp_path)]
+    assert len(workers) == 2
+    proc.terminate()
+    assert proc.wait(timeout=10) == 128 + 15
+    deadline = time.monotonic() + 5
+    while [pid for pid in workers if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in workers if alive(pid)]
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (exists and is not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

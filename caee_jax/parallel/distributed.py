@@ -12,9 +12,11 @@ import errno
 import math
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -309,6 +311,10 @@ def spawn_local(
     cluster = ["--cpu-devices", "1", "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(num_processes)]
     env = {**os.environ, straggler.ENV: str(slow) if slow else ""}
     procs, helper = [], None
+    # SIGTERM (a scheduler stopping the launcher) unwinds through `finally`: the processes, which ignore it
+    # once JAX's distributed runtime has started (its preemption notice), would otherwise outlive it.
+    terminate = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal) if terminate else None
     try:
         for i in range(num_processes):
             command = [sys.executable, *argv, *cluster, "--process-id", str(i)]
@@ -342,8 +348,14 @@ def spawn_local(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        if terminate:
+            signal.signal(signal.SIGTERM, previous)
     stdout = "\n".join(line for line in stdout.splitlines() if not line.startswith("[Gloo]"))
     return max(abs(p.returncode) for p in procs), stdout
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _core(process_id: int) -> int:
