@@ -311,21 +311,16 @@ class MoE(nnx.Module):
         scale = self._importance_scale(rule)
         if scale is not None and slot_ids is not None:
             scale = scale[self.slot_expert[...]]
-        optional = {"routed": routed, "slot_ids": slot_ids}
-        present = [name for name, value in optional.items() if value is not None]
-        rows = (topk_ids, topk_weights, *(optional[name] for name in present))
-        shared = () if scale is None else (scale,)
 
-        def decide_rows(ids, weights, *rest):
-            given = dict(zip(present, rest, strict=False))
-            factor = rest[-1] if scale is not None else None
-            inputs = (ids, weights, num_experts, shards, tiers, factor, given.get("routed"))
-            return decide(rule, table, *inputs, slot_ids=given.get("slot_ids"), num_slots=self.num_slots)
+        def decide_rows(ids, weights, routed, slots, factor):
+            inputs = (ids, weights, num_experts, shards, tiers, factor, routed)
+            return decide(rule, table, *inputs, slot_ids=slots, num_slots=self.num_slots)
 
+        rows = (topk_ids, topk_weights, routed, slot_ids)
         if not ranks_across_batch(rule):
-            return decide_rows(*rows, *shared)
+            return decide_rows(*rows, scale)
         spread = batchwide if execution.decision_scope is DecisionScope.BATCH else rowwise
-        return spread(decide_rows, rows, shared)
+        return spread(decide_rows, rows, (scale,))
 
     def _importance_scale(self, rule) -> jax.Array | None:
         """CAEE's calibrated importance factor per expert [E] f32 for the options the rule turns on, else None."""

@@ -27,13 +27,27 @@ def _split_batch():
     return batch if axes_size(mesh, batch[0]) > 1 else None
 
 
+def _present(fn, rows: tuple, shared: tuple):
+    """(fn', rows', shared') with the None entries of rows and shared left out, and put back as None
+    before fn is called: optional inputs pass through a `shard_map`, which takes arrays only."""
+    where = [a is not None for a in (*rows, *shared)]
+
+    def call(*arrays):
+        given = iter(arrays)
+        return fn(*(next(given) if present else None for present in where))
+
+    return call, tuple(a for a in rows if a is not None), tuple(a for a in shared if a is not None)
+
+
 def rowwise(fn, rows: tuple, shared: tuple = ()):
     """fn(*rows, *shared) on each device's own rows (leading dimension: the batch's tokens, split as the
-    rules table splits the batch; `shared` replicated) under a context mesh that splits the batch, else
-    directly: the one-device result when every output row depends only on the same row of each input."""
+    rules table splits the batch; `shared` replicated; None entries pass through as None) under a context
+    mesh that splits the batch, else directly: the one-device result when every output row depends only on
+    the same row of each input."""
     batch = _split_batch()
     if batch is None:
         return fn(*rows, *shared)
+    fn, rows, shared = _present(fn, rows, shared)
     specs = (batch,) * len(rows) + (PartitionSpec(),) * len(shared)
     return jax.shard_map(fn, in_specs=specs, out_specs=batch)(*rows, *shared)
 
@@ -41,12 +55,14 @@ def rowwise(fn, rows: tuple, shared: tuple = ()):
 def batchwide(fn, rows: tuple, shared: tuple = ()):
     """fn(*rows, *shared) for a function of the whole batch whose outputs have one row per token (leading
     dimension, split as the rules table splits the batch). rows: int32, float32 or bool arrays [N, ...];
-    shared: replicated. Under a context mesh that splits the batch every device all-gathers the rows in
-    one collective (packed as int32 bits), computes fn on the whole batch and keeps its own rows of the
-    outputs: the one-device result, one collective; else fn directly."""
+    shared: replicated; None entries of either pass through as None. Under a context mesh that splits the
+    batch every device all-gathers the rows in one collective (packed as int32 bits), computes fn on the
+    whole batch and keeps its own rows of the outputs: the one-device result, one collective; else fn
+    directly."""
     batch = _split_batch()
     if batch is None:
         return fn(*rows, *shared)
+    fn, rows, shared = _present(fn, rows, shared)
     axes = batch[0]
 
     def local(*args):
