@@ -83,3 +83,37 @@ def test_refuses_impossible_shapes():
         eplb.balance(README_LOADS, num_slots=15, num_devices=8)
     with pytest.raises(ValueError, match="slots must be >= experts"):
         eplb.balance(README_LOADS, num_slots=8, num_devices=8)
+
+
+def test_routed_rooms_follow_each_devices_speed():
+    np.testing.assert_array_equal(eplb.routed_rooms(4, np.ones(2)), [4, 4])  # equal costs: every slot
+    np.testing.assert_array_equal(eplb.routed_rooms(24, np.array([1.0, 2.84])), [24, 8])  # 32 / 0.74 = 32.5 routed
+    np.testing.assert_array_equal(eplb.routed_rooms(6, np.array([1.0, 2.0, 2.0])), [6, 3, 3])
+    np.testing.assert_array_equal(eplb.routed_rooms(5, np.array([2.0, 1.0, 2.0])), [3, 5, 2])  # tie: lowest index
+
+
+def test_speed_aware_balance_routes_less_to_a_slow_device_and_never_to_a_spare():
+    experts, devices, slots = 32, 4, 64
+    loads = skewed_loads(3, experts, seed=3)
+    cost = np.array([1.0, 1.0, 3.0, 1.0])
+    placement = eplb.balance(loads, slots, devices, device_cost=cost)
+    assert (placement.replica_count.sum(1) == slots).all() and (placement.routed_count >= 1).all()
+    routed_per_device = placement.slot_routed.reshape(3, devices, -1).sum(-1)
+    np.testing.assert_array_equal(routed_per_device, np.tile(eplb.routed_rooms(slots // devices, cost), (3, 1)))
+    unaware = eplb.balance(loads, slots, devices)
+    assert ((placement.device_load(loads) * cost).max(1) < 0.8 * (unaware.device_load(loads) * cost).max(1)).all()
+    np.testing.assert_allclose(placement.device_load(loads).sum(1), loads.sum(1))
+    ids = np.random.default_rng(0).integers(0, experts, (257, 4))
+    for layer in range(3):
+        routed = placement.route(layer, ids)
+        assert (placement.slot_expert[layer][routed] == ids).all() and placement.slot_routed[layer][routed].all()
+    same = eplb.balance(loads, slots, devices, device_cost=np.ones(devices))
+    np.testing.assert_array_equal(same.slot_expert, unaware.slot_expert)
+    np.testing.assert_array_equal(same.routed_count, unaware.replica_count)
+
+
+def test_speed_aware_balance_names_the_slots_it_needs():
+    with pytest.raises(ValueError, match="route only 27 replicas .* give at least 48 slots"):
+        eplb.balance(skewed_loads(1, 32, seed=1), 40, 2, device_cost=np.array([1.0, 2.84]))
+    with pytest.raises(ValueError, match="need 2 positive numbers"):
+        eplb.balance(skewed_loads(1, 32, seed=1), 64, 2, device_cost=np.array([1.0, 0.0]))

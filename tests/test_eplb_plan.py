@@ -4,6 +4,8 @@ and the launchers' flags (`launch/plan_eplb.py`, `launch/run.py --eplb-slots / -
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,7 +17,7 @@ from test_pruning import single_device_table
 
 import caee_jax
 from caee_jax.caee import expert_means
-from caee_jax.caee.cost_table import save_table
+from caee_jax.caee.cost_table import block_placement, save_table
 from caee_jax.parallel import eplb, eplb_plan
 from caee_jax.parallel.replicas import PlacementError
 
@@ -48,6 +50,28 @@ def test_placed_from_the_calibrations_counts_saved_and_read_back(means_file, tmp
     np.testing.assert_array_equal(read.slot_expert, placement.slot_expert)
     np.testing.assert_array_equal(read.replica_rank, placement.replica_rank)
     assert read.num_devices == 2
+
+
+def test_speed_aware_from_a_cost_table_saved_and_read_back(means_file, tmp_path):
+    table = single_device_table(caee_jax.init_random("tiny"))
+    slow = dataclasses.replace(table.devices[0], pair_s=3 * table.devices[0].pair_s)
+    table = dataclasses.replace(table, devices=(table.devices[0], slow), placement=block_placement(EXPERTS, 2))
+    cost = eplb_plan.device_costs(table, tokens=16)
+    assert cost[0] == 1 and 1 < cost[1] < 3
+    placement, tokens = eplb_plan.from_calibration(means_file, CONFIG, 2 * EXPERTS, 2, cost)
+    routed = placement.slot_routed.reshape(LAYERS, 2, -1).sum(-1)
+    assert (routed[:, 0] == EXPERTS).all() and (routed[:, 1] < EXPERTS).all()
+    path = str(tmp_path / "eplb_placement.npz")
+    eplb_plan.save(path, placement, CONFIG, expert_means.read(means_file, CONFIG).counts, tokens, cost)
+    read = eplb_plan.read(path, CONFIG, num_shards=2)
+    np.testing.assert_array_equal(read.routed_count, placement.routed_count)
+    np.testing.assert_allclose(np.load(path)["device_cost"], cost)
+    args = argparse.Namespace(eplb_slots=2 * EXPERTS, eplb_placement=None, eplb_loads=means_file, eplb_speed_aware=True)
+    np.testing.assert_array_equal(eplb_plan.from_args(args, CONFIG, 2, None, table).routed_count, read.routed_count)
+    with pytest.raises(PlacementError, match="--eplb-speed-aware needs the run's cost table"):
+        eplb_plan.from_args(args, CONFIG, 2, None)
+    with pytest.raises(PlacementError, match="prices 2 expert shard.*this mesh has 4"):
+        eplb_plan.from_args(args, CONFIG, 4, None, table)
 
 
 def test_a_file_for_another_model_or_mesh_is_refused_naming_the_field(means_file, tmp_path):

@@ -89,12 +89,30 @@ def test_logits_and_greedy_ids_equal_the_unplaced_model(unplaced, spec, dispatch
     assert caee_jax.generate(model, PROMPTS, max_new_tokens=4, stop=[]) == want_ids
 
 
-def test_to_slots_is_the_placements_rule():
-    placement = placement_for(2)
+def speed_aware_placement(shards: int) -> eplb.Placement:
+    """Balanced for a last shard 3x slower: it routes fewer of its slots, the rest are spares."""
+    loads = np.random.default_rng(shards).zipf(1.5, (LAYERS, EXPERTS)).astype(np.float64)
+    cost = np.ones(shards)
+    cost[-1] = 3.0
+    placement = eplb.balance(loads, 2 * EXPERTS, shards, num_groups=CONFIG.n_group, device_cost=cost)
+    assert not placement.slot_routed.all()
+    return placement
+
+
+def test_a_speed_aware_placement_with_spares_equals_the_unplaced_model(unplaced):
+    want_logits, want_ids = unplaced
+    model = caee_jax.init_random("tiny", seed=SEED, mesh=mesh_of("expert=2"), placement=speed_aware_placement(2))
+    np.testing.assert_allclose(np.asarray(model(TOKENS)), want_logits, atol=ATOL, rtol=0)
+    assert caee_jax.generate(model, PROMPTS, max_new_tokens=4, stop=[]) == want_ids
+
+
+@pytest.mark.parametrize("placed", [placement_for, speed_aware_placement])
+def test_to_slots_is_the_placements_rule(placed):
+    placement = placed(2)
     ids = np.random.default_rng(1).integers(0, EXPERTS, (37, 4)).astype(np.int32)
     for layer in range(LAYERS):
         slots = placement.expert_slots()[layer]
-        got = to_slots(jnp.asarray(ids), jnp.asarray(np.where(slots < 0, 0, slots)), placement.replica_count[layer])
+        got = to_slots(jnp.asarray(ids), jnp.asarray(np.where(slots < 0, 0, slots)), placement.routed_count[layer])
         np.testing.assert_array_equal(np.asarray(got), placement.route(layer, ids))
 
 

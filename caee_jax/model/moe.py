@@ -66,7 +66,7 @@ class ExpertImportance(nnx.Variable):
 
 class ExpertSlots(nnx.Variable):
     """The replica tables of a placed model (`parallel/replicas.py`), int32 per MoE layer: slot_expert [P],
-    expert_slots [E, R], replica_count [E]. Not checkpoint tensors: absent until `MoE.place_experts`."""
+    expert_slots [E, R], routed_count [E]. Not checkpoint tensors: absent until `MoE.place_experts`."""
 
 
 class Routing(NamedTuple):
@@ -136,7 +136,7 @@ class MoE(nnx.Module):
         self.layer_sensitivity: ExpertImportance | None = nnx.data(None)
         self.slot_expert: ExpertSlots | None = nnx.data(None)
         self.expert_slots: ExpertSlots | None = nnx.data(None)
-        self.replica_count: ExpertSlots | None = nnx.data(None)
+        self.routed_count: ExpertSlots | None = nnx.data(None)
 
     @property
     def expert_weights(self) -> ExpertWeights:
@@ -192,7 +192,7 @@ class MoE(nnx.Module):
                     value = gather_slots(value, jnp.asarray(tables.slot_expert))
                 # New variables, not set_value: a copy of this module (nnx.merge of its split) shares them.
                 setattr(self, f"{name}_{kind}", variable.replace(value))
-        axes = {"slot_expert": ("layers", "slots"), "replica_count": ("layers", "router")}
+        axes = {"slot_expert": ("layers", "slots"), "routed_count": ("layers", "router")}
         axes["expert_slots"] = ("layers", "router", "replicas")
         for field, logical_axes in axes.items():
             table = None if tables is None else jnp.asarray(getattr(tables, field))
@@ -263,7 +263,7 @@ class MoE(nnx.Module):
             if expert_cache is not None:
                 raise ValueError("offloaded experts have no replicas; this model is placed with an EPLB placement")
             with jax.named_scope("replicas"):
-                slot_ids = to_slots(topk_ids, self.expert_slots[...], self.replica_count[...])
+                slot_ids = to_slots(topk_ids, self.expert_slots[...], self.routed_count[...])
         decision = self._decide(execution, topk_ids, topk_weights, shards, tiers, routed, slot_ids)
         if execution.prune_layers is not None:
             decision = _only_in_layers(decision, topk_weights, layer_index, execution.prune_layers)

@@ -8,8 +8,10 @@ after routing, each (token, expert) pair is mapped to one slot (`to_slots`, the 
 `Placement.route`) and dispatch and execution see slots only, through the unchanged `run_experts`.
 
 Per MoE layer the model carries three int32 arrays (`SlotTables`): the layer's slot_expert [P],
-expert_slots [E, R] (an expert's slots by replica rank, padded with the rank-0 slot) and replica_count
-[E]. They are arrays, not constants: a new placement with the same P and R never recompiles.
+expert_slots [E, R] (an expert's slots by replica rank, padded with the rank-0 slot) and routed_count
+[E] (how many of its replicas receive pairs: the first by rank; the others are the spares of a
+speed-aware placement). They are arrays, not constants: a new placement with the same P and R never
+recompiles.
 Letters: L MoE layers, E logical experts, P physical slots, R most replicas of one expert, S expert
 shards, N tokens, K top-k.
 """
@@ -30,11 +32,11 @@ class PlacementError(ValueError):
 
 
 class SlotTables(NamedTuple):
-    """slot_expert [L, P], expert_slots [L, E, R] and replica_count [L, E], int32 (module doc)."""
+    """slot_expert [L, P], expert_slots [L, E, R] and routed_count [L, E], int32 (module doc)."""
 
     slot_expert: np.ndarray
     expert_slots: np.ndarray
-    replica_count: np.ndarray
+    routed_count: np.ndarray
 
 
 def check_placement(placement: Placement, num_layers: int, num_experts: int, num_shards: int) -> None:
@@ -60,6 +62,12 @@ def check_placement(placement: Placement, num_layers: int, num_experts: int, num
     expected = np.stack([np.concatenate([np.arange(c) for c in row]) for row in counts])
     if not np.array_equal(ranks, expected):
         raise PlacementError("the EPLB placement's replica_rank must number each expert's slots 0..count-1")
+    routed = placement.routed_count
+    if routed.shape != counts.shape or (routed < 1).any() or (routed > counts).any():
+        raise PlacementError(
+            f"the EPLB placement's routed_count must be [L, E] = {counts.shape} with 1 <= routed <= replicas "
+            "for every expert"
+        )
 
 
 def slot_tables(placement: Placement) -> SlotTables:
@@ -67,7 +75,7 @@ def slot_tables(placement: Placement) -> SlotTables:
     slots = placement.expert_slots()  # [L, E, R], -1 pads
     slots = np.where(slots < 0, slots[..., :1], slots)
     return SlotTables(
-        placement.slot_expert.astype(np.int32), slots.astype(np.int32), placement.replica_count.astype(np.int32)
+        placement.slot_expert.astype(np.int32), slots.astype(np.int32), placement.routed_count.astype(np.int32)
     )
 
 
@@ -82,9 +90,9 @@ def logical_stack(stack: jax.Array, expert_slots: jax.Array) -> jax.Array:
     return gather_slots(stack, expert_slots[:, :, 0])
 
 
-def to_slots(topk_ids: jax.Array, expert_slots: jax.Array, replica_count: jax.Array) -> jax.Array:
+def to_slots(topk_ids: jax.Array, expert_slots: jax.Array, routed_count: jax.Array) -> jax.Array:
     """One layer's routing topk_ids [N, K] (logical) -> [N, K] physical slots: token n (the row of the
-    flattened batch, b * T + t) sends its pair with expert e to e's replica n mod count[e]
-    (`Placement.route`: a fixed spread, no feedback). expert_slots [E, R], replica_count [E]."""
-    rank = jnp.arange(topk_ids.shape[0], dtype=jnp.int32)[:, None] % replica_count[topk_ids]
+    flattened batch, b * T + t) sends its pair with expert e to e's replica n mod routed_count[e]
+    (`Placement.route`: a fixed spread, no feedback). expert_slots [E, R], routed_count [E]."""
+    rank = jnp.arange(topk_ids.shape[0], dtype=jnp.int32)[:, None] % routed_count[topk_ids]
     return expert_slots[topk_ids, rank]
