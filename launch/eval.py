@@ -138,6 +138,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         )
     parser.add_argument("--importance", help="CAEE's importance calibration (default: the model's importance.npz)")
     parser.add_argument("--slack", type=float, default=0.0)
+    parser.add_argument(
+        "--cost-exponent",
+        type=float,
+        default=1.0,
+        help="CAEE: score = importance / cost ** this (1: by the cost, 0: cost ignored)",
+    )
     parser.add_argument("--target", default="floor", choices=TARGETS)
     parser.add_argument(
         "--refill", action=argparse.BooleanOptionalAction, default=True, help="CAEE: restore slots that cost nothing"
@@ -220,6 +226,7 @@ def _rule_settings(args) -> dict:
     return dict(
         k_min=args.k_min, target=args.target, slack=args.slack, refill=args.refill, compensation=args.compensation,
         expert_importance=args.expert_importance, layer_sensitivity=args.layer_sensitivity,
+        cost_exponent=args.cost_exponent,
     )  # fmt: skip
 
 
@@ -297,8 +304,9 @@ def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, off
     length = args.prefix + args.steps + 1
     if len(ids) <= length:
         raise UserFileError(f"--eval-file {path}: {len(ids)} tokens; --prefix + --steps needs more than {length}")
-    table = _table(args, model, mesh) if any(rule in ("caee", "caee+eplb") for rule, _ in rules) else None
-    placed, eplb_id = _placed(args, mesh, options, model, means_path, importance_path)
+    priced = args.eplb_speed_aware or any(rule in ("caee", "caee+eplb") for rule, _ in rules)
+    table = _table(args, model, mesh) if priced else None
+    placed, eplb_id = _placed(args, mesh, options, model, means_path, importance_path, table)
 
     provenance = results.provenance(
         model=args.model or args.preset or "bundled caee-small",
@@ -375,9 +383,9 @@ def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, off
     return 0
 
 
-def _placed(args, mesh, options, model, means_path, importance_path):
+def _placed(args, mesh, options, model, means_path, importance_path, table):
     """(The model again, placed with the EPLB flags' placement and the same calibrations, a label of the
-    placement: slots and fingerprint), or (None, None) without them."""
+    placement: slots, speed-awareness and fingerprint), or (None, None) without them."""
     if not (args.eplb_slots or args.eplb_placement):
         return None, None
     if options["offload"] is not None:
@@ -385,7 +393,7 @@ def _placed(args, mesh, options, model, means_path, importance_path):
     model_dir = None if args.preset else args.model or caee_jax.api.BUNDLED_MODEL
     shards = 1 if mesh is None else expert_shards(mesh)
     try:
-        placement = eplb_plan.from_args(args, model.config, shards, model_dir)
+        placement = eplb_plan.from_args(args, model.config, shards, model_dir, table)
     except ValueError as error:
         raise UserFileError(str(error)) from None
     options = dict(options, placement=placement)
@@ -394,8 +402,10 @@ def _placed(args, mesh, options, model, means_path, importance_path):
         expert_means.load_means(placed, means_path)
     if importance_path:
         importance.load_importance(placed, importance_path)
-    digest = hashlib.sha256(placement.slot_expert.tobytes() + placement.replica_rank.tobytes()).hexdigest()
-    return placed, f"{placement.num_slots} slots, sha256 {digest[:16]}"
+    tables = (placement.slot_expert, placement.replica_rank, placement.routed_count)
+    digest = hashlib.sha256(b"".join(t.tobytes() for t in tables)).hexdigest()
+    speed = ", speed-aware" if args.eplb_speed_aware else ""
+    return placed, f"{placement.num_slots} slots{speed}, sha256 {digest[:16]}"
 
 
 def _cut_is_narrow(comparison: Comparison, half_width: float) -> bool:

@@ -3,6 +3,7 @@
     python launch/run.py --checkpoint DIR --prompt "def fib(n):" --max-new-tokens 64
     python launch/run.py --preset tiny --prompt-ids 1,2,3 --json
     python launch/run.py --mesh data=2,expert=4 --coordinator 127.0.0.1:9000 --num-processes 2 --process-id 0
+    python launch/run.py --local-processes 2 --slow-process 1:2 --prune caee=0.8   # 2 local processes, one slowed
 
 Pruning: --prune caee=0.8 or --pruning-config FILE; --compensation mean adds calibrated mean expert
 outputs for pruned slots (--expert-means FILE, default CHECKPOINT/expert_means.npz); CAEE's
@@ -106,13 +107,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     offload_options.add_arguments(parser)
     eplb_plan.add_arguments(parser)
     parser.add_argument("--offload-plot", help="with --offload: a PNG of each decode step's fetch vs compute time")
-    distributed.add_arguments(parser, local_processes=False)
+    distributed.add_arguments(parser)
     cli.add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.local_processes:
+        return distributed.relaunch_locally(__file__, argv, args.local_processes, args.slow_process)
     mesh = distributed.join(args)
     start = time.perf_counter()
     try:
@@ -306,11 +310,12 @@ def _execution(args, mesh) -> Execution:
 
 def _placement(args, mesh):
     """The EPLB placement the flags ask for (`parallel/eplb_plan.py`), or None."""
-    if not (args.eplb_slots or args.eplb_placement or args.eplb_loads):
+    if not (args.eplb_slots or args.eplb_placement or args.eplb_loads or args.eplb_speed_aware):
         return None
     model_dir = None if args.preset else args.checkpoint or caee_jax.api.BUNDLED_MODEL
     config = preset(args.preset) if args.preset else ModelConfig.from_hf(model_dir)
-    return eplb_plan.from_args(args, config, 1 if mesh is None else expert_shards(mesh), model_dir)
+    table = _table(config, mesh, args) if args.eplb_speed_aware else None
+    return eplb_plan.from_args(args, config, 1 if mesh is None else expert_shards(mesh), model_dir, table)
 
 
 def _probe_table(model, args):

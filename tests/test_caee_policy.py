@@ -179,6 +179,27 @@ def test_a_table_without_slot_costs_prunes_by_importance():
     np.testing.assert_array_equal(keep, (importance >= 0.9) | (rank < 1))
 
 
+def test_cost_exponent_scales_how_much_the_cost_counts():
+    """0: the decision of a table without slot costs (importance alone); 1: the default, bit for bit;
+    between: the score is importance / cost ** exponent."""
+    ids, weights = random_routing(5, 16, 16, 4)
+    costs = table(16, 1, 4)
+    free = dataclasses.replace(costs, devices=(dataclasses.replace(DEVICE, pair_s=0.0, activation_s=0.0),))
+    keep = {
+        e: np.asarray(caee_prune(costs, CAEEConfig(theta=0.9, cost_exponent=e), ids, weights).keep_mask)
+        for e in (0.0, 0.5, 1.0)
+    }
+    np.testing.assert_array_equal(
+        keep[0.0], np.asarray(caee_prune(free, CAEEConfig(theta=0.9), ids, weights).keep_mask)
+    )
+    np.testing.assert_array_equal(
+        keep[1.0], np.asarray(caee_prune(costs, CAEEConfig(theta=0.9), ids, weights).keep_mask)
+    )
+    why = explain(costs, CAEEConfig(theta=0.9, cost_exponent=0.5), ids, weights)
+    np.testing.assert_allclose(np.asarray(why.score), np.asarray(why.importance / np.sqrt(why.cost)), rtol=1e-6)
+    assert not np.array_equal(keep[0.5], keep[1.0]) and not np.array_equal(keep[0.5], keep[0.0])
+
+
 def test_stats_count_active_experts():
     ids = jnp.array([[0, 6]] * 10 + [[1, 7]], jnp.int32)
     weights = jnp.tile(jnp.array([[0.6, 0.4]]), (11, 1))
@@ -206,6 +227,7 @@ def test_new_routing_never_recompiles():
         ("theta", -1.0, "theta must be a finite number >= 0"),
         ("target", "max", "target 'max'"),
         ("compensation", "x", "compensation"),
+        ("cost_exponent", -0.5, "cost_exponent must be a finite number >= 0"),
     ],
 )
 def test_bad_config(field, value, message):

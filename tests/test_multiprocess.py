@@ -49,16 +49,24 @@ def test_two_processes_generate_the_single_process_tokens():
         for a in pair_args(args + ["--mesh", mesh])
     ]
     outputs = [p.communicate(timeout=300) for p in [single, *pairs]]
-    for p, (_, err) in zip([single, *pairs], outputs, strict=True):
+    # --local-processes: run.py starts its own 2-process cluster, process 1 slowed (`parallel/straggler.py`)
+    local = start(
+        args + ["--local-processes", "2", "--slow-process", "1:1.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    outputs.append(local.communicate(timeout=300))
+    for p, (_, err) in zip([single, *pairs, local], outputs, strict=True):
         assert p.returncode == 0, err[-2000:]
     want = report(outputs[0][0])
     assert want["processes"] == 1 and want["mesh"] is None
-    for i, (out, _) in enumerate(outputs[1:]):
+    for i, (out, _) in enumerate(outputs[1:-1]):
         got = report(out)
         mesh = f"data=1,{meshes[i // 2].split('=')[0]}=8,tensor=1"
         assert (got["process"], got["processes"], got["mesh"]) == (i % 2, 2, mesh)
         assert got["generated_ids"] == want["generated_ids"]
         assert len(got["generated_ids"]) == 12
+    got = report(outputs[-1][0])
+    assert (got["process"], got["processes"], got["generated_ids"]) == (0, 2, want["generated_ids"])
+    assert "process 1 slowed" in outputs[-1][1]
 
 
 @pytest.mark.parametrize("victim", [1, 0], ids=["worker-dies", "coordinator-dies"])

@@ -189,10 +189,10 @@ def test_bad_slow_process(text, message):
         (["--local-processes", "2", "--slow-process", "1:1"], "not in (1, 10]"),
     ],
 )
-@pytest.mark.parametrize("script", ["launch/calibrate.py", "launch/eval.py"])
+@pytest.mark.parametrize("script", ["launch/calibrate.py", "launch/eval.py", "launch/run.py"])
 def test_bad_flags_at_the_launchers(script, argv, fragment, tmp_path):
     """One clear error line and status 2, before any cluster process starts."""
-    argv = [script, *argv, "--out", str(tmp_path)]
+    argv = [script, *argv] + ([] if script == "launch/run.py" else ["--out", str(tmp_path)])
     result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2, result.stderr[-2000:]
     assert fragment in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]

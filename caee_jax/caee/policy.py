@@ -66,7 +66,9 @@ class CAEEConfig:
     expert computes anyway (step 5 above); compensation: see
     `compensation.py`; expert_importance, layer_sensitivity: scale each slot's importance by its expert's
     calibrated output-norm factor, by its layer's calibrated sensitivity (`caee/importance.py`; the model
-    needs an importance calibration set: `caee_jax.caee.importance.load_importance`)."""
+    needs an importance calibration set: `caee_jax.caee.importance.load_importance`); cost_exponent: the
+    score divides importance by cost ** cost_exponent (1: by the cost; 0: cost ignored, a gate-mass rule
+    that keeps the straggler target; between: a dear slot is pruned more readily, but less so)."""
 
     enabled: bool = True
     theta: float = 0.8
@@ -78,6 +80,7 @@ class CAEEConfig:
     partial_alpha: float = 0.5
     expert_importance: bool = False
     layer_sensitivity: bool = False
+    cost_exponent: float = 1.0
 
     def _repr_html_(self) -> str:
         return html.fields_table(self, "CAEE rule", columns=1)
@@ -89,6 +92,7 @@ class CAEEConfig:
         check_slots("k_min", self.k_min)
         check_number("slack", self.slack, 0, math.inf)
         check_number("partial_alpha", self.partial_alpha, 0, 1)
+        check_number("cost_exponent", self.cost_exponent, 0, math.inf)
 
 
 class Decision(NamedTuple):
@@ -117,7 +121,7 @@ class Explanation(NamedTuple):
     """Every quantity of one layer's CAEE decision (steps 1-5 above); per slot [N, K] unless noted.
 
     importance: share of the token's gate mass x K; cost_s: marginal predicted seconds on its device;
-    cost: cost_s relative to the batch's mean slot; score: importance / cost; device: the slot's expert
+    cost: cost_s relative to the batch's mean slot; score: importance / cost ** cost_exponent; device: the slot's expert
     shard; protected: among the token's k_min heaviest (never pruned); candidate: not protected and score
     < theta; eligible: a candidate on a device above its target; pruned: pruned before refill; keep: what
     runs (pruned and not refilled). device_s [S]: predicted load unpruned (s); excess_s [S]: above target.
@@ -182,7 +186,8 @@ def explain(
     users = expert_load(topk_ids, everything, num_experts).pairs  # [E]
     cost = table.per_device("pair_s")[device] + per_expert[topk_ids] / jnp.maximum(users[topk_ids], 1)
     mean_cost = jnp.mean(cost) if routed is None else jnp.sum(cost * routed) / jnp.maximum(jnp.sum(routed), 1)
-    score = importance / jnp.where(mean_cost > 0, cost / mean_cost, 1.0)  # a table without slot costs: importance
+    relative = jnp.where(mean_cost > 0, cost / mean_cost, 1.0)  # a table without slot costs: importance
+    score = importance / relative**config.cost_exponent
 
     # Straggler target and each device's excess over it.
     protected = weight_rank(topk_weights) < config.k_min

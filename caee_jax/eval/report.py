@@ -45,7 +45,9 @@ def rule_label(r: dict) -> str:
     """The rule, with the settings that differ from the defaults."""
     defaults = dict(compensation="none", k_min=1, decision_scope="batch")
     if r["rule"] == "caee":
-        defaults.update(target="floor", slack=0.0, refill=True, expert_importance=False, layer_sensitivity=False)
+        defaults.update(
+            target="floor", slack=0.0, refill=True, expert_importance=False, layer_sensitivity=False, cost_exponent=1.0
+        )
     changed = [f"{name}={r.get(name)}" for name, value in defaults.items() if r.get(name, value) != value]
     return r["rule"] + (f" ({', '.join(changed)})" if changed else "")
 

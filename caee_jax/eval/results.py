@@ -26,10 +26,10 @@ import subprocess
 from caee_jax.files import atomic_write
 
 # Recorded per case, and part of what identifies it (target, slack, refill, expert_importance,
-# layer_sensitivity: CAEE's; expert_means, importance: the calibration files)
+# layer_sensitivity, cost_exponent: CAEE's; expert_means, importance: the calibration files)
 SETTINGS = (
     "compensation", "k_min", "target", "slack", "refill", "expert_importance", "layer_sensitivity",
-    "expert_means", "importance", "decision_scope",
+    "cost_exponent", "expert_means", "importance", "decision_scope",
 )  # fmt: skip
 CASE = ("rule", "knob", "batch_size", "processes", *SETTINGS, "eplb")  # eplb: the placement of EPLB cases, else None
 EXPERIMENT = ("model_fingerprint", "eval_sha256", "prefix", "steps", "dtype", "weights", "offload", "code")
