@@ -62,6 +62,8 @@ def test_without_a_cost_table_only_the_measured_cut_is_shown():
                for p in (0.1, 0.2)]  # fmt: skip
     text = "\n".join(frontier.matched_sections(records))
     assert "measured decode step cut" in text and "predicted" not in text
+    figure = frontier.plot_curves(records + [record("caee", 0.1, 0.2, 0.005, 0.01)])  # a run with a table beside
+    assert len(figure.axes[0].lines) == 3 and not figure.axes[1].lines  # 2 curves and the limit; none
 
 
 def test_plot_curves_writes_a_png(tmp_path):

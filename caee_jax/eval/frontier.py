@@ -42,6 +42,11 @@ def predicted_cut(r: dict) -> float:
     return 1 - r["predicted_moe_s"] / r["predicted_moe_unpruned_s"]
 
 
+def all_predicted(records: list[dict]) -> bool:
+    """Whether every record has a predicted MoE time (its run had a cost table: one that swept CAEE)."""
+    return all(r["predicted_moe_unpruned_s"] > 0 for r in records)
+
+
 def curve(rows: list[dict], accuracy: Callable[[dict], float], shift: float = 0.0, latency=step_cut):
     """(accuracy loss [P + 1], cut [P + 1]) of the rule's fitted curve from (0, 0), both non-decreasing.
     `shift` moves each point's loss by shift x its top-1 interval half-width before fitting; `latency`
@@ -153,7 +158,7 @@ def matched_sections(records: list[dict]) -> list[str]:
     for processes, batch in sorted({(r["processes"], r["batch_size"]) for r in records}):
         group = [r for r in records if (r["processes"], r["batch_size"]) == (processes, batch)]
         axes = [(step_cut, "measured decode step cut")]
-        if all(r["predicted_moe_unpruned_s"] > 0 for r in group):  # predicted when the run had a cost table
+        if all_predicted(group):
             axes.append((predicted_cut, "predicted MoE-time cut"))
         for latency, what in axes:
             lines += ["", f"Cut at matched accuracy, {what}, {processes} process(es), batch {batch} "
@@ -164,8 +169,8 @@ def matched_sections(records: list[dict]) -> list[str]:
 
 def plot_curves(records: list[dict], path: str | None = None, title: str = ""):
     """One batch size's rules: the fitted curves (lines) and the cases (dots), cut against perplexity rise,
-    measured step cut (left) and predicted MoE-time cut (right). Written as a PNG to `path` when given;
-    returns the matplotlib Figure."""
+    measured step cut (left) and predicted MoE-time cut (right; empty with a note when a record has no
+    prediction). Written as a PNG to `path` when given; returns the matplotlib Figure."""
     import matplotlib.pyplot as plt
 
     from caee_jax.files import atomic_write
@@ -174,6 +179,10 @@ def plot_curves(records: list[dict], path: str | None = None, title: str = ""):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, (latency, what) in zip(axes, ((step_cut, "measured decode step cut (%)"),
                                           (predicted_cut, "predicted MoE-time cut (%)")), strict=True):  # fmt: skip
+        if latency is predicted_cut and not all_predicted(records):
+            ax.text(0.5, 0.5, "no prediction: a run without a cost table", ha="center", transform=ax.transAxes)
+            ax.set(xlabel="perplexity rise (%, relative)", ylabel=what, title=title)
+            continue
         for i, label in enumerate(labels):
             rows = [r for r in records if rule_label(r) == label]
             color = plt.get_cmap("tab10")(i % 10)
