@@ -70,7 +70,8 @@ def overlap(text: str, reference: set[str]) -> float:
 
 def select(package: str, chars: int, file_chars: int) -> dict:
     """The manifest of a text of `chars` characters from `package`'s installed sources, at most
-    `file_chars` of them from one file."""
+    `file_chars` of them from one file (fewer characters when the package has no more files to give: the
+    manifest records the text's real length)."""
     root = package_root(package)
     found = []
     for directory, subdirs, files in os.walk(root):
@@ -95,7 +96,7 @@ def select(package: str, chars: int, file_chars: int) -> dict:
         format=FORMAT,
         package=package,
         version=importlib.metadata.version(package),
-        chars=chars,
+        chars=min(chars, total),
         file_chars=file_chars,
         overlap_limit=OVERLAP_LIMIT,
         files=chosen,
