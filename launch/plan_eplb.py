@@ -57,7 +57,8 @@ def main(argv=None) -> int:
         loads = expert_means.read(args.loads or expert_means.default_path(model_dir), config)
         if args.shards < 1:
             raise ValueError(f"--shards {args.shards}: must be >= 1")
-        cost = np.ones(args.shards) if args.cost_table is None else _device_costs(args.cost_table, args.shards)
+        table = None if args.cost_table is None else load_table(args.cost_table)
+        cost = np.ones(args.shards) if table is None else eplb_plan.device_costs(table, args.shards)
         placement = eplb_plan.from_loads(loads.counts, config, args.slots, args.shards, cost)
     except (ValueError, UserFileError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -74,14 +75,6 @@ def main(argv=None) -> int:
     for layer, (was, now) in enumerate(zip(before, after, strict=True)):
         print(f"  MoE layer {layer}: {was:.1f}% -> {now:.1f}% (even: {100 / (1 / cost).sum():.1f}%)")
     return 0
-
-
-def _device_costs(path: str, shards: int) -> np.ndarray:
-    """[shards] relative costs from a cost table file (`eplb_plan.device_costs`)."""
-    table = load_table(path)
-    if table.num_devices != shards:
-        raise ValueError(f"--cost-table {path}: prices {table.num_devices} expert shard(s), not --shards {shards}")
-    return eplb_plan.device_costs(table)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def test_speed_aware_from_a_cost_table_saved_and_read_back(means_file, tmp_path)
     table = single_device_table(caee_jax.init_random("tiny"))
     slow = dataclasses.replace(table.devices[0], pair_s=3 * table.devices[0].pair_s)
     table = dataclasses.replace(table, devices=(table.devices[0], slow), placement=block_placement(EXPERTS, 2))
-    cost = eplb_plan.device_costs(table, tokens=16)
+    cost = eplb_plan.device_costs(table, 2, tokens=16)
     assert cost[0] == 1 and 1 < cost[1] < 3
     placement, tokens = eplb_plan.from_calibration(means_file, CONFIG, 2 * EXPERTS, 2, cost)
     routed = placement.slot_routed.reshape(LAYERS, 2, -1).sum(-1)

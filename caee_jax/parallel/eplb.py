@@ -170,17 +170,18 @@ def balance_layer(
         experts = (groups[:, None] * group_size + np.arange(group_size)).reshape(-1)  # this node's experts
         cost = device_cost[node * devices_per_node : (node + 1) * devices_per_node]
         rooms = routed_rooms(slots_per_device, cost)
-        if rooms.sum() < len(experts):
+        routed = rooms.sum()
+        if routed < len(experts):
             enough = next(n for n in itertools.count(slots_per_device) if routed_rooms(n, cost).sum() >= len(experts))
             raise ValueError(
-                f"{num_slots} slots route only {rooms.sum()} replicas on a node at device costs "
+                f"{num_slots} slots route only {routed} replicas on a node at device costs "
                 f"{np.round(cost, 2).tolist()}, fewer than its {len(experts)} experts: give at least "
                 f"{enough * num_devices} slots"
             )
-        item, rank = replicate(loads[experts].astype(np.float64), slots_per_node)  # the first rooms.sum() route
-        routed = rooms.sum()
-        replicas = np.bincount(item[:routed], minlength=len(experts))
-        device, position = pack(loads[experts][item[:routed]] / replicas[item[:routed]], rooms, cost)
+        item, rank = replicate(loads[experts].astype(np.float64), slots_per_node)  # the first `routed` route
+        routed_items = item[:routed]
+        replicas = np.bincount(routed_items, minlength=len(experts))
+        device, position = pack(loads[experts][routed_items] / replicas[routed_items], rooms, cost)
         spare_device = np.repeat(np.arange(devices_per_node), slots_per_device - rooms)
         spare_position = np.concatenate([np.arange(r, slots_per_device) for r in rooms])
         device, position = np.concatenate([device, spare_device]), np.concatenate([position, spare_position])

@@ -40,10 +40,13 @@ def default_path(model_dir: str) -> str:
     return os.path.join(model_dir, FILENAME)
 
 
-def device_costs(table: CostTable, tokens: int = 16) -> np.ndarray:
+def device_costs(table: CostTable, num_shards: int, tokens: int = 16) -> np.ndarray:
     """[S] each expert shard's time for the same routed work over the cheapest shard's (>= 1), priced by
     `table`'s per-device constants: one expert active with its share of `tokens` tokens' pairs
-    (activation_s + pair_s x tokens x K / E; a decode batch of 16 by default)."""
+    (activation_s + pair_s x tokens x K / E; a decode batch of 16 by default). PlacementError when the
+    table prices another number of shards than `num_shards`."""
+    if table.num_devices != num_shards:
+        raise PlacementError(f"the cost table prices {table.num_devices} expert shard(s); this mesh has {num_shards}")
     sig = table.signature
     pairs = tokens * sig.num_experts_per_tok / sig.n_routed_experts
     cost = np.array([d.activation_s + d.pair_s * pairs for d in table.devices], np.float64)
@@ -186,10 +189,6 @@ def from_args(
             raise PlacementError(f"--{flag.replace('_', '-')} needs --eplb-slots")
     if args.eplb_speed_aware and table is None:
         raise PlacementError("--eplb-speed-aware needs the run's cost table (launch/calibrate.py, or --cost-table)")
-    if args.eplb_speed_aware and table.num_devices != num_shards:
-        raise PlacementError(
-            f"--eplb-speed-aware: the cost table prices {table.num_devices} expert shard(s); this mesh has {num_shards}"
-        )
     if args.eplb_placement:
         return read(args.eplb_placement, config, num_shards)
     if not args.eplb_slots:
@@ -197,5 +196,5 @@ def from_args(
     if args.eplb_loads is None and model_dir is None:
         raise PlacementError("--eplb-slots on a model without calibration files needs --eplb-loads FILE")
     loads = args.eplb_loads or expert_means.default_path(model_dir)
-    device_cost = device_costs(table) if args.eplb_speed_aware else None
+    device_cost = device_costs(table, num_shards) if args.eplb_speed_aware else None
     return from_calibration(loads, config, args.eplb_slots, num_shards, device_cost)[0]
