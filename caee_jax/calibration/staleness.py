@@ -19,8 +19,7 @@ from caee_jax.calibration.costs import validate
 
 STALE_RATIO = 1.5  # a median prediction off by more than this factor, either way, is stale
 # Tokens per probed call: a batch-16 decode step and a 64-token routing. Calls of a few tokens are too short
-# to time on a shared machine: on the tiny preset, probes of 2 and 16 tokens varied 0.56-1.0x from one to the
-# next; of 16 and 64 tokens on a model with 256-wide experts, a table off by 2x read 1.9-2.2x (RESULTS).
+# to time on a shared machine (benchmarks/bench_probe_repeatability.py, docs/RESULTS.md).
 PROBE_SIZES = (16, 64)
 PROBE_CASES, PROBE_REPEATS, PROBE_SEED = 3, 9, 7
 
