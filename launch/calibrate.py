@@ -35,7 +35,7 @@ import jax
 import caee_jax
 from caee_jax import cli
 from caee_jax.caee.cost_table import DEFAULT_DIR, CostTableError, save_table
-from caee_jax.calibration.costs import calibrate, validate
+from caee_jax.calibration.costs import ROUNDS, calibrate, validate
 from caee_jax.calibration.offload_validation import calibrate_offloaded, validate_offloaded
 from caee_jax.calibration.tables import select_table
 from caee_jax.config import PRESETS
@@ -61,7 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=DEFAULT_DIR, help="cost table directory")
     parser.add_argument("--scratch-dir", default=".", help="where to time direct disk reads (a real disk)")
     parser.add_argument("--cases-per-size", type=int, default=15, help="calibration routings per batch size")
-    parser.add_argument("--repeats", type=int, default=15, help="timed runs per routing (median)")
+    parser.add_argument(
+        "--repeats", type=int, default=15, help="timed runs per routing (the fastest round's median counts)"
+    )
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="round-robin rounds the repeats are split into")
     parser.add_argument("--validate", action="store_true", help="validate the stored table (calibrate if none)")
     parser.add_argument("--plot", help="with --validate: write predicted vs measured to this PNG")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -104,7 +107,13 @@ def main(argv=None) -> int:
             if lead:
                 print(f"{error}; calibrating first", file=sys.stderr)
     if table is None:
-        table = calibrate(model, cases_per_size=args.cases_per_size, repeats=args.repeats, scratch_dir=args.scratch_dir)
+        table = calibrate(
+            model,
+            cases_per_size=args.cases_per_size,
+            repeats=args.repeats,
+            rounds=args.rounds,
+            scratch_dir=args.scratch_dir,
+        )
         if lead:
             created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             path = save_table(table, args.out, {"created": created, "command": "launch/calibrate.py " + " ".join(argv)})
@@ -114,7 +123,7 @@ def main(argv=None) -> int:
                 _print(report, args.json)
     if not args.validate:
         return 0
-    result = validate(model, table, repeats=args.repeats)
+    result = validate(model, table, repeats=args.repeats, rounds=args.rounds)
     if lead:
         summary = dict(signature=table.signature.__dict__, **result.summary())
         if args.plot:

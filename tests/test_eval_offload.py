@@ -149,6 +149,7 @@ def test_calibrate_validates_offloaded_and_refuses_mistakes(tmp_path):
     assert device["fetch_s"][2] == table.devices[0].fetch_s[2] and device["offload_layer_s"][2] == 0
 
 
+@pytest.mark.timing
 def test_the_in_situ_calibrated_table_predicts_offloaded_layers_with_misses():
     """calibrate_offloaded's fetch_s, offload_layer_s and offload_read_s, checked on other routings: the
     calibrated table's median error with misses is at most 25% and its mean error at most 3/4 of the resident

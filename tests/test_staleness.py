@@ -1,8 +1,10 @@
-"""The cost-table probe: a table calibrated here is silent, one whose constants are off by 3x either way warns."""
+"""The cost-table probe: a table calibrated here is silent, one whose constants are off by 2x either way warns."""
 
 from __future__ import annotations
 
 import dataclasses
+
+import pytest
 
 import caee_jax
 from caee_jax.calibration.costs import calibrate
@@ -20,7 +22,8 @@ def scaled(table, factor: float):
     return dataclasses.replace(table, devices=devices)
 
 
-def test_a_fresh_table_is_silent_and_a_table_off_by_3x_warns(tmp_path):
+@pytest.mark.timing
+def test_a_fresh_table_is_silent_and_a_table_off_by_2x_warns(tmp_path):
     """On the tiny preset with 256-wide experts (layer calls long enough to time). Timing on a shared machine:
     a load spike during calibration or probe can make one fresh table look stale, so calibration and probe are
     repeated (at most 3 times) until the fresh table is silent."""
@@ -31,7 +34,7 @@ def test_a_fresh_table_is_silent_and_a_table_off_by_3x_warns(tmp_path):
     for attempt in range(3):
         scratch = tmp_path / str(attempt)
         scratch.mkdir()
-        table = calibrate(model, cases_per_size=3, repeats=5, scratch_dir=str(scratch))
+        table = calibrate(model, cases_per_size=3, repeats=6, scratch_dir=str(scratch))
         fresh = probe_table(model, table)
         ratios.append(round(fresh.ratio, 2))
         if not fresh.stale:
@@ -39,10 +42,10 @@ def test_a_fresh_table_is_silent_and_a_table_off_by_3x_warns(tmp_path):
     assert not fresh.stale, f"tables calibrated seconds ago predict {ratios}x the measured times"
     assert stale_warning(fresh, table, "python launch/calibrate.py") is None
     assert fresh.cases == 6 and fresh.seconds < 30
-    # Off by 3x from what the fresh probe measured (scaled by 3 / fresh.ratio: the fresh table's own error does
-    # not add to or hide it). Not 2x: one probe to the next varies up to ~1.4x here, and a table off by 0.5x
-    # read 0.67 once (benchmarks/bench_probe_repeatability.py, docs/RESULTS.md), at the 1 / 1.5 threshold.
-    for factor in (3.0, 1 / 3):
+    # Off by 2x from what the fresh probe measured (scaled by 2 / fresh.ratio: the fresh table's own error does
+    # not add to or hide it). One probe to the next varies up to ~1.25x (benchmarks/bench_probe_repeatability.py,
+    # docs/RESULTS.md), inside the 2 / 1.5 margin.
+    for factor in (2.0, 0.5):
         probe = probe_table(model, scaled(table, factor / fresh.ratio))
         assert probe.stale, f"a table off by {factor}x reads {probe.ratio:.2f}x (fresh: {fresh.ratio:.2f}x)"
         warning = stale_warning(probe, table, "python launch/calibrate.py --preset tiny")

@@ -71,6 +71,7 @@ def sleeper():
     proc.wait()
 
 
+@pytest.mark.timing
 def test_a_process_runs_about_factor_times_slower():
     """Loop iterations per 0.2 s window of a busy process, before and while it is slowed 2x: fewer than
     1/1.5 as many (a helper that does nothing fails), and the competitor takes about half of the core."""

@@ -267,6 +267,7 @@ def test_a_model_warns_when_its_table_prices_other_expert_bytes():
         )
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("mesh", [None, "expert=2"])
 def test_calibrating_an_fp8_model_times_its_stored_experts(mesh):
     """The calibration runs the layer with the block scales (one device: each shard alone; a mesh: the

@@ -2,7 +2,7 @@
 
 1. Compute, per device: the device's own experts run through the real backend (`run_experts`, the
    work it does under expert parallelism) on random routings: batch sizes 1-64, few or many active
-   experts, uniform or skewed popularity, some pairs pruned. Non-negative least squares of the median
+   experts, uniform or skewed popularity, some pairs pruned. Non-negative least squares of the
    time on [1, computed rows, active experts] gives fixed_s, pair_s, activation_s.
 2. Fetch, per offload tier and per process (each on its own device): one expert's weights copied host
    RAM -> device, and read from disk with O_DIRECT (page cache bypassed) -> device.
@@ -14,7 +14,8 @@
    receives.
 
 Every process runs the same calls in the same order (collectives need it); process 0 gathers the
-per-device fits. Times are medians of repeated runs, in seconds.
+per-device fits. A time is the fastest of a few round-robin rounds' medians (`fastest_medians`), in
+seconds.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from caee_jax.routing.storage import Storage
 from caee_jax.runtime.steps import step_jit
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+ROUNDS = 3  # timed rounds per call; the fastest round's median counts (`fastest_medians`)
 EXPERT_PATHS = (
     ("moe_layers", "ffn", "gate_proj"),
     ("moe_layers", "ffn", "up_proj"),
@@ -78,15 +80,28 @@ def random_cases(seed: int, per_size: int, num_experts: int, top_k: int, sizes=T
     return cases
 
 
-def median_time(fn, *args, repeats: int) -> float:
-    """Median wall time (s) of fn(*args) to completion, after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def fastest_medians(calls, *, repeats: int, rounds: int = ROUNDS, desc: str | None = None) -> np.ndarray:
+    """[len(calls)] seconds: per zero-argument call, the fastest of `rounds` round medians, `repeats` runs to
+    completion in all (split evenly over the rounds), after one warm-up run each. Rounds go round-robin over
+    the calls, so a burst of other load on a shared machine (it lasts about a second here) slows a round of
+    every call rather than all runs of a few: `benchmarks/bench_probe_repeatability.py`, docs/RESULTS.md."""
+    rounds = max(1, min(rounds, repeats))
+    per_round = -(-repeats // rounds)
+    for call in calls:
+        jax.block_until_ready(call())
+    times = np.empty((rounds, len(calls)))
+    show = desc is not None and jax.process_index() == 0
+    with tqdm(total=rounds * len(calls), desc=desc, disable=not show) as bar:
+        for round_times in times:
+            for i, call in enumerate(calls):
+                runs = []
+                for _ in range(per_round):
+                    start = time.perf_counter()
+                    jax.block_until_ready(call())
+                    runs.append(time.perf_counter() - start)
+                round_times[i] = np.median(runs)
+                bar.update()
+    return times.min(axis=0)
 
 
 def nonnegative_lstsq(features: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -139,10 +154,15 @@ def _parallel_layer(x, topk_ids, topk_weights, keep_mask, weights, scales, layer
     return y
 
 
+def _in_mesh(mesh, fn):
+    with mesh_context(mesh):
+        return fn()
+
+
 class Bench:
     """Times one MoE layer (index 0) of a loaded `caee_jax.Model` on its devices."""
 
-    def __init__(self, model, repeats: int = 15):
+    def __init__(self, model, repeats: int = 15, rounds: int = ROUNDS):
         if model.placement is not None:
             raise ValueError(
                 "cost tables are measured on a model without EPLB replicas (one slot per expert); this model is placed "
@@ -151,7 +171,7 @@ class Bench:
         self.model = model
         self.config = model.config
         self.backend = model.execution.backend
-        self.repeats = repeats
+        self.repeats, self.rounds = repeats, rounds
         flat = dict(nnx.to_flat_state(model.state))
         self.weights = [flat[path].get_value() for path in EXPERT_PATHS]  # global [L, E, ...] arrays
         self.scales = [flat[path].get_value() for path in SCALE_PATHS] if SCALE_PATHS[0] in flat else None
@@ -177,22 +197,21 @@ class Bench:
         weights = np.full(case.topk_ids.shape, 1.0 / case.topk_ids.shape[1], np.float32)
         return x.astype(self.model.dtype), weights
 
-    def time_local(self, case: Case, shard: int, device, local_weights, local_scales=None) -> float:
-        """The shard's own pairs on its device: the work it does in the gather dispatch."""
+    def local_call(self, case: Case, shard: int, device, local_weights, local_scales=None):
+        """A zero-argument call: the shard's own pairs on its device, the work it does in the gather dispatch."""
         x, weights = self._inputs(case)
         local = case.topk_ids - shard * self.per_shard
         mine = case.keep_mask & (local >= 0) & (local < self.per_shard)
         args = [jax.device_put(a, device) for a in (x, np.where(mine, local, 0).astype(np.int32), weights, mine)]
-        fn = functools.partial(_local_layer, backend=self.backend)
         layer = jax.device_put(np.int32(0), device)
-        return median_time(fn, *args, local_weights, local_scales, layer, repeats=self.repeats)
+        return functools.partial(_local_layer, *args, local_weights, local_scales, layer, backend=self.backend)
 
-    def time_layer(self, case: Case) -> float:
-        """The whole layer's routed experts: one device, or expert-parallel over the mesh."""
+    def layer_call(self, case: Case):
+        """A zero-argument call: the whole layer's routed experts, one device or expert-parallel over the mesh."""
         x, weights = self._inputs(case)
         if self.model.mesh is None:
             args = (x, case.topk_ids, weights, case.keep_mask, self.weights, self.scales, np.int32(0))
-            return median_time(functools.partial(_local_layer, backend=self.backend), *args, repeats=self.repeats)
+            return functools.partial(_local_layer, *args, backend=self.backend)
         mesh = self.model.mesh
         dispatch = self.model.execution.dispatch
         dispatch = auto_dispatch(mesh, decode=True) if dispatch is Dispatch.AUTO else dispatch
@@ -205,9 +224,15 @@ class Bench:
         ]
         with mesh_context(mesh):
             args = [to_mesh(a, batch_sharding(mesh, a.ndim)) for a in tokens]
-            fn = functools.partial(_parallel_layer, backend=self.backend, dispatch=dispatch)
             layer = to_mesh(np.int32(0), replicated(mesh))
-            return median_time(fn, *args, self.weights, self.scales, layer, repeats=self.repeats)
+        fn = functools.partial(
+            _parallel_layer, *args, self.weights, self.scales, layer, backend=self.backend, dispatch=dispatch
+        )
+        return functools.partial(_in_mesh, mesh, fn)
+
+    def time(self, calls, desc: str | None = None) -> np.ndarray:
+        """[len(calls)] seconds (`fastest_medians` with this bench's repeats and rounds)."""
+        return fastest_medians(calls, repeats=self.repeats, rounds=self.rounds, desc=desc)
 
     def shard_features(self, case: Case) -> np.ndarray:
         """[S, 3]: (1, computed rows, active experts) of each expert shard."""
@@ -231,7 +256,6 @@ def measure_fetch(bench: Bench, scratch_dir: str) -> tuple[float, float]:
     stored = Storage.of(bench.model.weights, bench.model.dtype).dtype
     host = [np.ones(s, stored) for s in shapes]
     device = jax.devices()[0] if bench.model.mesh is None else jax.local_devices()[0]
-    from_host = median_time(lambda: [jax.device_put(a, device) for a in host], repeats=bench.repeats)
     nbytes = sum(a.nbytes for a in host)
     size = -(-nbytes // 4096) * 4096
     fd_tmp, path = tempfile.mkstemp(dir=scratch_dir, suffix=".expert")
@@ -253,7 +277,7 @@ def measure_fetch(bench: Bench, scratch_dir: str) -> tuple[float, float]:
             return [jax.device_put(p.reshape(s), device) for p, s in zip(parts, shapes, strict=True)]
 
         try:
-            from_disk = median_time(read_from_disk, repeats=bench.repeats)
+            from_host, from_disk = bench.time([lambda: [jax.device_put(a, device) for a in host], read_from_disk])
         except OSError as error:
             raise OSError(
                 f"{scratch_dir}: cannot time direct disk reads there ({error}); pass another scratch dir"
@@ -264,24 +288,26 @@ def measure_fetch(bench: Bench, scratch_dir: str) -> tuple[float, float]:
 
 
 def calibrate(
-    model, *, cases_per_size: int = 15, repeats: int = 15, scratch_dir: str = ".", seed: int = 1
+    model,
+    *,
+    cases_per_size: int = 15,
+    repeats: int = 15,
+    rounds: int = ROUNDS,
+    scratch_dir: str = ".",
+    seed: int = 1,
 ) -> CostTable:
-    """A cost table for `model` on its mesh (every process calls this; all get the same table)."""
-    bench = Bench(model, repeats)
+    """A cost table for `model` on its mesh (every process calls this; all get the same table). repeats: timed
+    runs per routing, in `rounds` rounds (`fastest_medians`)."""
+    bench = Bench(model, repeats, rounds)
     config = model.config
     cases = random_cases(seed, cases_per_size, config.n_routed_experts, config.num_experts_per_tok)
     shards = bench.local_shards()
-    show = jax.process_index() == 0
     coefficients = np.zeros((bench.num_shards, 3))
     held = np.zeros(bench.num_shards, bool)
     quality = []
     for shard, (device, local_weights, local_scales) in shards.items():
-        times = np.array(
-            [
-                bench.time_local(case, shard, device, local_weights, local_scales)
-                for case in tqdm(cases, desc=f"compute, shard {shard}", disable=not show)
-            ]
-        )
+        calls = [bench.local_call(case, shard, device, local_weights, local_scales) for case in cases]
+        times = bench.time(calls, desc=f"compute, shard {shard}")
         features = np.stack([bench.shard_features(case)[shard] for case in cases])
         coefficients[shard] = nonnegative_lstsq(features, times)
         held[shard] = True
@@ -295,9 +321,7 @@ def calibrate(
 
     comm_fixed, comm_token = 0.0, 0.0
     if bench.num_shards > 1:
-        layer = np.array(
-            [bench.time_layer(case) for case in tqdm(cases, desc="expert-parallel layer", disable=not show)]
-        )
+        layer = bench.time([bench.layer_call(case) for case in cases], desc="expert-parallel layer")
         compute = np.array([np.sum(bench.shard_features(case) * coefficients, axis=1).max() for case in cases])
         tokens = np.array([case.num_tokens for case in cases], np.float64)
         comm_fixed, comm_token = nonnegative_lstsq(np.stack([np.ones_like(tokens), tokens], 1), layer - compute)
@@ -348,17 +372,17 @@ def validate(
     *,
     cases_per_size: int = 8,
     repeats: int = 15,
+    rounds: int = ROUNDS,
     seed: int = 2,
     sizes=TOKEN_COUNTS,
     progress: bool = True,
 ) -> Validation:
     """Measures the layer on routings never used for calibration (`sizes`: token counts) and compares with
-    `predict`."""
-    bench = Bench(model, repeats)
+    `predict`; timed as `calibrate` times them."""
+    bench = Bench(model, repeats, rounds)
     config = model.config
     cases = random_cases(seed, cases_per_size, config.n_routed_experts, config.num_experts_per_tok, sizes)
-    show = progress and jax.process_index() == 0
-    measured = np.array([bench.time_layer(case) for case in tqdm(cases, desc="validation", disable=not show)])
+    measured = bench.time([bench.layer_call(case) for case in cases], desc="validation" if progress else None)
     predict_fn = jax.jit(functools.partial(predict, table))
     predicted = np.array([float(predict_fn(case.topk_ids, case.keep_mask).layer_s) for case in cases])
     return Validation(predicted, measured, np.array([case.num_tokens for case in cases]))
