@@ -155,6 +155,7 @@ def _parallel_layer(x, topk_ids, topk_weights, keep_mask, weights, scales, layer
 
 
 def _in_mesh(mesh, fn):
+    """fn() with `mesh` as the context mesh (how the expert-parallel layer runs)."""
     with mesh_context(mesh):
         return fn()
 
