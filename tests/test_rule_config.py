@@ -21,6 +21,11 @@ def test_the_default_yaml_is_caee():
     assert rule == CAEEConfig(theta=0.8, k_min=1, target="floor", slack=0.0, compensation="none")
 
 
+def test_the_one_device_yaml_takes_the_square_root_of_the_cost():
+    rule = load_rule(os.path.join(ROOT, "configs", "caee", "one-device.yaml"))
+    assert rule == CAEEConfig(cost_exponent=0.5, expert_importance=True, layer_sensitivity=True)
+
+
 def test_peer_rules_and_cli_strings():
     assert rule_from_dict({"rule": "top_p", "knob": 0.9, "k_min": 2}) == PeerRule("top_p", 0.9, k_min=2)
     assert parse_rule("caee=1.5") == CAEEConfig(theta=1.5)
