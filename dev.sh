@@ -26,7 +26,7 @@ setup() {  # $1: extras ("" or "test")
 run_tests() {  # the suite on both cores (2 pytest-xdist workers), then the tests that time this machine
     # (marker `timing`) on their own, so that the other worker's load cannot skew what they measure
     local parallel=0 alone=0
-    .venv/bin/python -m pytest -n 2 -m "not timing" "$@" || parallel=$?
+    .venv/bin/python -m pytest -n 2 --dist worksteal -m "not timing" "$@" || parallel=$?
     .venv/bin/python -m pytest -m timing "$@" || alone=$?
     if [ "$parallel" -eq 5 ] && [ "$alone" -eq 5 ]; then return 5; fi  # 5: no test selected
     [ "$parallel" -eq 5 ] && parallel=0

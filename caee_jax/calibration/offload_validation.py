@@ -4,7 +4,8 @@ as it runs.
 Each case is a fresh routing (`costs.random_cases`) and a cold-ish cache: a random set of 0..S experts of
 MoE layer 0 resident (`CacheManager.hold`, restored before every timed run), the others in the store. The
 layer runs the real offloaded path (`offload.execute.run_offloaded`: host callbacks, the store's reads and
-its background reads of the layer's misses, slot writes), and its median time is compared with `predict`
+its background reads of the layer's misses, slot writes), timed as `costs.fastest_medians` times the
+resident layer (round-robin rounds, the fastest round's median), and compared with `predict`
 given that residency, where each kept miss costs its tier's `fetch_s`, the layer its tier's `offload_layer_s`
 and a layer with a kept miss its `offload_read_s` from the table.
 
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from caee_jax.caee.cost_model import predict
 from caee_jax.caee.cost_table import CostTable, DeviceCosts
-from caee_jax.calibration.costs import Validation, nonnegative_lstsq, random_cases
+from caee_jax.calibration.costs import ROUNDS, Validation, nonnegative_lstsq, random_cases
 from caee_jax.offload.execute import run_offloaded
 
 LAYER = 0  # the MoE layer timed
@@ -113,29 +114,43 @@ def validate_offloaded(
     rng = np.random.default_rng(seed)
     predict_fn = jax.jit(lambda ids, keep, tiers: predict(table, ids, keep, tiers).layer_s)
     no_hint = np.zeros(num_experts, bool)  # no next-layer prefetch: the layer on its own
-    cache = model.expert_cache
-    measured, predicted, resident_predicted, misses = [], [], [], []
-    for case in tqdm(cases, desc="offloaded validation", disable=jax.process_index() != 0):
+    setups, predicted, resident_predicted, misses = [], [], [], []
+    for case in cases:
         residents = rng.permutation(num_experts)[: rng.integers(0, manager.slots + 1)]
         tiers = np.full(num_experts, tier, np.int32)
         tiers[residents] = 0
         x = rng.normal(size=(case.num_tokens, config.hidden_size)).astype(model.dtype)
         weights = np.full(case.topk_ids.shape, 1.0 / case.topk_ids.shape[1], np.float32)
-        args = (x, case.topk_ids, weights, case.keep_mask)
-        times = []
-        for repeat in range(repeats + 1):  # the first run compiles (once) and warms up
-            cache = jax.block_until_ready(manager.hold(cache, LAYER, residents))  # not timed
-            manager.take_step_stats(cache)
-            start = time.perf_counter()
-            _, cache = _offloaded_layer(*args, cache, np.int32(LAYER), no_hint, manager=manager)
-            jax.block_until_ready(cache)
-            if repeat:
-                times.append(time.perf_counter() - start)
-        measured.append(np.median(times))
+        setups.append((residents, (x, case.topk_ids, weights, case.keep_mask)))
         predicted.append(float(predict_fn(case.topk_ids, case.keep_mask, tiers)))
         resident_predicted.append(float(predict_fn(case.topk_ids, case.keep_mask, np.zeros_like(tiers))))
         kept = np.unique(case.topk_ids[case.keep_mask])
         misses.append(np.sum(tiers[kept] > 0))
+    cache = model.expert_cache
+
+    def run(residents, args) -> float:
+        """One layer call from this residency (setting it is not timed): seconds."""
+        nonlocal cache
+        cache = jax.block_until_ready(manager.hold(cache, LAYER, residents))
+        manager.take_step_stats(cache)
+        start = time.perf_counter()
+        _, cache = _offloaded_layer(*args, cache, np.int32(LAYER), no_hint, manager=manager)
+        jax.block_until_ready(cache)
+        return time.perf_counter() - start
+
+    # As `costs.fastest_medians` times the resident layer: round-robin rounds, the fastest round's median.
+    rounds = max(1, min(ROUNDS, repeats))
+    per_round = -(-repeats // rounds)
+    for setup in setups:
+        run(*setup)  # compiles (once) and warms up
+    times = np.empty((rounds, len(setups)))
+    show = jax.process_index() == 0
+    with tqdm(total=rounds * len(setups), desc="offloaded validation", disable=not show) as bar:
+        for round_times in times:
+            for i, setup in enumerate(setups):
+                round_times[i] = np.median([run(*setup) for _ in range(per_round)])
+                bar.update()
+    measured = times.min(axis=0)
     model.expert_cache = cache
     return OffloadValidation(
         np.array(predicted),
