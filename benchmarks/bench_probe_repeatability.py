@@ -32,17 +32,6 @@ from caee_jax.calibration.costs import calibrate  # noqa: E402
 SETTINGS = [((16, 64), 3, 9, 1), ((16, 64), 3, 30, 6)]
 
 
-def scaled(table, factor: float):
-    """The table with every compute time constant multiplied by `factor`."""
-    devices = tuple(
-        dataclasses.replace(
-            d, fixed_s=d.fixed_s * factor, pair_s=d.pair_s * factor, activation_s=d.activation_s * factor
-        )
-        for d in table.devices
-    )
-    return dataclasses.replace(table, devices=devices)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calibrations", type=int, default=3, help="fresh calibrations per model and setting")
@@ -67,7 +56,7 @@ def main(argv=None) -> int:
                 reference = float(np.median([p.ratio for p in probes]))
                 for _ in range(args.scaled_probes):
                     for factor, ratios in read.items():
-                        ratios.append(staleness.probe_table(model, scaled(table, factor / reference)).ratio)
+                        ratios.append(staleness.probe_table(model, table.compute_scaled(factor / reference)).ratio)
             warned = {f: sum(staleness.Probe(r, 0.0, 0).stale for r in v) for f, v in read.items()}
             silent = sum(not staleness.Probe(r, 0.0, 0).stale for probes in fresh for r in probes)
             print(

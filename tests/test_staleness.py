@@ -11,17 +11,6 @@ from caee_jax.calibration.costs import calibrate
 from caee_jax.calibration.staleness import STALE_RATIO, Probe, probe_table, stale_warning
 
 
-def scaled(table, factor: float):
-    """The table with every time constant multiplied by `factor`."""
-    devices = tuple(
-        dataclasses.replace(
-            d, fixed_s=d.fixed_s * factor, pair_s=d.pair_s * factor, activation_s=d.activation_s * factor
-        )
-        for d in table.devices
-    )
-    return dataclasses.replace(table, devices=devices)
-
-
 @pytest.mark.timing
 def test_a_fresh_table_is_silent_and_a_table_off_by_2x_warns(tmp_path):
     """On the tiny preset with 256-wide experts (layer calls long enough to time). Timing on a shared machine:
@@ -46,7 +35,7 @@ def test_a_fresh_table_is_silent_and_a_table_off_by_2x_warns(tmp_path):
     # not add to or hide it). One probe to the next varies up to ~1.25x (benchmarks/bench_probe_repeatability.py,
     # docs/RESULTS.md), inside the 2 / 1.5 margin.
     for factor in (2.0, 0.5):
-        probe = probe_table(model, scaled(table, factor / fresh.ratio))
+        probe = probe_table(model, table.compute_scaled(factor / fresh.ratio))
         assert probe.stale, f"a table off by {factor}x reads {probe.ratio:.2f}x (fresh: {fresh.ratio:.2f}x)"
         warning = stale_warning(probe, table, "python launch/calibrate.py --preset tiny")
         assert warning.startswith("warning: the cost table for ") and warning.count("\n") == 0

@@ -190,6 +190,17 @@ class CostTable:
         """[E] int32: the device of each expert."""
         return jnp.asarray(np.array(self.placement, np.int32))
 
+    def compute_scaled(self, factor: float) -> CostTable:
+        """This table with every device's compute constants (fixed_s, pair_s, activation_s) times `factor`: a
+        table off by that factor (how the stale-table probe is tested)."""
+        devices = tuple(
+            dataclasses.replace(
+                d, fixed_s=d.fixed_s * factor, pair_s=d.pair_s * factor, activation_s=d.activation_s * factor
+            )
+            for d in self.devices
+        )
+        return dataclasses.replace(self, devices=devices)
+
     def over_slots(self, num_slots: int) -> CostTable:
         """This table for P = `num_slots` physical expert slots (replicated experts, `parallel/replicas.py`):
         slot p on device p // (P / S), as `shard_map` places a [P, ...] stack. Each slot is priced as the

@@ -80,26 +80,29 @@ def random_cases(seed: int, per_size: int, num_experts: int, top_k: int, sizes=T
     return cases
 
 
-def fastest_medians(calls, *, repeats: int, rounds: int = ROUNDS, desc: str | None = None) -> np.ndarray:
-    """[len(calls)] seconds: per zero-argument call, the fastest of `rounds` round medians, `repeats` runs to
-    completion in all (split evenly over the rounds), after one warm-up run each. Rounds go round-robin over
-    the calls, so a burst of other load on a shared machine (it lasts about a second here) slows a round of
-    every call rather than all runs of a few: `benchmarks/bench_probe_repeatability.py`, docs/RESULTS.md."""
+def wall_time(call) -> float:
+    """Seconds of call() to completion."""
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    return time.perf_counter() - start
+
+
+def fastest_medians(calls, *, repeats: int, rounds: int = ROUNDS, desc: str | None = None, clock=wall_time):
+    """[len(calls)] seconds: per call, the fastest of `rounds` round medians, `repeats` runs in all (split evenly
+    over the rounds), after one warm-up run each; clock(call) runs it once and gives its seconds. Rounds go
+    round-robin over the calls, so a burst of other load on a shared machine (it lasts about a second here)
+    slows a round of every call rather than all runs of a few: `benchmarks/bench_probe_repeatability.py`,
+    docs/RESULTS.md."""
     rounds = max(1, min(rounds, repeats))
     per_round = -(-repeats // rounds)
     for call in calls:
-        jax.block_until_ready(call())
+        clock(call)
     times = np.empty((rounds, len(calls)))
     show = desc is not None and jax.process_index() == 0
     with tqdm(total=rounds * len(calls), desc=desc, disable=not show) as bar:
         for round_times in times:
             for i, call in enumerate(calls):
-                runs = []
-                for _ in range(per_round):
-                    start = time.perf_counter()
-                    jax.block_until_ready(call())
-                    runs.append(time.perf_counter() - start)
-                round_times[i] = np.median(runs)
+                round_times[i] = np.median([clock(call) for _ in range(per_round)])
                 bar.update()
     return times.min(axis=0)
 

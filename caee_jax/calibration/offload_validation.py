@@ -26,11 +26,10 @@ import time
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from caee_jax.caee.cost_model import predict
 from caee_jax.caee.cost_table import CostTable, DeviceCosts
-from caee_jax.calibration.costs import ROUNDS, Validation, nonnegative_lstsq, random_cases
+from caee_jax.calibration.costs import Validation, fastest_medians, nonnegative_lstsq, random_cases
 from caee_jax.offload.execute import run_offloaded
 
 LAYER = 0  # the MoE layer timed
@@ -138,19 +137,9 @@ def validate_offloaded(
         jax.block_until_ready(cache)
         return time.perf_counter() - start
 
-    # As `costs.fastest_medians` times the resident layer: round-robin rounds, the fastest round's median.
-    rounds = max(1, min(ROUNDS, repeats))
-    per_round = -(-repeats // rounds)
-    for setup in setups:
-        run(*setup)  # compiles (once) and warms up
-    times = np.empty((rounds, len(setups)))
-    show = jax.process_index() == 0
-    with tqdm(total=rounds * len(setups), desc="offloaded validation", disable=not show) as bar:
-        for round_times in times:
-            for i, setup in enumerate(setups):
-                round_times[i] = np.median([run(*setup) for _ in range(per_round)])
-                bar.update()
-    measured = times.min(axis=0)
+    # timed as the resident layer is (the first run of each compiles, once, and warms up)
+    calls = [functools.partial(run, *setup) for setup in setups]
+    measured = fastest_medians(calls, repeats=repeats, desc="offloaded validation", clock=lambda call: call())
     model.expert_cache = cache
     return OffloadValidation(
         np.array(predicted),
