@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import os
+import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -121,3 +124,20 @@ def _release_compiled_code():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+def built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
+    """Directory `name`, filled by `build(directory)` once per test session, however many pytest-xdist workers
+    ask (each worker's base temporary directory is inside the session's; the first to take the lock builds,
+    the others wait for it and reuse its directory)."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    directory, built = root / name, root / f"{name}.built"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built.exists():
+            shutil.rmtree(directory, ignore_errors=True)  # a build that failed in another worker
+            directory.mkdir()
+            build(directory)
+            built.touch()
+    return directory

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import built_once
 from test_pruning import single_device_table
 
 import caee_jax
@@ -46,12 +47,14 @@ def eval_command(out, text, *extra):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """An eval.py run that finished one case: (results directory, its text file, the first result)."""
-    tmp = tmp_path_factory.mktemp("eval")
-    text = tmp / "text.txt"
-    text.write_text(open(HELDOUT).read()[:4000])
-    first = launch(*eval_command(tmp / "out", text))
-    assert first.returncode == 0, first.stderr[-3000:]
-    return tmp / "out", text, open(tmp / "out" / "results.jsonl").read()
+
+    def run(tmp):
+        (tmp / "text.txt").write_text(open(HELDOUT).read()[:4000])
+        first = launch(*eval_command(tmp / "out", tmp / "text.txt"))
+        assert first.returncode == 0, first.stderr[-3000:]
+
+    tmp = built_once(tmp_path_factory, "finished_eval", run)
+    return tmp / "out", tmp / "text.txt", open(tmp / "out" / "results.jsonl").read()
 
 
 @pytest.fixture

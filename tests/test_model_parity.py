@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_tokens
+from flax import nnx
 
 import caee_jax
 from caee_jax.model.cache import LatentCache
@@ -65,11 +66,11 @@ def test_decoding_with_latent_cache_equals_full_sequence(hf_checkpoint, name):
     model = caee_jax.load(directory)
     tokens = random_tokens(model.config.vocab_size, (3, 11), seed=2)
     full = np.asarray(model(tokens))
-    module = model.module
+    step = nnx.jit(lambda module, token, position, cache: module(token, position, cache))  # one compile
     cache = LatentCache.zeros(model.config, 3, 16)
     for t in range(tokens.shape[1]):
         positions = jnp.full((3, 1), t, jnp.int32)
-        out = module(jnp.asarray(tokens[:, t : t + 1]), positions, cache)
+        out = step(model.module, jnp.asarray(tokens[:, t : t + 1]), positions, cache)
         cache = out.cache
         np.testing.assert_allclose(np.asarray(out.logits[:, 0]), full[:, t], atol=ATOL, rtol=0, err_msg=f"step {t}")
     assert cache.moe.shape[-1] == model.config.kv_lora_rank + model.config.qk_rope_head_dim
