@@ -177,6 +177,7 @@ class CacheManager:
         self.prefetch = prefetch
         self.step = StepStats()
         self.counted = np.zeros(len(COUNTED), np.uint32)  # `Usage.counts` at the last `take_step_stats`
+        self._stacks: dict[int, list[np.ndarray]] = {}  # `announce`'s result weights, per bound, reused
 
     __hash__ = object.__hash__
 
@@ -299,7 +300,13 @@ class CacheManager:
         c = self.store.config
         d, f = c.hidden_size, c.moe_intermediate_size
         out = [np.full(bound, fill, np.int32) for fill in (self.slots, self.num_experts, self.num_experts)]
-        stacks = [np.zeros((bound, *shape), self.store.dtype) for shape in ((d, f), (d, f), (f, d))]
+        if bound not in self._stacks:
+            self._stacks[bound] = [np.zeros((bound, *shape), self.store.dtype) for shape in ((d, f), (d, f), (f, d))]
+        # Reused from call to call: the callback copies its results into the program's buffers before it
+        # returns, and the program writes only the rows of placed misses into the cache, so rows past them may
+        # hold an earlier call's experts. Fresh stacks cost a page fault per 4 KiB written, every layer and
+        # step (V2-Lite: 104 MB per layer).
+        stacks = self._stacks[bound]
         for i, ((expert, slot, evicted), read) in enumerate(zip(placed, weights, strict=True)):
             out[0][i], out[1][i], out[2][i] = slot, expert, evicted if evicted >= 0 else self.num_experts
             for stack, w in zip(stacks, read, strict=True):
