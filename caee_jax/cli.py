@@ -9,6 +9,7 @@ their traceback; `--debug` keeps every traceback.
 
 from __future__ import annotations
 
+import argparse
 import linecache
 import os
 import sys
@@ -21,6 +22,13 @@ FILE_MISTAKES = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permi
 
 def add_debug_flag(parser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user mistake, not one line")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse names the flag in its error)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
 
 
 def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from caee_jax.caee.cost_table import DEFAULT_DIR, CostTableError, save_table
 from caee_jax.calibration.costs import ROUNDS, calibrate, validate
 from caee_jax.calibration.offload_validation import calibrate_offloaded, validate_offloaded
 from caee_jax.calibration.tables import select_table
+from caee_jax.cli import positive_int
 from caee_jax.config import PRESETS
 from caee_jax.eval.user_files import UserFileError, check_writable
 from caee_jax.files import atomic_write
@@ -60,11 +61,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=["loop", "dense", "pallas"], default="loop")
     parser.add_argument("--out", default=DEFAULT_DIR, help="cost table directory")
     parser.add_argument("--scratch-dir", default=".", help="where to time direct disk reads (a real disk)")
-    parser.add_argument("--cases-per-size", type=int, default=15, help="calibration routings per batch size")
+    parser.add_argument("--cases-per-size", type=positive_int, default=15, help="calibration routings per batch size")
     parser.add_argument(
-        "--repeats", type=int, default=15, help="timed runs per routing (the fastest round's median counts)"
+        "--repeats",
+        type=positive_int,
+        default=15,
+        help="timed runs per routing (the fastest round's median counts)",
     )
-    parser.add_argument("--rounds", type=int, default=ROUNDS, help="round-robin rounds the repeats are split into")
+    parser.add_argument(
+        "--rounds", type=positive_int, default=ROUNDS, help="round-robin rounds the repeats are split into"
+    )
     parser.add_argument("--validate", action="store_true", help="validate the stored table (calibrate if none)")
     parser.add_argument("--plot", help="with --validate: write predicted vs measured to this PNG")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

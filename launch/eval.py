@@ -66,6 +66,7 @@ from caee_jax.caee.peer_rules import PEER_RULES, check_top_k
 from caee_jax.caee.policy import TARGETS
 from caee_jax.caee.rule_config import rule_of
 from caee_jax.calibration.tables import select_table
+from caee_jax.cli import positive_int
 from caee_jax.config import PRESETS, preset
 from caee_jax.eval import frontier, report, results
 from caee_jax.eval.decode_eval import Comparison, compare, windows_of
@@ -91,14 +92,8 @@ KNOBS = {  # default sweep per rule, from light to heavy pruning
 EPLB_RULES = ("eplb", "caee+eplb")  # on the model placed with EPLB replicas: unpruned (knob 0), CAEE (theta)
 
 
-def _positive(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return int(text)
-
-
 def _positive_list(text: str) -> list[int]:
-    values = [_positive(v) for v in text.split(",") if v.strip()]
+    values = [positive_int(v) for v in text.split(",") if v.strip()]
     if not values:
         raise argparse.ArgumentTypeError(f"{text!r}: no batch sizes")
     return values
@@ -115,15 +110,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rules", default=",".join(KNOBS), help="comma-separated: caee and peer rules")
     parser.add_argument("--knobs", help="override the sweep, e.g. caee=0.5,1.0;top_p=0.9 (rule=values;...)")
     parser.add_argument("--batch-sizes", type=_positive_list, default="1,16,64")
-    parser.add_argument("--prefix", type=_positive, default=32, help="prefilled tokens per window")
-    parser.add_argument("--steps", type=_positive, default=32, help="teacher-forced decode steps per window")
-    parser.add_argument("--eval-tokens", type=_positive, default=2048, help="predicted tokens per case (at least)")
+    parser.add_argument("--prefix", type=positive_int, default=32, help="prefilled tokens per window")
+    parser.add_argument("--steps", type=positive_int, default=32, help="teacher-forced decode steps per window")
+    parser.add_argument("--eval-tokens", type=positive_int, default=2048, help="predicted tokens per case (at least)")
     parser.add_argument(
         "--cut-half-width", type=float, default=0.02,
         help="time more decode steps until the step-time cut's 95%% interval is this narrow (0.02: +-2 points)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-timed-steps", type=_positive, default=1024,
+        "--max-timed-steps", type=positive_int, default=1024,
         help="stop timing more steps at this many (the interval is then reported as it is)",
     )  # fmt: skip
     parser.add_argument("--k-min", type=int, default=1)

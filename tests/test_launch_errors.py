@@ -49,6 +49,13 @@ def test_a_user_mistake_is_one_line(argv, fragments):
     one_line_error(launch(*argv), *fragments)
 
 
+@pytest.mark.parametrize("flag", ["--rounds", "--repeats", "--cases-per-size"])
+def test_calibrate_refuses_counts_below_one(flag):
+    result = launch("launch/calibrate.py", "--preset", "tiny", flag, "0")
+    assert result.returncode == 2
+    assert f"argument {flag}: '0' is not a whole number >= 1" in result.stderr.strip().splitlines()[-1]
+
+
 def test_debug_keeps_the_traceback():
     result = launch("launch/run.py", "--checkpoint", "/nonexistent", "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
