@@ -208,7 +208,8 @@ def main() -> None:
             write_disk_store(args.dir, config, stacks, source="random bf16, V2-Lite dims", progress=True)
             results["write_s"] = time.perf_counter() - start
         argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
-        for store in args.stores.split(","):
+        stores = args.stores.split(",")
+        for store in stores:
             out = subprocess.run([*argv, "--child", store], capture_output=True, text=True)
             if out.returncode:
                 raise SystemExit(f"{store} decode failed:\n{out.stderr[-3000:]}")
@@ -223,7 +224,7 @@ def main() -> None:
                 f"peak RSS {kib['VmHWM'] / 2**20:.2f} GiB (end: anon {kib['RssAnon'] / 2**20:.2f}, "
                 f"file {kib['RssFile'] / 2**20:.2f} GiB)"
             )
-        same = len({str(r["tokens"]) for r in results.values() if isinstance(r, dict)}) == 1
+        same = len({str(results[store]["tokens"]) for store in stores}) == 1
         print(f"greedy ids identical between the stores: {same}")
         results |= dict(setup=vars(args), store_gb=total / 1e9, ram_gb=ram / 1e9, same_ids=same)
         if args.json:
