@@ -16,10 +16,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import io_callback
 
 from caee_jax.experts.loop import loop_over_experts
 from caee_jax.offload.cache import DECAY, CacheManager, ExpertCache, cache_bits
+from caee_jax.offload.host_call import host_call
 from caee_jax.routing.backend import ExpertWeights
 from caee_jax.routing.ops import expert_load
 
@@ -104,9 +104,7 @@ def _load_misses(cache: ExpertCache, *, layer_index, manager: CacheManager, kept
     announce = functools.partial(manager.announce, bound=bound)
     usage = cache.usage
     history = (usage.last_use[layer_index], usage.uses[layer_index], usage.decayed[layer_index])
-    slots, experts, evicted, *weights = io_callback(
-        announce, shapes, layer_index, kept, next_hint, *history, ordered=True
-    )
+    slots, experts, evicted, *weights = host_call(announce, shapes, layer_index, kept, next_hint, *history)
     bits = cache_bits(store.dtype)
 
     def write(i, cache: ExpertCache) -> ExpertCache:  # in place (a scatter copied the whole cache)
@@ -137,7 +135,7 @@ def _reader(layer_index, manager: CacheManager):
     )
 
     def fetch(cache: ExpertCache, expert) -> ExpertCache:
-        slot, evicted, gate, up, down = io_callback(manager.fetch, shapes, layer_index, expert, ordered=True)
+        slot, evicted, gate, up, down = host_call(manager.fetch, shapes, layer_index, expert)
         slot_of = cache.slot_of.at[layer_index, evicted].set(-1, mode="drop").at[layer_index, expert].set(slot)
         # The weights' bits go into the integer cache (`ExpertCache`); read back per expert, in the loop.
         start, bits = (layer_index, slot, 0, 0), cache_bits(store.dtype)
