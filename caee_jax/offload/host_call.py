@@ -28,9 +28,9 @@ host_call_p.multiple_results = True
 
 
 def host_call(function: Callable, result_shapes: Sequence[jax.ShapeDtypeStruct], *args: jax.Array) -> list:
-    """function(*args as numpy arrays) -> arrays of `result_shapes` (shape and dtype each), called once per
-    execution of the call in the program. `function` is a parameter of the primitive: hashable, and the same
-    object for the same call site (a `functools.partial` made once), or jax retraces."""
+    """function(*args as numpy arrays) -> arrays of `result_shapes` (shape and dtype each), called once each
+    time the program reaches the call. `function` is a parameter of the primitive, so hashable. A call whose
+    results are all unused may be dropped by jax (it sees no effect): the offload path uses every call's."""
     avals = tuple(jax.core.ShapedArray(s.shape, s.dtype) for s in result_shapes)
     return host_call_p.bind(*args, function=function, result_avals=avals)
 
