@@ -152,7 +152,7 @@ def test_calibrate_validates_offloaded_and_refuses_mistakes(tmp_path):
 @pytest.mark.timing
 def test_the_in_situ_calibrated_table_predicts_offloaded_layers_with_misses():
     """calibrate_offloaded's fetch_s, offload_layer_s and offload_read_s, checked on other routings: measured /
-    predicted has its median (the machine's speed then against at calibration) in (0.5, 2) and its median
+    predicted has its median (the machine's speed at validation against calibration) in (0.5, 2) and its median
     deviation from that median at most 25%, and the mean error is at most 3/4 of the resident calibration's
     (whose misses cost its directly timed fetch_s and no layer cost; 55-75% here). A tiny layer is ~1 ms,
     mostly dispatch: the median error read 9-21% in most runs, 32% in one (a whole-machine slowdown between
