@@ -3,7 +3,6 @@ a miss, refused budgets and setups, and the launcher's flags and report."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import json
@@ -15,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_caee_policy import DEVICE, table
+from test_caee_policy import table
 
 import caee_jax
-from caee_jax.caee.policy import CAEEConfig, caee_prune, explain
+from caee_jax.caee.policy import CAEEConfig, caee_prune
 from caee_jax.caee.rule_config import parse_rule
 from caee_jax.model.execution import Execution
 from caee_jax.offload import options
@@ -130,21 +129,6 @@ def test_caee_prunes_a_miss_before_an_equally_important_resident_expert():
     assert keep.tolist() == [True, True, False, True]
     all_resident = np.asarray(caee_prune(costs, rule, ids, weights).keep_mask)[0]
     assert all_resident.all()  # at theta 0.5 nothing resident is worth pruning
-
-
-def test_a_layers_read_cost_is_shared_among_its_misses():
-    """A layer that reads anything pays `offload_read_s` once: its only miss carries all of it (pruning it
-    saves it), each of two misses half, a resident expert none."""
-    devices = dataclasses.replace(DEVICE, offload_read_s=(0.0, 0.0, 4e-3))
-    costs = dataclasses.replace(table(16, 1, 4), devices=(devices,))
-    ids = jnp.array([[0, 1, 2, 3]], jnp.int32)
-    weights = jnp.full((1, 4), 0.25, jnp.float32)
-    rule = CAEEConfig(theta=0.5)
-    one_miss = np.asarray(explain(costs, rule, ids, weights, jnp.zeros(16, jnp.int32).at[3].set(2)).cost_s)[0]
-    two_misses = np.asarray(explain(costs, rule, ids, weights, jnp.zeros(16, jnp.int32).at[2:4].set(2)).cost_s)[0]
-    resident, fetch = DEVICE.pair_s + DEVICE.activation_s, DEVICE.fetch_s[2]
-    np.testing.assert_allclose(one_miss, [resident] * 3 + [resident + fetch + 4e-3], rtol=1e-6)
-    np.testing.assert_allclose(two_misses, [resident] * 2 + [resident + fetch + 2e-3] * 2, rtol=1e-6)
 
 
 def test_a_cache_budget_that_holds_nothing_is_refused_with_the_minimum():

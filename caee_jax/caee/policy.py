@@ -7,11 +7,9 @@ Pure jnp with static shapes, run inside the MoE layer between the router and exp
    times a calibrated factor per expert and layer (`caee/importance.py`): the typical norm of the
    expert's output (`expert_importance`) and the layer's sensitivity (`layer_sensitivity`).
 3. Cost: the slot's marginal cost on the device holding its expert (cost table): pair cost plus the
-   expert's activation cost (and, offloaded and not resident, its fetch cost and its share of the layer's
-   read cost, `offload_read_s`, split among the device's misses) shared among the tokens that use the
-   expert in this batch; relative to the batch's mean slot cost (1 = an average slot). An expert used by
-   one token costs that token its whole activation; one used by twenty, a twentieth. Likewise a layer's
-   only miss carries its whole read cost, which pruning it saves.
+   expert's activation cost (and, offloaded and not resident, its fetch cost) shared among the tokens
+   that use the expert in this batch; relative to the batch's mean slot cost (1 = an average slot). An
+   expert used by one token costs that token its whole activation; one used by twenty, a twentieth.
 4. Straggler-aware: the predicted load of each device (cost model); only devices above the target
    prune, in increasing order of score = importance / cost, while the score is below `theta` and the
    device's load, minus what it already pruned, is still above the target. Targets: "floor", the
@@ -119,16 +117,6 @@ def refill(
     return prune & ~restore.reshape(prune.shape)
 
 
-def _read_share(table: CostTable, placement: jax.Array, residency: jax.Array, users: jax.Array) -> jax.Array:
-    """[E] s: each used non-resident expert's share of its device's per-layer read cost (`offload_read_s`, paid
-    once by a layer that reads anything, saved when every miss is pruned), split among the device's used
-    misses as an expert's activation is split among its users; 0 for a resident or unused expert."""
-    misses = ((users > 0) & (residency > 0)).astype(jnp.float32)
-    per_device = jax.ops.segment_sum(misses, placement, table.num_devices)  # [S]
-    read = table.per_device("offload_read_s")[placement, residency]
-    return misses * read / jnp.maximum(per_device[placement], 1.0)
-
-
 class Explanation(NamedTuple):
     """Every quantity of one layer's CAEE decision (steps 1-5 above); per slot [N, K] unless noted.
 
@@ -193,13 +181,9 @@ def explain(
         importance = importance * importance_scale[topk_ids]
     device = placement[topk_ids]  # [N, K]
     per_expert = table.per_device("activation_s")[placement]  # [E]
-    users = expert_load(topk_ids, everything, num_experts).pairs  # [E]
     if residency is not None:
-        per_expert = (
-            per_expert
-            + table.per_device("fetch_s")[placement, residency]
-            + _read_share(table, placement, residency, users)
-        )
+        per_expert = per_expert + table.per_device("fetch_s")[placement, residency]
+    users = expert_load(topk_ids, everything, num_experts).pairs  # [E]
     cost = table.per_device("pair_s")[device] + per_expert[topk_ids] / jnp.maximum(users[topk_ids], 1)
     mean_cost = jnp.mean(cost) if routed is None else jnp.sum(cost * routed) / jnp.maximum(jnp.sum(routed), 1)
     relative = jnp.where(mean_cost > 0, cost / mean_cost, 1.0)  # a table without slot costs: importance
