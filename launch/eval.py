@@ -139,6 +139,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1.0,
         help="CAEE: score = importance / cost ** this (1: by the cost, 0: cost ignored)",
     )
+    parser.add_argument(
+        "--per-expert",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="CAEE: score each expert as a whole (its users' summed importance over their summed cost)",
+    )
     parser.add_argument("--target", default="floor", choices=TARGETS)
     parser.add_argument(
         "--refill", action=argparse.BooleanOptionalAction, default=True, help="CAEE: restore slots that cost nothing"
@@ -221,7 +227,7 @@ def _rule_settings(args) -> dict:
     return dict(
         k_min=args.k_min, target=args.target, slack=args.slack, refill=args.refill, compensation=args.compensation,
         expert_importance=args.expert_importance, layer_sensitivity=args.layer_sensitivity,
-        cost_exponent=args.cost_exponent,
+        cost_exponent=args.cost_exponent, per_expert=args.per_expert,
     )  # fmt: skip
 
 

@@ -10,6 +10,10 @@ Pure jnp with static shapes, run inside the MoE layer between the router and exp
    expert's activation cost (and, offloaded and not resident, its fetch cost) shared among the tokens
    that use the expert in this batch; relative to the batch's mean slot cost (1 = an average slot). An
    expert used by one token costs that token its whole activation; one used by twenty, a twentieth.
+   Score: importance / cost ** cost_exponent; with `per_expert`, every slot of an expert scores the sum
+   of its users' importance over the sum of their costs, so an expert's users are pruned together (at
+   batch 16 on one device a slot saves time only when its expert empties: its other slots' rows are
+   computed anyway). An expert with one user scores as before.
 4. Straggler-aware: the predicted load of each device (cost model); only devices above the target
    prune, in increasing order of score = importance / cost, while the score is below `theta` and the
    device's load, minus what it already pruned, is still above the target. Targets: "floor", the
@@ -68,7 +72,8 @@ class CAEEConfig:
     calibrated output-norm factor, by its layer's calibrated sensitivity (`caee/importance.py`; the model
     needs an importance calibration set: `caee_jax.caee.importance.load_importance`); cost_exponent: the
     score divides importance by cost ** cost_exponent (1: by the cost; 0: cost ignored, a gate-mass rule
-    that keeps the straggler target; between: a dear slot is pruned more readily, but less so)."""
+    that keeps the straggler target; between: a dear slot is pruned more readily, but less so); per_expert:
+    score each expert as a whole (step 3 above): its users' summed importance over their summed cost."""
 
     enabled: bool = True
     theta: float = 0.8
@@ -81,6 +86,7 @@ class CAEEConfig:
     expert_importance: bool = False
     layer_sensitivity: bool = False
     cost_exponent: float = 1.0
+    per_expert: bool = False
 
     def _repr_html_(self) -> str:
         return html.fields_table(self, "CAEE rule", columns=1)
@@ -121,10 +127,11 @@ class Explanation(NamedTuple):
     """Every quantity of one layer's CAEE decision (steps 1-5 above); per slot [N, K] unless noted.
 
     importance: share of the token's gate mass x K; cost_s: marginal predicted seconds on its device;
-    cost: cost_s relative to the batch's mean slot; score: importance / cost ** cost_exponent; device: the slot's expert
-    shard; protected: among the token's k_min heaviest (never pruned); candidate: not protected and score
-    < theta; eligible: a candidate on a device above its target; pruned: pruned before refill; keep: what
-    runs (pruned and not refilled). device_s [S]: predicted load unpruned (s); excess_s [S]: above target.
+    cost: cost_s relative to the batch's mean slot; score: importance / cost ** cost_exponent (its
+    expert's with `per_expert`); device: the slot's expert shard; protected: among the token's k_min
+    heaviest (never pruned); candidate: not protected and score < theta; eligible: a candidate on a device
+    above its target; pruned: pruned before refill; keep: what runs (pruned and not refilled).
+    device_s [S]: predicted load unpruned (s); excess_s [S]: above target.
     """
 
     importance: jax.Array
@@ -180,14 +187,20 @@ def explain(
     if importance_scale is not None:
         importance = importance * importance_scale[topk_ids]
     device = placement[topk_ids]  # [N, K]
-    per_expert = table.per_device("activation_s")[placement]  # [E]
+    expert_cost = table.per_device("activation_s")[placement]  # [E]
     if residency is not None:
-        per_expert = per_expert + table.per_device("fetch_s")[placement, residency]
+        expert_cost = expert_cost + table.per_device("fetch_s")[placement, residency]
     users = expert_load(topk_ids, everything, num_experts).pairs  # [E]
-    cost = table.per_device("pair_s")[device] + per_expert[topk_ids] / jnp.maximum(users[topk_ids], 1)
+    cost = table.per_device("pair_s")[device] + expert_cost[topk_ids] / jnp.maximum(users[topk_ids], 1)
     mean_cost = jnp.mean(cost) if routed is None else jnp.sum(cost * routed) / jnp.maximum(jnp.sum(routed), 1)
     relative = jnp.where(mean_cost > 0, cost / mean_cost, 1.0)  # a table without slot costs: importance
-    score = importance / relative**config.cost_exponent
+    if config.per_expert:  # an expert's users share one score: their summed importance over their summed cost
+        summed_importance, summed_cost = (
+            jnp.zeros(num_experts).at[topk_ids].add(a * everything) for a in (importance, relative)
+        )
+        score = (summed_importance / summed_cost**config.cost_exponent)[topk_ids]
+    else:
+        score = importance / relative**config.cost_exponent
 
     # Straggler target and each device's excess over it.
     protected = weight_rank(topk_weights) < config.k_min

@@ -46,7 +46,13 @@ def rule_label(r: dict) -> str:
     defaults = dict(compensation="none", k_min=1, decision_scope="batch")
     if r["rule"] == "caee":
         defaults.update(
-            target="floor", slack=0.0, refill=True, expert_importance=False, layer_sensitivity=False, cost_exponent=1.0
+            target="floor",
+            slack=0.0,
+            refill=True,
+            expert_importance=False,
+            layer_sensitivity=False,
+            cost_exponent=1.0,
+            per_expert=False,
         )
     changed = [f"{name}={r.get(name)}" for name, value in defaults.items() if r.get(name, value) != value]
     return r["rule"] + (f" ({', '.join(changed)})" if changed else "")

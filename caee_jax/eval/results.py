@@ -29,7 +29,7 @@ from caee_jax.files import atomic_write
 # layer_sensitivity, cost_exponent: CAEE's; expert_means, importance: the calibration files)
 SETTINGS = (
     "compensation", "k_min", "target", "slack", "refill", "expert_importance", "layer_sensitivity",
-    "cost_exponent", "expert_means", "importance", "decision_scope",
+    "cost_exponent", "per_expert", "expert_means", "importance", "decision_scope",
 )  # fmt: skip
 CASE = ("rule", "knob", "batch_size", "processes", *SETTINGS, "eplb")  # eplb: the placement of EPLB cases, else None
 EXPERIMENT = ("model_fingerprint", "eval_sha256", "prefix", "steps", "dtype", "weights", "offload", "code")
