@@ -200,6 +200,63 @@ def test_cost_exponent_scales_how_much_the_cost_counts():
     assert not np.array_equal(keep[0.5], keep[1.0]) and not np.array_equal(keep[0.5], keep[0.0])
 
 
+@pytest.mark.parametrize("exponent", [1.0, 0.5])
+def test_per_expert_scores_each_expert_by_its_users_summed_importance_over_their_summed_cost(exponent):
+    ids, weights = random_routing(7, 16, 16, 4)
+    costs = table(16, 1, 4)
+    why = explain(costs, CAEEConfig(theta=1.0, cost_exponent=exponent, per_expert=True), ids, weights)
+    flat_ids = np.asarray(ids).ravel()
+    importance, cost = (np.bincount(flat_ids, np.asarray(a).ravel(), 16) for a in (why.importance, why.cost))
+    expected = (importance / np.where(cost > 0, cost, 1) ** exponent)[flat_ids].reshape(ids.shape)
+    np.testing.assert_allclose(np.asarray(why.score), expected, rtol=1e-5)
+
+
+def test_per_expert_changes_nothing_when_every_expert_has_one_user():
+    """Batch 1 (an offloaded decode step): a token's K slots are K experts, each with one user."""
+    pruned_any = False
+    for seed in range(4):
+        ids, weights = random_routing(seed, 1, 16, 4)
+        residency = jnp.asarray(np.random.default_rng(seed).integers(0, 3, 16), jnp.int32)
+        for theta in (0.6, 1.0, 1.6):
+            decide = functools.partial(caee_prune, table(16, 1, 4), topk_ids=ids, topk_weights=weights)
+            plain = decide(CAEEConfig(theta=theta), residency=residency)
+            whole = decide(CAEEConfig(theta=theta, per_expert=True), residency=residency)
+            np.testing.assert_array_equal(np.asarray(whole.keep_mask), np.asarray(plain.keep_mask))
+            pruned_any = pruned_any or not bool(plain.keep_mask.all())
+    assert pruned_any
+
+
+def test_per_expert_skips_the_expert_of_least_summed_importance_first():
+    """Experts 6 and 7 serve two tokens each (second slots). Expert 6 has the lightest slot of all (token 0)
+    but a heavy one too (token 1): the slot rule prunes token 0's slot first, which empties nothing;
+    per_expert skips expert 7 first, both users at once (summed importance 1.0 against 1.05)."""
+    ids = jnp.asarray(np.array([[0, 6], [1, 6], [2, 7], [3, 7]], np.int32))
+    weights = jnp.asarray(np.array([[0.95, 0.05], [0.525, 0.475], [0.75, 0.25], [0.75, 0.25]], np.float32))
+    costs = table(8, 1, 2)
+    first = {}
+    for per_expert in (False, True):
+        for theta in np.linspace(0.0, 2.0, 201):
+            keep = np.asarray(
+                caee_prune(costs, CAEEConfig(theta=float(theta), per_expert=per_expert), ids, weights).keep_mask
+            )
+            if not keep.all():
+                first[per_expert] = np.argwhere(~keep).tolist()
+                break
+    assert first == {False: [[0, 1]], True: [[2, 1], [3, 1]]}
+
+
+def test_per_expert_empties_experts_whole_on_the_tiled_backend():
+    """With whole-tile rows an expert is either skipped for all its users or runs for all of them (refill
+    restores the rest)."""
+    ids, weights = random_routing(8, 16, 16, 4)
+    costs = table(16, 1, 4, backend="loop")
+    keep = np.asarray(caee_prune(costs, CAEEConfig(theta=1.0, per_expert=True), ids, weights).keep_mask)
+    flat_ids = np.asarray(ids).ravel()
+    users, kept = np.bincount(flat_ids, minlength=16), np.bincount(flat_ids, keep.ravel(), 16)
+    assert ((kept == 0) | (kept == users)).all()
+    assert (users[kept == 0] > 0).any() and keep.any()
+
+
 def test_stats_count_active_experts():
     ids = jnp.array([[0, 6]] * 10 + [[1, 7]], jnp.int32)
     weights = jnp.tile(jnp.array([[0.6, 0.4]]), (11, 1))
