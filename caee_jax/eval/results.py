@@ -26,7 +26,7 @@ import subprocess
 from caee_jax.files import atomic_write
 
 # Recorded per case, and part of what identifies it (target, slack, refill, expert_importance,
-# layer_sensitivity, cost_exponent: CAEE's; expert_means, importance: the calibration files)
+# layer_sensitivity, cost_exponent, per_expert: CAEE's; expert_means, importance: the calibration files)
 SETTINGS = (
     "compensation", "k_min", "target", "slack", "refill", "expert_importance", "layer_sensitivity",
     "cost_exponent", "per_expert", "expert_means", "importance", "decision_scope",
