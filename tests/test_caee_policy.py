@@ -217,10 +217,10 @@ def test_per_expert_changes_nothing_when_every_expert_has_one_user():
     for seed in range(4):
         ids, weights = random_routing(seed, 1, 16, 4)
         residency = jnp.asarray(np.random.default_rng(seed).integers(0, 3, 16), jnp.int32)
+        decide = functools.partial(caee_prune, table(16, 1, 4), topk_ids=ids, topk_weights=weights, residency=residency)
         for theta in (0.6, 1.0, 1.6):
-            decide = functools.partial(caee_prune, table(16, 1, 4), topk_ids=ids, topk_weights=weights)
-            plain = decide(CAEEConfig(theta=theta), residency=residency)
-            whole = decide(CAEEConfig(theta=theta, per_expert=True), residency=residency)
+            plain = decide(CAEEConfig(theta=theta))
+            whole = decide(CAEEConfig(theta=theta, per_expert=True))
             np.testing.assert_array_equal(np.asarray(whole.keep_mask), np.asarray(plain.keep_mask))
             pruned_any = pruned_any or not bool(plain.keep_mask.all())
     assert pruned_any

@@ -15,7 +15,7 @@ Pure jnp with static shapes, run inside the MoE layer between the router and exp
    batch 16 on one device a slot saves time only when its expert empties: its other slots' rows are
    computed anyway). An expert with one user scores as before.
 4. Straggler-aware: the predicted load of each device (cost model); only devices above the target
-   prune, in increasing order of score = importance / cost, while the score is below `theta` and the
+   prune, in increasing order of score (step 3), while the score is below `theta` and the
    device's load, minus what it already pruned, is still above the target. Targets: "floor", the
    highest load any device is left with once all its slots scoring below theta are pruned (pruning
    always on the device bounding the layer, as far as theta allows); "next", the next-heaviest

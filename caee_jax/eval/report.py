@@ -46,14 +46,9 @@ def rule_label(r: dict) -> str:
     defaults = dict(compensation="none", k_min=1, decision_scope="batch")
     if r["rule"] == "caee":
         defaults.update(
-            target="floor",
-            slack=0.0,
-            refill=True,
-            expert_importance=False,
-            layer_sensitivity=False,
-            cost_exponent=1.0,
-            per_expert=False,
-        )
+            target="floor", slack=0.0, refill=True, expert_importance=False, layer_sensitivity=False,
+            cost_exponent=1.0, per_expert=False,
+        )  # fmt: skip
     changed = [f"{name}={r.get(name)}" for name, value in defaults.items() if r.get(name, value) != value]
     return r["rule"] + (f" ({', '.join(changed)})" if changed else "")
 
