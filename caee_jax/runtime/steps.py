@@ -18,7 +18,9 @@ the loops: each bf16 decode step converted all weights, active experts or not (b
 
 from __future__ import annotations
 
+import collections
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -36,22 +38,76 @@ from caee_jax.runtime.sampling import sample
 CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
+class _Hashed:
+    """A static argument whose hash is computed once per object: jit hashes its static arguments at every
+    call, and flax's `GraphDef` hashes its whole graph each time (~0.2 ms for the bundled model, a few
+    percent of a decode step). Equal when the values are (the same object first, the cheap case)."""
+
+    __slots__ = ("value", "hash")
+
+    def __init__(self, value):
+        self.value, self.hash = value, hash(value)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Hashed) and (self.value is other.value or self.value == other.value)
+
+
+_HASHED: collections.OrderedDict[int, _Hashed] = collections.OrderedDict()  # by id(value), newest last
+_HASHED_LIMIT = 64
+
+
+def _hashed(value) -> _Hashed:
+    """`value` wrapped, from a bounded memo keyed by identity (the wrapper holds the value, so an id in the
+    memo is never reused by another object)."""
+    entry = _HASHED.get(id(value))
+    if entry is None or entry.value is not value:
+        entry = _HASHED[id(value)] = _Hashed(value)
+        if len(_HASHED) > _HASHED_LIMIT:
+            _HASHED.popitem(last=False)
+    return entry
+
+
 def step_jit(**jit_kwargs):
     """`jax.jit(fn, **jit_kwargs)`, compiled with CPU_COMPILER_OPTIONS when the default backend is CPU
-    (chosen at call time: importing this module must not start JAX before `jax.distributed.initialize`)."""
+    (chosen at call time: importing this module must not start JAX before `jax.distributed.initialize`).
+    Static arguments, passed by keyword or position, are hashed once per object (`_Hashed`)."""
 
     def decorate(fn):
-        plain, cpu = jax.jit(fn, **jit_kwargs), jax.jit(fn, compiler_options=CPU_COMPILER_OPTIONS, **jit_kwargs)
+        static = set(jit_kwargs.get("static_argnames", ()))
+        static_positions = {i for i, name in enumerate(inspect.signature(fn).parameters) if name in static}
+
+        @functools.wraps(fn)
+        def unwrapped(*args, **kwargs):
+            args = [a.value if isinstance(a, _Hashed) else a for a in args]
+            return fn(*args, **{k: v.value if isinstance(v, _Hashed) else v for k, v in kwargs.items()})
+
+        plain = jax.jit(unwrapped, **jit_kwargs)
+        cpu = jax.jit(unwrapped, compiler_options=CPU_COMPILER_OPTIONS, **jit_kwargs)
 
         def choose():
             return cpu if jax.default_backend() == "cpu" else plain
 
+        def wrap(args, kwargs):
+            args = [_hashed(a) if i in static_positions else a for i, a in enumerate(args)]
+            return args, {k: _hashed(v) if k in static else v for k, v in kwargs.items()}
+
         @functools.wraps(fn)
         def call(*args, **kwargs):
+            args, kwargs = wrap(args, kwargs)
             return choose()(*args, **kwargs)
 
-        call.lower = lambda *args, **kwargs: choose().lower(*args, **kwargs)
-        call.trace = lambda *args, **kwargs: choose().trace(*args, **kwargs)
+        def lower(*args, **kwargs):
+            args, kwargs = wrap(args, kwargs)
+            return choose().lower(*args, **kwargs)
+
+        def trace(*args, **kwargs):
+            args, kwargs = wrap(args, kwargs)
+            return choose().trace(*args, **kwargs)
+
+        call.lower, call.trace = lower, trace
         return call
 
     return decorate
