@@ -8,6 +8,13 @@ limits and the cuts at matched accuracy (`caee_jax/eval/frontier.py`), OUT/NAME.
 OUT/NAME-curves-pP-bB.png each rule's fitted curve against the perplexity rise (measured and predicted cut).
 NAME is the text's file name without extension. Two records of the same case (rule, knob, settings) are
 an error naming both files.
+
+--timing-from DIR...: each case's step times (measured and predicted) and offload statistics from the same
+case (text, rule, knob, settings, batch, processes) in these sweeps, its accuracy from --runs. For cases
+whose decisions do not depend on where they ran, so that accuracy is measured on many tokens where steps are
+cheap and timing where the deployment runs: e.g. CAEE on a host store priced as the disk tier (a cost table
+whose host fetch_s is the disk's: same residency, same decisions, bit for bit) or a peer rule on resident
+experts (it ignores residency), timed on the disk store. A case without a timing case is an error.
 """
 
 from __future__ import annotations
@@ -19,6 +26,16 @@ import sys
 from caee_jax import cli
 from caee_jax.eval import frontier, report, results
 from caee_jax.eval.user_files import UserFileError, check_writable
+
+TIMING = (  # what --timing-from takes from the timing sweep: measured and predicted times, offload statistics
+    "step_time_s", "step_time_unpruned_s", "step_cut_interval", "timed_steps", "offload",
+    "predicted_moe_s", "predicted_moe_unpruned_s", "predicted_device_s", "predicted_device_unpruned_s",
+)  # fmt: skip
+
+
+def case_of(name: str, record: dict) -> tuple:
+    """A case's identity within the pooled records of text `name`."""
+    return (name, *(record.get(field) for field in results.CASE[:4]), report.rule_label(record))
 
 
 def pooled(directories: list[str]) -> dict[str, list[dict]]:
@@ -34,7 +51,7 @@ def pooled(directories: list[str]) -> dict[str, list[dict]]:
             name = os.path.splitext(os.path.basename(provenance["eval_file"]))[0]
             if names.setdefault(name, provenance["eval_sha256"]) != provenance["eval_sha256"]:
                 raise UserFileError(f"--runs {directory}: two different texts are named {name}")
-            case = (name, *(record.get(field) for field in results.CASE[:4]), report.rule_label(record))
+            case = case_of(name, record)
             if case in seen:
                 raise UserFileError(f"case {case} is in both {seen[case]} and {path}")
             seen[case] = path
@@ -42,15 +59,36 @@ def pooled(directories: list[str]) -> dict[str, list[dict]]:
     return texts
 
 
+def timed_elsewhere(texts: dict[str, list[dict]], timing: dict[str, list[dict]]) -> None:
+    """Replaces each record's TIMING fields by those of its case in `timing` (pooled records), in place; the
+    record's provenance names where they came from (`timing_from`: that case's eval_tokens and code)."""
+    cases = {case_of(name, r): r for name, records in timing.items() for r in records}
+    for name, records in texts.items():
+        for record in records:
+            timed = cases.get(case_of(name, record))
+            if timed is None:
+                raise UserFileError(f"--timing-from: no timing of case {case_of(name, record)}")
+            if timed["provenance"]["eval_sha256"] != record["provenance"]["eval_sha256"]:
+                raise UserFileError(f"--timing-from: case {case_of(name, record)} was timed on another text")
+            record.update({field: timed[field] for field in TIMING if field in timed})
+            held = timed["provenance"]
+            record["provenance"] = dict(
+                record["provenance"], timing_from=dict(eval_tokens=held["eval_tokens"], code=held["code"])
+            )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", required=True, help="sweep directories (each with results.jsonl)")
     parser.add_argument("--out", required=True, help="directory for NAME.md and NAME.png per text")
+    parser.add_argument("--timing-from", nargs="+", help="sweep directories that time the same cases (see above)")
     cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
     try:
         check_writable(args.out, "--out", directory=True)
         texts = pooled(args.runs)
+        if args.timing_from:
+            timed_elsewhere(texts, pooled(args.timing_from))
     except (UserFileError, results.ResultsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
