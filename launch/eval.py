@@ -32,7 +32,10 @@ Offloaded experts (one device): --offload host, or --offload disk --store-dir DI
 checkpoints_tools.expert_store`), --cache-experts N|FRACTION, --cache-policy, --no-prefetch, as in
 launch/run.py. Every rule then runs offloaded; the unpruned and the pruned side each have their own cache
 (warmed alike by the same prefill), and each record holds both sides' cache statistics per decode step.
-The offload setup is part of the provenance.
+The offload setup is part of the provenance. --price-misses-as disk (with --offload host) prices the host
+store's misses as the table's disk tier: the decisions, and so every accuracy figure, are the disk store's,
+bit for bit, at host speed; the step times are not (take them from a disk sweep of the same cases with
+launch/eval_report.py --timing-from).
 
 EPLB (redundant expert replicas, caee_jax/parallel/replicas.py): with --eplb-slots P (balanced for this
 mesh from the routed-token counts of --eplb-loads, default the model's expert_means.npz, measured on
@@ -169,6 +172,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="routed experts' storage (fp8: e4m3 + 128x128 block scales); default: --dtype",
     )
     offload_options.add_arguments(parser)
+    parser.add_argument(
+        "--price-misses-as",
+        choices=["disk"],
+        help="with --offload host: price misses as the disk tier (the disk store's decisions and accuracy; "
+        "host step times)",
+    )
     eplb_plan.add_arguments(parser)
     distributed.add_arguments(parser)
     cli.add_debug_flag(parser)
@@ -259,6 +268,10 @@ def _offload(args) -> Offload | None:
     ]
     if offload is not None and (several or args.mesh):
         raise UserFileError(f"--offload runs on one device; drop {(several or ['--mesh'])[0]}")
+    if args.price_misses_as and (offload is None or offload.store != "host"):
+        raise UserFileError(
+            f"--price-misses-as {args.price_misses_as} prices a host store's misses; add --offload host"
+        )
     return offload
 
 
@@ -307,6 +320,8 @@ def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, off
         raise UserFileError(f"--eval-file {path}: {len(ids)} tokens; --prefix + --steps needs more than {length}")
     priced = args.eplb_speed_aware or any(rule in ("caee", "caee+eplb") for rule, _ in rules)
     table = _table(args, model, mesh) if priced else None
+    if table is not None and args.price_misses_as:
+        table = table.priced_as("host", args.price_misses_as)
     placed, eplb_id = _placed(args, mesh, options, model, means_path, importance_path, table)
 
     provenance = results.provenance(

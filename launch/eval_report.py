@@ -12,9 +12,10 @@ an error naming both files.
 --timing-from DIR...: each case's step times (measured and predicted) and offload statistics from the same
 case (text, rule, knob, settings, batch, processes) in these sweeps, its accuracy from --runs. For cases
 whose decisions do not depend on where they ran, so that accuracy is measured on many tokens where steps are
-cheap and timing where the deployment runs: e.g. CAEE on a host store priced as the disk tier (a cost table
-whose host fetch_s is the disk's: same residency, same decisions, bit for bit) or a peer rule on resident
-experts (it ignores residency), timed on the disk store. A case without a timing case is an error.
+cheap and timing where the deployment runs: e.g. CAEE on a host store priced as the disk tier
+(`launch/eval.py --offload host --price-misses-as disk`: same residency, same prices, same decisions, bit for
+bit) or a peer rule on resident experts (it ignores residency), timed on the disk store. A case without a
+timing case is an error.
 """
 
 from __future__ import annotations

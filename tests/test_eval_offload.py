@@ -15,6 +15,7 @@ from test_pruning import single_device_table
 import caee_jax
 from caee_jax.caee.cost_table import save_table
 from caee_jax.caee.peer_rules import PeerRule
+from caee_jax.caee.policy import CAEEConfig
 from caee_jax.calibration.costs import calibrate
 from caee_jax.calibration.offload_validation import calibrate_offloaded, validate_offloaded
 from caee_jax.eval.decode_eval import compare, windows_of
@@ -78,6 +79,7 @@ def test_eval_offloaded_end_to_end_and_its_provenance(tmp_path):
         (["--offload", "disk"], "--offload disk needs --store-dir"),
         (["--offload", "host", "--local-processes", "2"], "drop --local-processes"),
         (["--offload", "disk", "--store-dir", "/nonexistent-store"], "not an expert store"),
+        (["--price-misses-as", "disk"], "add --offload host"),
     ],
 )
 def test_eval_offload_flag_mistakes(tmp_path, flags, fragment):
@@ -177,3 +179,35 @@ def test_the_in_situ_calibrated_table_predicts_offloaded_layers_with_misses():
     spread = float(np.median(np.abs(ratio / scale - 1)))
     print(f"with misses: MAPE {checked.mape:.3f}, scale {scale:.2f}, spread {spread:.3f} (resident: {before:.3f})")
     assert 0.5 < scale < 2 and spread <= 0.25
+
+
+def test_a_host_store_priced_as_the_disk_tier_decides_as_the_disk_store(tmp_path):
+    """eval.py --price-misses-as disk: same residency and prices, so the same decisions and every accuracy
+    figure, bit for bit; the host store at its own prices decides otherwise."""
+    plain = caee_jax.init_random("tiny")
+    table = single_device_table(plain)
+    write_disk_store(str(tmp_path / "store"), plain.config, plain.state)
+    windows = windows_of(np.arange(600) % plain.config.vocab_size, 9, 4, seed=3)
+
+    def run(offload: Offload, table):
+        model = caee_jax.Model(caee_jax.init_random("tiny").module, None, "loop", None, offload)  # plain's weights
+        twin = model.execution.offload.twin()
+        try:
+            candidate = Execution(pruning=CAEEConfig(theta=0.7), cost_table=table, offload=twin)
+            return compare(model, candidate, windows, prefix=4)
+        finally:
+            for manager in (model.execution.offload, twin):
+                getattr(manager.store, "close", lambda: None)()
+
+    def figures(result):
+        arrays = [np.concatenate(getattr(result, name)) for name in ("nll", "kl", "correct", "agree")]
+        cache = [[s.hits, s.misses, s.pruned_misses, s.fetches, s.bytes_read] for s in result.offload]
+        return arrays, result.kept_pairs, cache  # not blocking against prefetched: only the disk reads ahead
+
+    disk = figures(run(Offload("disk", str(tmp_path / "store"), experts=2), table))
+    priced = figures(run(Offload("host", experts=2), table.priced_as("host", "disk")))
+    own = figures(run(Offload("host", experts=2), table))
+    for got, want in zip(priced[0], disk[0], strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert priced[1:] == disk[1:]
+    assert own[1] > disk[1]  # cheaper misses: fewer pruned (93 against 91 kept pairs)

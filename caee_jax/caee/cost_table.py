@@ -201,6 +201,20 @@ class CostTable:
         )
         return dataclasses.replace(self, devices=devices)
 
+    def priced_as(self, tier: str, as_tier: str) -> CostTable:
+        """This table with `tier`'s figures (PER_TIER) replaced by `as_tier`'s on every device: e.g. a host
+        store priced as the disk tier makes the disk store's decisions (they depend on residency and the
+        prices alone) at host speed (`launch/eval.py --price-misses-as`)."""
+        which, source = TIERS.index(tier), TIERS.index(as_tier)
+
+        def moved(values: tuple) -> tuple:
+            return tuple(values[source] if i == which else v for i, v in enumerate(values))
+
+        devices = tuple(
+            dataclasses.replace(d, **{name: moved(getattr(d, name)) for name in PER_TIER}) for d in self.devices
+        )
+        return dataclasses.replace(self, devices=devices)
+
     def over_slots(self, num_slots: int) -> CostTable:
         """This table for P = `num_slots` physical expert slots (replicated experts, `parallel/replicas.py`):
         slot p on device p // (P / S), as `shard_map` places a [P, ...] stack. Each slot is priced as the
