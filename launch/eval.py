@@ -275,6 +275,13 @@ def _offload(args) -> Offload | None:
     return offload
 
 
+def _offload_provenance(model, priced_as: str | None) -> dict | None:
+    """The offload setup; with --price-misses-as, the tier the misses were priced as (the step times are the
+    store's own, not that tier's)."""
+    held = results.offload_provenance(model.execution.offload)
+    return held if priced_as is None else dict(held, misses_priced_as=priced_as)
+
+
 def run(args, offload: Offload | None = None) -> int:
     """The sweep; user mistakes raise the errors `main` reports, as early as they can be found: the rules and
     the output before the model loads, the results file before the first case."""
@@ -345,7 +352,7 @@ def _evaluate(args, mesh, lead, means_path, importance_path, path, contents, off
         table=table,
         expert_means=means_path,
         importance=importance_path,
-        offload=results.offload_provenance(model.execution.offload),
+        offload=_offload_provenance(model, args.price_misses_as),
     )
     if lead:
         used = provenance["calibration_files"]

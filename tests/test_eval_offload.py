@@ -51,14 +51,15 @@ def test_eval_offloaded_end_to_end_and_its_provenance(tmp_path):
     text.write_text(open(HELDOUT).read()[:4000])
     command = ["launch/eval.py", "--preset", "tiny", "--eval-file", str(text), "--out", str(tmp_path / "out")]
     command += ["--batch-sizes", "2", "--prefix", "4", "--steps", "3", "--eval-tokens", "6", "--cost-table", table]
-    command += ["--rules", "caee,top_p", "--knobs", "caee=1.5;top_p=0.5", "--offload", "host", "--cache-experts", "2"]
+    command += ["--rules", "caee,top_p", "--knobs", "caee=1.5;top_p=0.5", "--price-misses-as", "disk"]
+    command += ["--offload", "host", "--cache-experts", "2"]
     first = launch(*command)
     assert first.returncode == 0, first.stderr[-3000:]
     records = [json.loads(line) for line in open(tmp_path / "out" / "results.jsonl")]
     assert [r["rule"] for r in records] == ["caee", "top_p"]
     for r in records:
         assert r["provenance"]["offload"] == dict(
-            store="host", store_fingerprint=None, slots=2, policy="lru", prefetch=True
+            store="host", store_fingerprint=None, slots=2, policy="lru", prefetch=True, misses_priced_as="disk"
         )
         base, pruned = r["offload"]["unpruned"], r["offload"]["pruned"]
         assert base["pruned_misses"] == 0 and pruned["pruned_misses"] > 0  # both prune misses at these knobs
