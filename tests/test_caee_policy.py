@@ -211,6 +211,20 @@ def test_per_expert_scores_each_expert_by_its_users_summed_importance_over_their
     np.testing.assert_allclose(np.asarray(why.score), expected, rtol=1e-5)
 
 
+def test_a_table_priced_as_another_tier_decides_as_that_tier():
+    """`CostTable.priced_as("host", "disk")`: a host miss costs what a disk miss does, so the decisions are the
+    disk's (launch/eval.py --price-misses-as); at the host's own price they differ."""
+    ids, weights = random_routing(3, 16, 16, 4)
+    costs, config = table(16, 1, 4), CAEEConfig(theta=1.0)
+    missing = np.random.default_rng(3).random(16) < 0.5
+    on = {tier: jnp.asarray(np.where(missing, tier, 0), jnp.int32) for tier in (1, 2)}
+    disk = np.asarray(caee_prune(costs, config, ids, weights, on[2]).keep_mask)
+    priced = np.asarray(caee_prune(costs.priced_as("host", "disk"), config, ids, weights, on[1]).keep_mask)
+    own = np.asarray(caee_prune(costs, config, ids, weights, on[1]).keep_mask)
+    np.testing.assert_array_equal(priced, disk)
+    assert (own != disk).any()
+
+
 def test_per_expert_changes_nothing_when_every_expert_has_one_user():
     """Batch 1 (an offloaded decode step): a token's K slots are K experts, each with one user."""
     pruned_any = False
