@@ -123,6 +123,14 @@ class DeviceCosts:
                 if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                     raise CostTableError(f"{field.name} is {value!r}; costs are finite seconds >= 0")
 
+    def with_tier(self, tier: int, **values: float) -> DeviceCosts:
+        """These costs with entry `tier` of the named PER_TIER fields set to `values` (seconds)."""
+
+        def put(name: str, value: float) -> tuple:
+            return tuple(float(value) if i == tier else c for i, c in enumerate(getattr(self, name)))
+
+        return dataclasses.replace(self, **{name: put(name, value) for name, value in values.items()})
+
 
 @dataclasses.dataclass(frozen=True)
 class FitQuality:
@@ -206,12 +214,8 @@ class CostTable:
         store priced as the disk tier makes the disk store's decisions (they depend on residency and the
         prices alone) at host speed (`launch/eval.py --price-misses-as`)."""
         which, source = TIERS.index(tier), TIERS.index(as_tier)
-
-        def moved(values: tuple) -> tuple:
-            return tuple(values[source] if i == which else v for i, v in enumerate(values))
-
         devices = tuple(
-            dataclasses.replace(d, **{name: moved(getattr(d, name)) for name in PER_TIER}) for d in self.devices
+            d.with_tier(which, **{name: getattr(d, name)[source] for name in PER_TIER}) for d in self.devices
         )
         return dataclasses.replace(self, devices=devices)
 

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from caee_jax.caee.cost_model import predict
-from caee_jax.caee.cost_table import CostTable, DeviceCosts
+from caee_jax.caee.cost_table import CostTable
 from caee_jax.calibration.costs import Validation, fastest_medians, nonnegative_lstsq, random_cases
 from caee_jax.offload.execute import run_offloaded
 
@@ -165,7 +165,5 @@ def calibrate_offloaded(
     timed = validate_offloaded(model, table, cases_per_size=cases_per_size, repeats=repeats, seed=CALIBRATION_SEED)
     fixed, read, per_miss = timed.in_situ_costs(np.arange(len(timed.misses)))
     tier = model.execution.offload.store.tier_index
-    costs = dataclasses.asdict(table.devices[0])
-    for name, value in (("offload_layer_s", fixed), ("offload_read_s", read), ("fetch_s", per_miss)):
-        costs[name] = tuple(float(value) if i == tier else c for i, c in enumerate(costs[name]))
-    return dataclasses.replace(table, devices=(DeviceCosts(**costs),)), timed
+    device = table.devices[0].with_tier(tier, offload_layer_s=fixed, offload_read_s=read, fetch_s=per_miss)
+    return dataclasses.replace(table, devices=(device,)), timed

@@ -90,24 +90,18 @@ def step_jit(**jit_kwargs):
         def choose():
             return cpu if jax.default_backend() == "cpu" else plain
 
-        def wrap(args, kwargs):
-            args = [_hashed(a) if i in static_positions else a for i, a in enumerate(args)]
-            return args, {k: _hashed(v) if k in static else v for k, v in kwargs.items()}
+        def hashing(method):
+            """`method` of the chosen jit, called with the static arguments in `_Hashed` holders."""
 
-        @functools.wraps(fn)
-        def call(*args, **kwargs):
-            args, kwargs = wrap(args, kwargs)
-            return choose()(*args, **kwargs)
+            def run(*args, **kwargs):
+                args = [_hashed(a) if i in static_positions else a for i, a in enumerate(args)]
+                kwargs = {k: _hashed(v) if k in static else v for k, v in kwargs.items()}
+                return getattr(choose(), method)(*args, **kwargs)
 
-        def lower(*args, **kwargs):
-            args, kwargs = wrap(args, kwargs)
-            return choose().lower(*args, **kwargs)
+            return run
 
-        def trace(*args, **kwargs):
-            args, kwargs = wrap(args, kwargs)
-            return choose().trace(*args, **kwargs)
-
-        call.lower, call.trace = lower, trace
+        call = functools.wraps(fn)(hashing("__call__"))
+        call.lower, call.trace = hashing("lower"), hashing("trace")
         return call
 
     return decorate
