@@ -1,5 +1,5 @@
 """`steps.step_jit` hashes each static argument object once, not at every call (jit would: flax's GraphDef
-hashes its whole graph each time, ~0.2 ms per decode step of the bundled model)."""
+hashes its whole graph each time, 0.1-0.2 ms per decode step of the bundled model)."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-mot
 
 class _Hashed:
     """A static argument whose hash is computed once per object: jit hashes its static arguments at every
-    call, and flax's `GraphDef` hashes its whole graph each time (~0.2 ms for the bundled model, a tenth
+    call, and flax's `GraphDef` hashes its whole graph each time (0.1-0.2 ms for the bundled model, a tenth
     of a batch-1 decode step). Equal when the values are (the same object first, the cheap case)."""
 
     __slots__ = ("value", "hash")
