@@ -3,6 +3,7 @@
     python -m checkpoints_tools.stdlib_corpus --split train --chars 1500000 --out runs/stdlib-train.txt
     python launch/calibrate_importance.py --text runs/stdlib-train.txt --out caee_jax/assets/caee-small/importance.npz
     python launch/calibrate_importance.py --model DIR --text FILE --out DIR/importance.npz --tokens 131072
+    python launch/calibrate_importance.py --text runs/stdlib-train.txt --sensitivity top1 --out FILE
 
 Runs the model over --text (at least --tokens tokens, in batches of --batch-size windows of --seq-len
 tokens): unpruned, then pruning one MoE layer at a time (caee_jax/calibration/importance.py), and writes
@@ -38,6 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=65_536, help="calibration tokens (at least)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (each its own sequence)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument(
+        "--sensitivity",
+        choices=importance.SensitivityMeasure.names(),
+        default="kl",
+        help="what a layer's sensitivity counts per unit of pruned gate share: the KL of the next-token "
+        "distribution, or the correct top-1 predictions lost (both are measured and stored)",
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--backend", choices=["loop", "dense", "pallas"], default="loop")
     distributed.add_arguments(parser, local_processes=False)
@@ -64,6 +72,10 @@ def refuse_evaluation_text(text: str, data: bytes, path: str, model_dir: str) ->
             raise UserFileError(f"--text {path}: holds held-out file {named} (training.json); use the training split")
 
 
+def _listed(values, digits: int) -> str:
+    return ", ".join(f"{value:.{digits}f}" for value in values)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     model_dir = args.model or caee_jax.api.BUNDLED_MODEL
@@ -82,7 +94,8 @@ def main(argv=None) -> int:
     try:
         result = calibrate(
             model, ids, tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-            text_sha256=hashlib.sha256(data).hexdigest(), resume_path=partial if lead else None, progress=lead,
+            text_sha256=hashlib.sha256(data).hexdigest(), sensitivity_measure=args.sensitivity,
+            resume_path=partial if lead else None, progress=lead,
         )  # fmt: skip
     except ValueError as error:
         print(f"error: {args.text}: {error}", file=sys.stderr)
@@ -93,9 +106,10 @@ def main(argv=None) -> int:
             os.remove(partial)
         spread = [f"{s.min():.2f}-{s.max():.2f}" for s in result.expert_scale]
         print(
-            f"wrote {args.out}: {result.tokens:,} tokens; layer sensitivity "
-            f"{', '.join(f'{s:.2f}' for s in result.layer_sensitivity)} "
-            f"(KL per unit of pruned gate share {', '.join(f'{k:.3f}' for k in result.kl_per_mass)} nats); "
+            f"wrote {args.out}: {result.tokens:,} tokens; layer sensitivity ({result.sensitivity_measure}) "
+            f"{_listed(result.layer_sensitivity, 2)}; per unit of pruned gate share: KL "
+            f"{_listed(result.kl_per_mass, 3)} nats, correct top-1 predictions lost "
+            f"{_listed(result.top1_loss_per_mass, 4)}; "
             f"expert factor range per layer {', '.join(spread)}"
         )
     return 0

@@ -46,7 +46,7 @@ def source(tmp_path_factory):
     expert_means.save(os.path.join(directory, expert_means.FILENAME), calibration, config)
     scale = np.ones(shape[:2], np.float32)
     sensitivity = np.ones(shape[0], np.float32)
-    weights = importance.Calibration(scale, sensitivity, sensitivity, counts, tokens, "0" * 64)
+    weights = importance.Calibration(scale, sensitivity, sensitivity, sensitivity, "kl", counts, tokens, "0" * 64)
     importance.save(os.path.join(directory, importance.FILENAME), weights, config)
     return str(directory)
 

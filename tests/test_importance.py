@@ -22,6 +22,7 @@ from caee_jax.caee.importance import Calibration, ImportanceError
 from caee_jax.caee.peer_rules import PeerRule
 from caee_jax.caee.policy import CAEEConfig, caee_prune
 from caee_jax.calibration.importance import calibrate, finish
+from caee_jax.calibration.importance import probes as calibration_probes
 from caee_jax.eval import results
 from caee_jax.model.execution import Execution
 from caee_jax.runtime import steps
@@ -100,6 +101,29 @@ def test_new_importance_values_never_recompile():
     assert len(compiles) == 0
 
 
+def test_importance_stats_counts_the_correct_predictions_each_probe_loses():
+    """The probes' lost correct predictions, against a direct count: next tokens the unpruned model's argmax
+    hits and the probe's misses. The tokens are the unpruned model's own greedy predictions, so that most
+    are correct."""
+    model = caee_jax.init_random("tiny-all-moe", seed=4)
+    tokens = jnp.asarray(TOKENS)
+    unpruned = Execution()
+
+    def predicted(plan, tokens):  # [B, T]: the argmax next token at each position
+        return jnp.argmax(model.module(tokens, execution=plan).logits, -1)
+
+    for _ in range(tokens.shape[1]):  # causal: after k rounds the first k + 1 tokens are greedy
+        tokens = jnp.concatenate([tokens[:, :1], predicted(unpruned, tokens)[:, :-1]], axis=1)
+    tokens = tokens.at[:, 5].set((tokens[:, 5] + 1) % model.config.vocab_size)  # and a few are not
+    plans = calibration_probes(model)
+    lost = np.asarray(steps.importance_stats(model.graphdef, model.state, tokens, execution=unpruned, probes=plans)[4])
+    base = np.asarray(predicted(unpruned, tokens))[:, :-1]
+    truth = np.asarray(tokens)[:, 1:]
+    expected = [np.sum((base == truth) & (np.asarray(predicted(plan, tokens))[:, :-1] != truth)) for plan in plans]
+    np.testing.assert_array_equal(lost, expected)
+    assert (base == truth).mean() > 0.5 and sum(expected) > 0
+
+
 def test_prune_layers_prunes_only_the_listed_layer():
     model = caee_jax.init_random("tiny-all-moe", seed=5)
     rule = PeerRule("topk", 2)
@@ -136,9 +160,24 @@ def test_calibration_is_deterministic_resumable_and_sensible(tmp_path):
 def test_finish_scales_by_rms_output_norm():
     counts = np.asarray([[1, 3, 0]])
     sq = np.asarray([[4.0, 3.0, 0.0]])  # rms 2, 1, (unrouted)
-    result = finish(sq, counts, np.asarray([0.2]), np.asarray([0.1]), 1, "")
+    result = finish(sq, counts, np.asarray([0.2]), np.asarray([0.1]), np.asarray([3.0]), 1, "")
     np.testing.assert_allclose(result.expert_scale, [[2 / 1.25, 1 / 1.25, 1.0]], rtol=1e-6)
     np.testing.assert_allclose(result.kl_per_mass, [2.0])
+    np.testing.assert_allclose(result.top1_loss_per_mass, [30.0])
+
+
+def test_the_sensitivity_follows_the_chosen_measure():
+    """Two layers: the first moves the KL more per unit of pruned share, the second loses more correct
+    predictions; each measure makes its own layer the sensitive one."""
+    sums = (np.ones((2, 1)), np.ones((2, 1)), np.asarray([0.4, 0.2]), np.asarray([2.0, 2.0]), np.asarray([1.0, 3.0]))
+    kl = finish(*sums, 1, "", "kl")
+    top1 = finish(*sums, 1, "", "top1")
+    np.testing.assert_allclose(kl.layer_sensitivity, [4 / 3, 2 / 3], rtol=1e-6)
+    np.testing.assert_allclose(top1.layer_sensitivity, [0.5, 1.5], rtol=1e-6)
+    assert top1.sensitivity_measure == "top1"
+    np.testing.assert_array_equal(kl.top1_loss_per_mass, top1.top1_loss_per_mass)
+    with pytest.raises(ValueError, match="correct top-1 predictions lost per unit of gate share"):
+        finish(*sums[:4], np.asarray([1.0, 0.0]), 1, "", "top1")
 
 
 @pytest.fixture
@@ -147,7 +186,8 @@ def saved(tmp_path):
     config = model.config
     counts = np.full((3, 16), config.num_experts_per_tok, np.int64)
     result = Calibration(np.ones((3, 16), np.float32), np.asarray([0.5, 1.5, 1.0], np.float32),
-                         np.asarray([0.1, 0.3, 0.2], np.float32), counts, 16, "f00")  # fmt: skip
+                         np.asarray([0.1, 0.3, 0.2], np.float32), np.asarray([0.02, 0.01, 0.03], np.float32),
+                         importance.SensitivityMeasure.KL, counts, 16, "f00")  # fmt: skip
     path = str(tmp_path / "importance.npz")
     importance.save(path, result, config)
     return path, model
@@ -157,8 +197,22 @@ def test_file_round_trip_and_load(saved):
     path, model = saved
     result = importance.load_importance(model, path)
     np.testing.assert_array_equal(result.layer_sensitivity, [0.5, 1.5, 1.0])
-    assert result.text_sha256 == "f00"
+    np.testing.assert_array_equal(result.top1_loss_per_mass, np.float32([0.02, 0.01, 0.03]))
+    assert result.text_sha256 == "f00" and result.sensitivity_measure == "kl"
     np.testing.assert_array_equal(np.asarray(model.module.moe_layers.ffn.layer_sensitivity[...]), [0.5, 1.5, 1.0])
+
+
+def test_a_file_from_before_the_top1_measure_reads_as_kl_and_a_bad_measure_is_named(saved, tmp_path):
+    path, model = saved
+    fields = dict(np.load(path))
+    older = str(tmp_path / "older.npz")
+    np.savez(older, **{k: v for k, v in fields.items() if k not in ("top1_loss_per_mass", "sensitivity_measure")})
+    result = importance.read(older, model.config)
+    assert result.sensitivity_measure == "kl" and np.isnan(result.top1_loss_per_mass).all()
+    np.testing.assert_array_equal(result.layer_sensitivity, [0.5, 1.5, 1.0])
+    np.savez(older, **(fields | dict(sensitivity_measure=np.str_("flips"))))
+    with pytest.raises(ImportanceError, match=rf"{older}: field sensitivity_measure 'flips' is not one of"):
+        importance.read(older, model.config)
 
 
 def test_a_file_for_another_model_names_the_field(saved):
@@ -190,8 +244,8 @@ def test_eval_py_refuses_the_calibration_text_and_run_py_a_peer_rule_with_option
     digest = hashlib.sha256(text.read_bytes()).hexdigest()
     counts = np.full((layers, experts), 0, np.int64)
     counts[:, 0] = 4 * config.num_experts_per_tok
-    result = Calibration(np.ones((layers, experts), np.float32), np.ones(layers, np.float32),
-                         np.ones(layers, np.float32), counts, 4, digest)  # fmt: skip
+    ones = np.ones(layers, np.float32)
+    result = Calibration(np.ones((layers, experts), np.float32), ones, ones, ones, "kl", counts, 4, digest)
     path = str(tmp_path / "importance.npz")
     importance.save(path, result, config)
     command = [sys.executable, os.path.join(ROOT, "launch", "eval.py"), "--preset", "tiny", "--eval-file", str(text)]

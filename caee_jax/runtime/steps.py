@@ -255,14 +255,17 @@ def importance_stats(graphdef, state, tokens, *, execution: Execution, probes: t
     """tokens [B, T] -> the sums behind CAEE's importance calibration (`calibration/importance.py`):
     (squared expert output norms summed per expert [L, E] f32, routed pairs per expert [L, E] int32,
     per probe: KL(unpruned || probe) of the next-token distributions summed over the B*T tokens [P] f32,
-    and the pruned share of the gate mass summed over tokens and MoE layers [P] f32). `execution` is the
-    unpruned plan; each probe a pruned one."""
+    the pruned share of the gate mass summed over tokens and MoE layers [P] f32, and the correct top-1
+    predictions lost, those of the B*(T-1) tokens with a next token in `tokens` that the unpruned model
+    predicts and the probe does not [P] int32). `execution` is the unpruned plan; each probe a pruned one."""
     model = nnx.merge(graphdef, state)
     out = model(tokens, execution=execution, collect_expert_sums=True)
     everything = jnp.ones_like(out.routing.keep_mask)
     counts = jax.vmap(lambda ids: expert_load(ids, everything[0], model.config.n_routed_experts).pairs)
     base = jax.nn.log_softmax(out.logits, axis=-1)
-    kls, shares = [], []
+    truth = tokens[:, 1:]
+    correct = jnp.argmax(out.logits[:, :-1], -1) == truth
+    kls, shares, lost_correct = [], [], []
     for probe in probes:
         pruned = model(tokens, execution=probe)
         logprobs = jax.nn.log_softmax(pruned.logits, axis=-1)
@@ -270,5 +273,9 @@ def importance_stats(graphdef, state, tokens, *, execution: Execution, probes: t
         weights, keep = pruned.routing.topk_weights, pruned.routing.keep_mask  # [L, B, T, K]
         lost = jnp.sum(jnp.where(keep, 0.0, weights), -1) / jnp.maximum(jnp.sum(weights, -1), 1e-30)
         shares.append(jnp.sum(lost))
-    sums = (out.routing.expert_sq_norms, counts(out.routing.topk_ids), jnp.stack(kls), jnp.stack(shares))
+        lost_correct.append(jnp.sum(correct & (jnp.argmax(pruned.logits[:, :-1], -1) != truth)))
+    sums = (
+        out.routing.expert_sq_norms, counts(out.routing.topk_ids), jnp.stack(kls), jnp.stack(shares),
+        jnp.stack(lost_correct),
+    )  # fmt: skip
     return tuple(gather_replicated(a) for a in sums)
