@@ -1,10 +1,12 @@
-"""`launch/eval_report.py --timing-from`: accuracy from one sweep, step times from another of the same cases."""
+"""`launch/eval_report.py`: pooling sweeps; --timing-from takes accuracy from one sweep, step times from another."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+
+from caee_jax.eval.report import rule_label
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("eval_report", os.path.join(ROOT, "launch", "eval_report.py"))
@@ -47,3 +49,14 @@ def test_a_case_without_timing_or_timed_on_another_text_is_refused(tmp_path, cap
     quality_one = sweep(tmp_path / "one", [("caee", 0.3, 0.9, 0.499)], tokens=32768)
     assert eval_report.main(["--runs", quality_one, "--timing-from", other, "--out", str(tmp_path / "s")]) == 2
     assert "timed on another text" in capsys.readouterr().err
+
+
+def test_a_caee_case_on_another_importance_file_is_a_rule_of_its_own():
+    """Sweeps of CAEE on two importance calibrations pool as two rules; peers and CAEE without an importance
+    option are labelled as before, whatever file the command line named."""
+    caee = dict(rule="caee", layer_sensitivity=True, importance="/m/importance.npz")
+    assert rule_label(caee) == "caee (layer_sensitivity=True)"
+    other = rule_label(caee | dict(importance="/runs/importance-top1.npz"))
+    assert other == "caee (layer_sensitivity=True, importance=importance-top1.npz)"
+    assert rule_label(dict(rule="mass_ratio", layer_sensitivity=True, importance="/runs/x.npz")) == "mass_ratio"
+    assert rule_label(dict(rule="caee", importance="/runs/x.npz")) == "caee"

@@ -4,6 +4,9 @@ best peer rule, a Markdown table and a Pareto plot."""
 
 from __future__ import annotations
 
+import os
+
+from caee_jax.caee.importance import FILENAME as IMPORTANCE_FILE
 from caee_jax.files import atomic_write
 
 
@@ -42,7 +45,8 @@ def ppl_rise(r: dict) -> float:
 
 
 def rule_label(r: dict) -> str:
-    """The rule, with the settings that differ from the defaults."""
+    """The rule, with the settings that differ from the defaults, and the importance file CAEE's options read
+    when it is not the checkpoint's own `importance.npz`."""
     defaults = dict(compensation="none", k_min=1, decision_scope="batch")
     if r["rule"] == "caee":
         defaults.update(
@@ -50,6 +54,10 @@ def rule_label(r: dict) -> str:
             cost_exponent=1.0, per_expert=False,
         )  # fmt: skip
     changed = [f"{name}={r.get(name)}" for name, value in defaults.items() if r.get(name, value) != value]
+    calibration = os.path.basename(r.get("importance") or "")
+    calibrated = r["rule"] == "caee" and (r.get("expert_importance") or r.get("layer_sensitivity"))
+    if calibrated and calibration not in ("", IMPORTANCE_FILE):  # a file other than the checkpoint's own
+        changed.append(f"importance={calibration}")
     return r["rule"] + (f" ({', '.join(changed)})" if changed else "")
 
 
