@@ -96,7 +96,14 @@ def calibrate(
 
 
 def finish(
-    sq_norms, counts, kl, share, lost_correct, tokens: int, text_sha256: str, sensitivity_measure: str = "kl"
+    sq_norms,
+    counts,
+    kl,
+    share,
+    lost_correct,
+    tokens: int,
+    text_sha256: str,
+    sensitivity_measure: str = SensitivityMeasure.KL,
 ) -> Calibration:
     """The calibration from its sums: sq_norms [L, E], counts [L, E], kl [L], share [L], lost_correct [L]
     (see module doc); the layer sensitivity from `sensitivity_measure`'s rate."""
