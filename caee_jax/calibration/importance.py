@@ -91,8 +91,8 @@ def calibrate(
                 with atomic_write(resume_path, "wb") as f:
                     np.savez(f, identity=np.str_(identity), **sums)
             bar.update(batch.size)
-    rates = (sums[name] for name in ("sq_norms", "counts", "kl", "share", "lost_correct"))
-    return finish(*rates, int(stream.size), text_sha256, sensitivity_measure)
+    totals = (sums[name] for name in ("sq_norms", "counts", "kl", "share", "lost_correct"))
+    return finish(*totals, int(stream.size), text_sha256, sensitivity_measure)
 
 
 def finish(
