@@ -14,7 +14,7 @@ from conftest import compile_counter
 from caee_jax.caee.compensation import compensate
 from caee_jax.caee.cost_model import predict
 from caee_jax.caee.cost_table import CostTable, DeviceCosts, FitQuality, block_placement
-from caee_jax.caee.policy import CAEEConfig, caee_prune, explain
+from caee_jax.caee.policy import CAEEConfig, _prune_in_score_order, caee_prune, explain
 from caee_jax.calibration.tables import signature_of
 from caee_jax.config import preset
 from caee_jax.routing.ops import expert_load, weight_rank
@@ -65,6 +65,12 @@ def test_the_top_k_min_slots_are_never_pruned(k_min):
 
 def test_weight_rank():
     np.testing.assert_array_equal(np.asarray(weight_rank(jnp.array([[0.1, 0.5, 0.3, 0.1]]))), [[2, 0, 1, 3]])
+
+
+def test_weight_rank_is_the_stable_sort_rank_with_ties():
+    weights = jnp.asarray(np.random.default_rng(0).integers(0, 3, (200, 8)).astype(np.float32))
+    by_sorting = jnp.argsort(jnp.argsort(-weights, axis=-1, stable=True), axis=-1, stable=True)
+    np.testing.assert_array_equal(np.asarray(weight_rank(weights)), np.asarray(by_sorting))
 
 
 @pytest.mark.parametrize("mode", ["none", "renorm", "partial", "mean"])
@@ -345,3 +351,18 @@ def test_target_none_is_the_straggler_logic_off():
     pruned = np.asarray(decision.pruned)
     np.testing.assert_array_equal(pruned, np.asarray(decision.candidate))
     assert set(np.asarray(decision.device)[pruned]) == {0, 1}
+
+
+@pytest.mark.parametrize("target", ["floor", "next", "mean", "none"])
+def test_one_device_prunes_every_candidate_with_every_target(target):
+    """On one device every target is the floor that device sets itself: the score-ordered pruning against
+    it (`_prune_in_score_order` with an unbounded excess) takes every candidate, which is what runs."""
+    ids, weights = random_routing(6, 16, 32, 4)
+    costs = table(32, 1, 4, "loop")
+    decision = explain(costs, CAEEConfig(theta=1.0, target=target, refill=False), ids, weights)
+    sorted_path = _prune_in_score_order(
+        1, decision.candidate, decision.device, decision.score, decision.cost_s, jnp.full(1, jnp.inf)
+    )
+    assert np.asarray(decision.candidate).any() and not np.asarray(decision.candidate).all()
+    np.testing.assert_array_equal(np.asarray(decision.pruned), np.asarray(decision.candidate))
+    np.testing.assert_array_equal(np.asarray(decision.pruned), np.asarray(sorted_path))

@@ -148,6 +148,34 @@ class Explanation(NamedTuple):
     excess_s: jax.Array
 
 
+def _excess(table: CostTable, config: CAEEConfig, topk_ids, kept_if_all_pruned, residency, load) -> jax.Array:
+    """Each device's predicted load above its target [S] (s, >= 0; inf: prunes every candidate), S > 1."""
+    if config.target is Target.FLOOR:
+        floor = predict(table, topk_ids, kept_if_all_pruned, residency).device_s  # every candidate pruned
+        # The device left heaviest prunes all its candidates; the others come down to its load.
+        excess = jnp.where(floor >= jnp.max(floor), jnp.inf, load - jnp.max(floor))
+    elif config.target is Target.NEXT:
+        excess = load - jnp.sort(load)[-2]
+    else:
+        excess = load - jnp.mean(load) * (1 + config.slack)
+    return jnp.maximum(excess, 0.0)
+
+
+def _prune_in_score_order(num_devices: int, eligible, device, score, cost, excess) -> jax.Array:
+    """Per device, the eligible slots [N, K] pruned in increasing score while the device's load is still
+    above its target: cost [N, K] (s) saved so far below excess [S]."""
+    flat_device = jnp.where(eligible, device, num_devices).reshape(-1)
+    flat_score, flat_cost = score.reshape(-1), cost.reshape(-1)
+    order = jnp.lexsort((flat_score, flat_device))
+    sorted_device, sorted_cost = flat_device[order], jnp.where(flat_device < num_devices, flat_cost, 0)[order]
+    cumulative = jnp.cumsum(sorted_cost)
+    device_start = jnp.searchsorted(sorted_device, jnp.arange(num_devices + 1))
+    saved_before = cumulative - sorted_cost - jnp.concatenate([jnp.zeros(1), cumulative])[device_start][sorted_device]
+    excess_of = jnp.concatenate([excess, jnp.zeros(1)])[sorted_device]
+    prune_sorted = (sorted_device < num_devices) & (saved_before < excess_of)
+    return jnp.zeros(order.shape, bool).at[order].set(prune_sorted).reshape(eligible.shape)
+
+
 def caee_prune(
     table: CostTable,
     config: CAEEConfig,
@@ -202,34 +230,18 @@ def explain(
     else:
         score = importance / relative**config.cost_exponent
 
-    # Straggler target and each device's excess over it.
+    # Straggler target: each device's excess over it, and the slots pruned to meet it.
     protected = weight_rank(topk_weights) < config.k_min
     candidates = ~protected & (score < config.theta) & everything
     load = before.device_s
-    if config.target is Target.NONE:
+    if config.target is Target.NONE or table.num_devices == 1:
+        # No target, or one device (every target is then the floor it sets itself): every candidate goes.
         excess = jnp.full(load.shape, jnp.inf)
-    elif config.target is Target.FLOOR or table.num_devices == 1:
-        floor = predict(table, topk_ids, everything & ~candidates, residency).device_s  # every candidate pruned
-        # The device left heaviest prunes all its candidates; the others come down to its load.
-        excess = jnp.where(floor >= jnp.max(floor), jnp.inf, load - jnp.max(floor))
-    elif config.target is Target.NEXT:
-        excess = load - jnp.sort(load)[-2]
+        eligible = pruned = candidates
     else:
-        excess = load - jnp.mean(load) * (1 + config.slack)
-    excess = jnp.maximum(excess, 0.0)  # [S]
-
-    # Per device, prune eligible slots in increasing score while the load is still above target.
-    eligible = candidates & (excess[device] > 0)
-    flat_device = jnp.where(eligible, device, table.num_devices).reshape(-1)
-    flat_score, flat_cost = score.reshape(-1), cost.reshape(-1)
-    order = jnp.lexsort((flat_score, flat_device))
-    sorted_device, sorted_cost = flat_device[order], jnp.where(flat_device < table.num_devices, flat_cost, 0)[order]
-    cumulative = jnp.cumsum(sorted_cost)
-    device_start = jnp.searchsorted(sorted_device, jnp.arange(table.num_devices + 1))
-    saved_before = cumulative - sorted_cost - jnp.concatenate([jnp.zeros(1), cumulative])[device_start][sorted_device]
-    excess_of = jnp.concatenate([excess, jnp.zeros(1)])[sorted_device]
-    prune_sorted = (sorted_device < table.num_devices) & (saved_before < excess_of)
-    pruned = jnp.zeros(order.shape, bool).at[order].set(prune_sorted).reshape(topk_ids.shape)
+        excess = _excess(table, config, topk_ids, everything & ~candidates, residency, load)
+        eligible = candidates & (excess[device] > 0)
+        pruned = _prune_in_score_order(table.num_devices, eligible, device, score, cost, excess)
     prune = pruned
     if config.refill:
         prune = refill(pruned, topk_ids, topk_weights, num_experts, row_tile(table, num_tokens), everything)

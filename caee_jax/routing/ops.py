@@ -57,9 +57,12 @@ def rank_in_group(group: jax.Array, weight: jax.Array, num_groups: int) -> jax.A
 
 
 def weight_rank(topk_weights: jax.Array) -> jax.Array:
-    """[N, K] -> rank of each slot by gate weight within its token (0 = heaviest)."""
-    order = jnp.argsort(-topk_weights, axis=-1, stable=True)
-    return jnp.argsort(order, axis=-1, stable=True)
+    """[N, K] -> rank of each slot by gate weight within its token (0 = heaviest; ties: the earlier slot first).
+    K x K comparisons per token rather than two sorts: cheaper for a top-k's few slots."""
+    slot = jnp.arange(topk_weights.shape[-1])
+    other, this = topk_weights[..., None, :], topk_weights[..., :, None]  # [N, K (this), K (other)]
+    ahead = (other > this) | ((other == this) & (slot[None, :] < slot[:, None]))
+    return ahead.sum(-1, dtype=jnp.int32)
 
 
 def combine_matrix(topk_ids, topk_weights, keep_mask, num_experts: int) -> jax.Array:
