@@ -73,3 +73,10 @@ def test_plot_curves_writes_a_png(tmp_path):
     figure = frontier.plot_curves(records, str(path), "test")
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert len(figure.axes[0].lines) >= 2  # one fitted curve per rule
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    (legend,) = figure.legends  # one for both panels, under them: it covers no data
+    assert [t.get_text() for t in legend.get_texts()] == ["caee", "top_p"]
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    legend_top = legend.get_window_extent(renderer).y1
+    assert all(legend_top <= ax.get_tightbbox(renderer).y0 for ax in figure.axes)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from caee_jax.eval.report import ppl_rise, rule_label, step_cut, top1_drop, top1_drop_error
+from caee_jax.eval.report import legend_below, ppl_rise, rule_label, step_cut, top1_drop, top1_drop_error
 
 TOP1_LEVELS = (0.005, 0.01)  # relative top-1 drop
 PPL_LEVELS = (0.01, 0.02)  # perplexity rise
@@ -187,16 +187,18 @@ def plot_curves(records: list[dict], path: str | None = None, title: str = ""):
             rows = [r for r in records if rule_label(r) == label]
             color = plt.get_cmap("tab10")(i % 10)
             xs, ys = curve(rows, ppl_rise, 0.0, latency)
-            ax.plot(100 * xs, 100 * ys, color=color, label=label)
+            ax.plot(100 * xs, 100 * ys, color=color)
             ax.scatter(
                 [100 * ppl_rise(r) for r in rows], [100 * latency(r) for r in rows], s=10, color=color, alpha=0.4
             )
         ax.axvline(100 * PPL_LEVELS[-1], color="grey", lw=0.8, ls="--")
         ax.set(xlabel="perplexity rise (%, relative)", ylabel=what, xlim=(-0.2, 4), title=title)
-    axes[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    legend_below(
+        fig, [plt.Line2D([], [], color=plt.get_cmap("tab10")(i % 10), label=label) for i, label in enumerate(labels)]
+    )
     plt.close(fig)
     if path is not None:
         with atomic_write(path, "wb") as f:
-            fig.savefig(f, dpi=110, format="png")
+            fig.savefig(f, dpi=110, format="png", bbox_inches="tight")
     return fig

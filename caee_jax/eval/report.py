@@ -5,6 +5,7 @@ best peer rule, a Markdown table and a Pareto plot."""
 from __future__ import annotations
 
 import os
+import textwrap
 
 from caee_jax.caee.importance import FILENAME as IMPORTANCE_FILE
 from caee_jax.files import atomic_write
@@ -173,11 +174,18 @@ def plot_pareto(records: list[dict], path: str | None = None):
         bottom.set(xlabel="perplexity rise (%, relative)")
         for ax in (top, bottom):
             ax.set_ylabel("decode step time cut (%)")
-    handles = [plt.Line2D([], [], color=colors[label], marker="o", label=label) for label in labels]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout()
+    legend_below(fig, [plt.Line2D([], [], color=colors[label], marker="o", label=label) for label in labels])
     plt.close(fig)  # not shown twice by pyplot's own display; the returned figure is
     if path is not None:
         with atomic_write(path, "wb") as f:
-            fig.savefig(f, dpi=110, format="png")
+            fig.savefig(f, dpi=110, format="png", bbox_inches="tight")
     return fig
+
+
+def legend_below(fig, handles) -> None:
+    """The figure's legend under its axes, one rule per line (long labels wrapped), so that it neither runs
+    off the figure nor covers data; saved whole with `savefig(..., bbox_inches="tight")`."""
+    for handle in handles:
+        handle.set_label(textwrap.fill(handle.get_label(), 100, break_on_hyphens=False))
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=1, fontsize=8, frameon=False)
