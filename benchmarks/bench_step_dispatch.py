@@ -46,7 +46,8 @@ def main() -> None:
         compiler_options=steps.CPU_COMPILER_OPTIONS,
     )  # fmt: skip
     steppers = {"per call": per_call, "once": steps.teacher_forced_step}
-    plans = {"unpruned": model.execution, "caee 1.0": dataclasses.replace(model.execution, pruning=CAEEConfig(1.0))}
+    caee = dataclasses.replace(model.execution, pruning=CAEEConfig(theta=1.0))
+    plans = {"unpruned": model.execution, "caee 1.0": caee}
     print(f"load average {os.getloadavg()[0]:.2f}")
     print("| batch | plan | per call ms | once ms | once / per call [95% CI] |\n|---|---|---|---|---|")
     for batch in args.batches:

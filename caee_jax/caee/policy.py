@@ -60,7 +60,7 @@ class Target(Choice):
 TARGETS = Target.names()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)  # CAEEConfig(1.0) would read 1.0 as `enabled`
 class CAEEConfig:
     """enabled: False leaves routing untouched (bit-identical to no pruning);
     theta: prune slots whose importance/cost score is below it (0: nothing); k_min: top slots per token
