@@ -21,7 +21,7 @@ import numpy as np
 import caee_jax
 from caee_jax.model.cache import LatentCache
 from caee_jax.runtime import steps
-from caee_jax.stats import median_ratio
+from caee_jax.stats import paired_ratio
 
 CACHE_LEN = 128
 
@@ -81,7 +81,7 @@ def main() -> None:
             ("f32 step_jit", "bf16 step_jit"),
         )
         for base, cand in pairs:
-            ratio, low, high = median_ratio(times[base], times[cand])
+            ratio, low, high = paired_ratio(times[base], times[cand])
             print(f"  {cand} / {base}: {ratio:.3f} [{low:.3f}, {high:.3f}]")
 
 

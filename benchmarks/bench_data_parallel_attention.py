@@ -40,7 +40,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from caee_jax.stats import median_ratio  # noqa: E402
+from caee_jax.stats import paired_ratio  # noqa: E402
 
 CONFIGS = {  # name -> (mesh spec or None for one process, dispatch, rows per batch, routed experts run)
     "1 process": (None, "auto", 1.0, True),
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
             print(f"batch {batch}, round {r + 1}: {done}; load {loads[-1]:.1f}", file=sys.stderr, flush=True)
         base = np.array(times["1 process"])
         for config in (c for c in configs if c in CONFIGS):
-            speedup, low, high = median_ratio(np.array(times[config]), base)
+            speedup, low, high = paired_ratio(np.array(times[config]), base)
             rows.append(dict(batch=batch, config=config, step_s=float(np.median(times[config])), speedup=speedup,
                              speedup_ci95=[low, high], step_s_rounds=times[config]))  # fmt: skip
         if args.decompose:

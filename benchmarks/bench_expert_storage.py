@@ -27,7 +27,7 @@ import caee_jax
 from caee_jax.experts import ExpertBackend, ExpertWeights, run_experts
 from caee_jax.routing.storage import block_quantize
 from caee_jax.runtime import steps
-from caee_jax.stats import median_ratio
+from caee_jax.stats import paired_ratio
 
 STORAGES = ("f32", "bf16", "fp8")
 
@@ -104,7 +104,7 @@ def report(label: str, times: dict[str, np.ndarray], nbytes=None, bandwidth=None
     for storage, t in times.items():
         line = f"{label} {storage:4s} {1e3 * np.median(t):8.2f} ms"
         if storage != "f32":
-            ratio, low, high = median_ratio(t, times["f32"])  # f32 / storage: the speed-up
+            ratio, low, high = paired_ratio(t, times["f32"])  # f32 / storage: the speed-up
             line += f"  speed-up vs f32 {ratio:.2f}x [{low:.2f}, {high:.2f}]"
         if nbytes is not None:
             rate = nbytes[storage] / np.median(t)

@@ -39,7 +39,7 @@ from caee_jax.eval.offload_timeline import plot_timeline
 from caee_jax.offload.cache import Offload, StepStats
 from caee_jax.offload.disk_store import DiskStore, write_disk_store
 from caee_jax.offload.store import ExpertStore
-from caee_jax.stats import median_ratio
+from caee_jax.stats import paired_ratio
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,7 +156,7 @@ def main() -> None:
             rs = runs[(batch, name)]
             assert all(r["ids"] == base_runs[0]["ids"] for r in rs), f"batch {batch} {name}: greedy ids differ"
             t = np.array([r["step_s"] for r in rs])
-            ratio, low, high = median_ratio(base, t)
+            ratio, low, high = paired_ratio(base, t)
             s = rs[-1]["stats"]
             row = dict(batch=batch, config=name, step_ms=1e3 * float(np.median(t)), ratio=ratio, ci=[low, high])
             row |= dict(tokens_per_s=batch / float(np.median(t)), stats=s, step_ms_rounds=(1e3 * t).tolist())
@@ -173,7 +173,7 @@ def main() -> None:
         for policy in ("lru", "lfu", "cost"):
             pf = np.array([r["step_s"] for r in runs[(batch, f"disk 25% pf+{policy}")]])
             for base_name, b in (("on-demand lru", lru), ("serial on-demand", serial)):
-                ratio, low, high = median_ratio(pf, b)
+                ratio, low, high = paired_ratio(pf, b)
                 print(f"speed-up of pf+{policy} over {base_name}: {ratio:.2f}x [{low:.2f}, {high:.2f}]")
         if batch == max(args.batches):
             for name in ("disk 25% lru", "disk 25% pf+cost"):

@@ -29,7 +29,7 @@ from caee_jax.caee.policy import CAEEConfig
 from caee_jax.calibration.tables import select_table
 from caee_jax.eval.decode_eval import windows_of
 from caee_jax.runtime import steps
-from caee_jax.stats import median_ratio
+from caee_jax.stats import paired_ratio
 
 
 def main() -> None:
@@ -77,7 +77,7 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f}, batch {args.batch}, {len(times['unpruned'])} steps per plan")
     print("| plan | median ms | / unpruned [95% CI] |\n|---|---|---|")
     for name, samples in times.items():
-        ratio, low, high = median_ratio(times["unpruned"], samples)
+        ratio, low, high = paired_ratio(times["unpruned"], samples)
         print(f"| {name} | {1e3 * np.median(samples):.3f} | {ratio:.4f} [{low:.4f}, {high:.4f}] |")
 
 

@@ -26,7 +26,7 @@ from caee_jax.caee.policy import CAEEConfig
 from caee_jax.calibration.tables import select_table
 from caee_jax.eval.decode_eval import windows_of
 from caee_jax.runtime import steps
-from caee_jax.stats import median_ratio
+from caee_jax.stats import paired_ratio
 
 
 def main() -> None:
@@ -75,7 +75,7 @@ def main() -> None:
                         if round_:
                             times[name].append(time.perf_counter() - start)
                         caches[name] = out[1]
-            ratio, low, high = median_ratio(times["per call"], times["once"])
+            ratio, low, high = paired_ratio(times["per call"], times["once"])
             medians = [1e3 * np.median(times[name]) for name in steppers]
             print(f"| {batch} | {label} | {medians[0]:.2f} | {medians[1]:.2f} | {ratio:.3f} [{low:.3f}, {high:.3f}] |")
 

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 import caee_jax
-from caee_jax.stats import median_ratio
+from caee_jax.stats import paired_ratio
 
 PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
@@ -60,7 +60,7 @@ def main() -> None:
     whole = {name: np.array([t[1] for t in runs]) for name, runs in times.items()}
     print(f"bundled model, batch 1, {args.tokens} new tokens, {args.rounds} rounds alternated")
     for label, values in (("decode ms/token", step), ("whole call ms", whole)):
-        ratio, low, high = median_ratio(values["plain"], values["streamed"])
+        ratio, low, high = paired_ratio(values["plain"], values["streamed"])
         print(
             f"  {label}: plain {1e3 * np.median(values['plain']):.3f}, streamed "
             f"{1e3 * np.median(values['streamed']):.3f}; streamed / plain {ratio:.3f} [{low:.3f}, {high:.3f}]"

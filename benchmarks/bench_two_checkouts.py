@@ -28,7 +28,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
-from caee_jax.stats import median_ratio  # noqa: E402
+from caee_jax.stats import paired_ratio  # noqa: E402
 
 
 def run_job(tree: str, argv: list[str]) -> str:
@@ -82,7 +82,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for key in ("decode_s", "step_time_s", "step_time_unpruned_s"):
         b, c = (np.array([r[key] for r in rs]) for rs in (base, cand))
-        ratio, low, high = median_ratio(b, c)
+        ratio, low, high = paired_ratio(b, c)
         medians = f"{1e3 * np.median(b):.2f} ms | {1e3 * np.median(c):.2f} ms"
         print(f"| {key} | {medians} | {ratio:.3f} [{low:.3f}, {high:.3f}] |")
     for key in ("top1_acc", "ppl", "pruned_pair_fraction"):

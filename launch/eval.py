@@ -9,7 +9,8 @@
 For each (rule, knob, batch size), teacher-forced decoding on held-out text compares the pruned model
 with the unpruned one (caee_jax/eval/decode_eval.py): top-1 accuracy, agreement with the unpruned
 argmax, perplexity, KL, and decode step times measured alternately in the same run. The step-time cut
-gets a bootstrap 95% interval over the alternated steps; while it is wider than +-(--cut-half-width)
+(of the median step; the mean step's, the time per output token, is recorded too) gets a bootstrap 95%
+interval over the alternated steps; while it is wider than +-(--cut-half-width)
 (default 2 points), more windows are timed (no accuracy) up to --max-timed-steps. The table's best cuts
 judge the top-1 limit on the drop's paired interval (its upper end) and, beside it, on the point
 estimate, and say whether CAEE's and the best peer's cut intervals are apart. One JSON record

@@ -30,6 +30,7 @@ from caee_jax.eval.user_files import UserFileError, check_writable
 
 TIMING = (  # what --timing-from takes from the timing sweep: measured and predicted times, offload statistics
     "step_time_s", "step_time_unpruned_s", "step_cut_interval", "timed_steps", "offload",
+    "mean_step_time_s", "mean_step_time_unpruned_s", "mean_step_cut_interval",
     "predicted_moe_s", "predicted_moe_unpruned_s", "predicted_device_s", "predicted_device_unpruned_s",
 )  # fmt: skip
 
@@ -71,7 +72,11 @@ def timed_elsewhere(texts: dict[str, list[dict]], timing: dict[str, list[dict]])
                 raise UserFileError(f"--timing-from: no timing of case {case_of(name, record)}")
             if timed["provenance"]["eval_sha256"] != record["provenance"]["eval_sha256"]:
                 raise UserFileError(f"--timing-from: case {case_of(name, record)} was timed on another text")
-            record.update({field: timed[field] for field in TIMING if field in timed})
+            for field in TIMING:  # a field the timing case lacks (an older record) is not left from the accuracy run
+                if field in timed:
+                    record[field] = timed[field]
+                else:
+                    record.pop(field, None)
             held = timed["provenance"]
             record["provenance"] = dict(
                 record["provenance"], timing_from=dict(eval_tokens=held["eval_tokens"], code=held["code"])

@@ -15,6 +15,7 @@ from caee_jax.caee.cost_table import save_table
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {"rule", "knob", "batch_size", "processes", "top1_acc", "top1_acc_unpruned", "ppl", "ppl_unpruned"}
 FIELDS |= {"step_time_s", "step_time_unpruned_s", "agreement", "kl", "pruned_pair_fraction"}
+FIELDS |= {"mean_step_time_s", "mean_step_time_unpruned_s", "mean_step_cut_interval"}
 
 
 def test_eval_job_writes_records_and_resumes(tmp_path):
@@ -37,6 +38,8 @@ def test_eval_job_writes_records_and_resumes(tmp_path):
         assert r["timed_steps"] == 11  # 3 steps measured with accuracy, 9 timed only; the first compiles
         low, high = r["step_cut_interval"]
         assert low <= 1 - r["step_time_s"] / r["step_time_unpruned_s"] <= high
+        low, high = r["mean_step_cut_interval"]
+        assert low <= 1 - r["mean_step_time_s"] / r["mean_step_time_unpruned_s"] <= high
     assert records[0]["pruned_pair_fraction"] > 0  # theta 1.5 prunes on one device
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]

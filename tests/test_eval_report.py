@@ -40,6 +40,20 @@ def test_accuracy_comes_from_the_runs_and_step_times_from_the_timing_sweep(tmp_p
     assert "| 1 | 1 | top_p | 0.6 | 60.0% | 20.0% [19.0, 21.0] | 0.40 ± 0.40% |" in table
 
 
+def test_mean_step_times_come_from_the_timing_sweep_or_not_at_all(tmp_path):
+    """The accuracy run's own mean step times never stand in for a timing case that lacks them."""
+    quality = sweep(tmp_path / "quality", [("caee", 0.3, 0.9, 0.499)], tokens=32768)
+    path = os.path.join(quality, "results.jsonl")
+    record = json.loads(open(path).read()) | dict(
+        mean_step_time_s=0.5, mean_step_time_unpruned_s=1.0, mean_step_cut_interval=[0.4, 0.6]
+    )
+    open(path, "w").write(json.dumps(record) + "\n")
+    timing = sweep(tmp_path / "timing", [("caee", 0.3, 0.6, 0.4)], tokens=8192)
+    texts = eval_report.pooled([quality])
+    eval_report.timed_elsewhere(texts, eval_report.pooled([timing]))
+    assert "mean_step_time_s" not in texts["heldout"][0] and texts["heldout"][0]["step_time_s"] == 0.6
+
+
 def test_a_case_without_timing_or_timed_on_another_text_is_refused(tmp_path, capsys):
     quality = sweep(tmp_path / "quality", [("caee", 0.3, 0.9, 0.499), ("caee", 0.5, 0.9, 0.49)], tokens=32768)
     timing = sweep(tmp_path / "timing", [("caee", 0.3, 0.6, 0.4)], tokens=8192)

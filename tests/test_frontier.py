@@ -66,6 +66,16 @@ def test_without_a_cost_table_only_the_measured_cut_is_shown():
     assert len(figure.axes[0].lines) == 3 and not figure.axes[1].lines  # 2 curves and the limit; none
 
 
+def test_the_mean_step_axis_is_shown_when_every_record_has_it():
+    """The cut of the mean step (time per output token) is a third latency axis, read like the others."""
+    records = [record(rule, p, p, 0.05 * p, 0.1 * p) | dict(mean_step_time_s=1 - 2 * p, mean_step_time_unpruned_s=1.0)
+               for rule in ("caee", "top_p") for p in (0.1, 0.2)]  # fmt: skip
+    assert frontier.cut_at(records[:2], frontier.ppl_rise, 0.02, latency=frontier.mean_step_cut) == pytest.approx(0.4)
+    assert "measured mean decode step cut" in "\n".join(frontier.matched_sections(records))
+    records[0] = record("caee", 0.1, 0.1, 0.005, 0.01)  # one record measured before the means were kept
+    assert "mean decode step" not in "\n".join(frontier.matched_sections(records))
+
+
 def test_plot_curves_writes_a_png(tmp_path):
     records = [record(rule, p, p * (2 if rule == "caee" else 1), 0.05 * p, 0.1 * p) for p in (0.1, 0.2)
                for rule in ("caee", "top_p")]  # fmt: skip

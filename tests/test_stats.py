@@ -1,25 +1,34 @@
-"""caee_jax.stats: the ratio of medians and its paired bootstrap interval."""
+"""caee_jax.stats: the ratio of medians (or means) and its paired bootstrap interval."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from caee_jax.stats import median_ratio
+from caee_jax.stats import paired_ratio
 
 
-def test_median_ratio_is_exact_and_its_interval_tightens_with_more_pairs():
+def test_paired_ratio_is_exact_and_its_interval_tightens_with_more_pairs():
     rng = np.random.default_rng(1)
     base = rng.lognormal(0.0, 0.3, 400)
-    ratio, low, high = median_ratio(base, 0.8 * base)  # every pair exactly 0.8: no spread at all
+    ratio, low, high = paired_ratio(base, 0.8 * base)  # every pair exactly 0.8: no spread at all
     assert ratio == pytest.approx(0.8) and low == pytest.approx(0.8) and high == pytest.approx(0.8)
     noisy = 0.8 * base * rng.lognormal(0.0, 0.2, 400)
-    _, low_few, high_few = median_ratio(base[:20], noisy[:20])
-    ratio, low, high = median_ratio(base, noisy)
+    _, low_few, high_few = paired_ratio(base[:20], noisy[:20])
+    ratio, low, high = paired_ratio(base, noisy)
     assert low < ratio < high and 0.7 < ratio < 0.9
     assert high - low < high_few - low_few
 
 
-def test_median_ratio_refuses_unpaired_samples():
+def test_paired_ratio_refuses_unpaired_samples():
     with pytest.raises(ValueError, match=r"shapes \(3,\) and \(2,\)"):
-        median_ratio([1.0, 2.0, 3.0], [1.0, 2.0])
+        paired_ratio([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_paired_ratio_of_means_is_the_ratio_of_totals():
+    """Steps of two modes (e.g. layers that read or not): the median sits in one mode, the mean weighs both."""
+    base = np.array([1.0, 1.0, 1.0, 3.0, 3.0])
+    cand = np.array([1.0, 1.0, 1.0, 1.0, 1.0])
+    assert paired_ratio(base, cand)[0] == pytest.approx(1.0)
+    ratio, low, high = paired_ratio(base, cand, np.mean)
+    assert ratio == pytest.approx(5 / 9) and low <= ratio <= high

@@ -9,8 +9,10 @@ at accuracy level a is read off it, linearly between points; beyond the rule's h
 extrapolated (None). Top-1 drops carry a paired interval (± 2 s.e.): the curve fitted with every drop at
 the top (bottom) of its interval gives the low (high) end of the cut's interval at level a. The area
 between two rules' curves over [0, a], divided by a, is their mean cut difference there.
-The latency axis is the measured decode step cut (`report.step_cut`) or, free of timing noise, the cut of
-the MoE time the cost model predicts for the pairs that ran (`predicted_cut`; same table for every rule).
+The latency axis is the measured decode step cut (`report.step_cut`, of the median step), the cut of the
+mean step (`report.mean_step_cut`: the time per output token; where steps are multimodal, as at batch 1
+offloaded, the median jumps between modes) or, free of timing noise, the cut of the MoE time the cost
+model predicts for the pairs that ran (`predicted_cut`; same table for every rule).
 Records as `launch/eval.py` writes them; fractions, not percent.
 """
 
@@ -20,7 +22,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from caee_jax.eval.report import legend_below, ppl_rise, rule_label, step_cut, top1_drop, top1_drop_error
+from caee_jax.eval.report import (
+    has_mean_step,
+    legend_below,
+    mean_step_cut,
+    ppl_rise,
+    rule_label,
+    step_cut,
+    top1_drop,
+    top1_drop_error,
+)
 
 TOP1_LEVELS = (0.005, 0.01)  # relative top-1 drop
 PPL_LEVELS = (0.01, 0.02)  # perplexity rise
@@ -152,12 +163,15 @@ def matched_table(records: list[dict], max_drop: float = 0.01, max_rise: float =
 
 
 def matched_sections(records: list[dict]) -> list[str]:
-    """`matched_table` per (processes, batch) group, on the measured step cut and (when the run had a cost
-    table) on the predicted MoE-time cut, each under a heading line: a `report.write_table` section."""
+    """`matched_table` per (processes, batch) group, on the measured step cut, (when every record has it) the
+    mean step's cut and (when the run had a cost table) the predicted MoE-time cut, each under a heading
+    line: a `report.write_table` section."""
     lines = []
     for processes, batch in sorted({(r["processes"], r["batch_size"]) for r in records}):
         group = [r for r in records if (r["processes"], r["batch_size"]) == (processes, batch)]
         axes = [(step_cut, "measured decode step cut")]
+        if all(map(has_mean_step, group)):
+            axes.append((mean_step_cut, "measured mean decode step cut (time per output token)"))
         if all_predicted(group):
             axes.append((predicted_cut, "predicted MoE-time cut"))
         for latency, what in axes:

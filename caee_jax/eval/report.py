@@ -27,6 +27,24 @@ def cut_text(r: dict) -> str:
     return f"{100 * step_cut(r):.1f}%" + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
 
 
+def has_mean_step(r: dict) -> bool:
+    """Whether the record holds its mean step times (records measured before they were kept do not)."""
+    return "mean_step_time_s" in r
+
+
+def mean_step_cut(r: dict) -> float:
+    """The cut of the mean decode step (the time per output token); NaN without it (`has_mean_step`)."""
+    return 1 - r["mean_step_time_s"] / r["mean_step_time_unpruned_s"] if has_mean_step(r) else float("nan")
+
+
+def mean_cut_text(r: dict) -> str:
+    """'12.3% [10.1, 14.2]': the mean step's cut and its interval, in percent ("-" without it)."""
+    if not has_mean_step(r):
+        return "-"
+    low, high = r["mean_step_cut_interval"]
+    return f"{100 * mean_step_cut(r):.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+
 def top1_drop(r: dict) -> float:
     """Relative; NaN when the unpruned model hit no token (nothing to drop from: not within any limit)."""
     return 1 - _ratio(r["top1_acc"], r["top1_acc_unpruned"])
@@ -120,9 +138,11 @@ def offload_cells(r: dict) -> tuple[str, str]:
 
 def write_table(records: list[dict], path: str, sections: list[str] = ()) -> None:
     """The Markdown table of every case, then `best_table`, then `sections` (more Markdown lines, e.g.
-    `frontier.matched_sections`); offloaded cases add their cache columns."""
-    offloaded = any("offload" in r for r in records)
+    `frontier.matched_sections`); offloaded cases add their cache columns, records with mean step times
+    the mean step's cut."""
+    offloaded, means = any("offload" in r for r in records), any(map(has_mean_step, records))
     header = ("processes", "batch", "rule", "knob", "pruned pairs", "step cut [95% interval]")
+    header += ("mean step cut [95% interval]",) if means else ()
     header += ("top-1 drop (rel.) ± 2 s.e.",)
     header += ("ppl rise (rel.)", "agreement", "KL")
     header += ("blocking fetches / step", "hit rate") if offloaded else ()
@@ -135,7 +155,8 @@ def write_table(records: list[dict], path: str, sections: list[str] = ()) -> Non
             f"{r['knob']:g}",
             f"{100 * r['pruned_pair_fraction']:.1f}%",
         )
-        cells += (cut_text(r), f"{100 * top1_drop(r):.2f} ± {100 * top1_drop_error(r):.2f}%")
+        cells += (cut_text(r),) + ((mean_cut_text(r),) if means else ())
+        cells += (f"{100 * top1_drop(r):.2f} ± {100 * top1_drop_error(r):.2f}%",)
         cells += (f"{100 * ppl_rise(r):.2f}%", f"{100 * r['agreement']:.1f}%", f"{r['kl']:.4f}")
         cells += offload_cells(r) if offloaded else ()
         lines.append("| " + " | ".join(map(str, cells)) + " |")
