@@ -7,7 +7,8 @@ per evaluation text (its SHA-256); for each text OUT/NAME.md holds every case, t
 limits and the cuts at matched accuracy (`caee_jax/eval/frontier.py`), OUT/NAME.png the Pareto plot,
 OUT/NAME-curves-pP-bB.png each rule's fitted curve against the perplexity rise (measured and predicted cut).
 NAME is the text's file name without extension. Two records of the same case (rule, knob, settings) are
-an error naming both files.
+an error naming both files. CAEE cases calibrated by byte-identical importance files (same SHA-256) are one
+rule, named after the model's own `importance.npz` when one of them is.
 
 --timing-from DIR...: each case's step times (measured and predicted) and offload statistics from the same
 case (text, rule, knob, settings, batch, processes) in these sweeps, its accuracy from --runs. For cases
@@ -25,6 +26,7 @@ import os
 import sys
 
 from caee_jax import cli
+from caee_jax.caee.importance import FILENAME as IMPORTANCE_FILE
 from caee_jax.eval import frontier, report, results
 from caee_jax.eval.user_files import UserFileError, check_writable
 
@@ -40,24 +42,48 @@ def case_of(name: str, record: dict) -> tuple:
     return (name, *(record.get(field) for field in results.CASE[:4]), report.rule_label(record))
 
 
-def pooled(directories: list[str]) -> dict[str, list[dict]]:
-    """Records of every directory's results.jsonl, per evaluation text name."""
-    texts, seen, names = {}, {}, {}
+def read_sweeps(directories: list[str]) -> list[tuple[str, dict]]:
+    """(path, record) of every directory's results.jsonl."""
+    found = []
     for directory in directories:
         path = os.path.join(directory, "results.jsonl")
         if not os.path.isfile(path):
             raise UserFileError(f"--runs {directory}: no results.jsonl there")
-        records, _ = results.read(path, repair=False)
-        for record in records:
-            provenance = record["provenance"]
-            name = os.path.splitext(os.path.basename(provenance["eval_file"]))[0]
-            if names.setdefault(name, provenance["eval_sha256"]) != provenance["eval_sha256"]:
-                raise UserFileError(f"--runs {directory}: two different texts are named {name}")
-            case = case_of(name, record)
-            if case in seen:
-                raise UserFileError(f"case {case} is in both {seen[case]} and {path}")
-            seen[case] = path
-            texts.setdefault(name, []).append(record)
+        found += [(path, record) for record in results.read(path, repair=False)[0]]
+    return found
+
+
+def one_name_per_calibration(records: list[dict]) -> None:
+    """Names every importance file of the same content (SHA-256 in the provenance) alike, in place: the
+    model's own `importance.npz` when one of them is, else the first seen; so that copies label and pool as
+    one rule (`report.rule_label` names a file other than the model's own)."""
+    paths = {}
+    for record in records:
+        sha, path = record["provenance"].get("importance_sha256"), record.get("importance")
+        if sha and path:
+            paths.setdefault(sha, []).append(path)
+    name = {
+        sha: next((p for p in same if os.path.basename(p) == IMPORTANCE_FILE), same[0]) for sha, same in paths.items()
+    }
+    for record in records:
+        sha = record["provenance"].get("importance_sha256")
+        if sha in name and record.get("importance"):
+            record["importance"] = name[sha]
+
+
+def pooled(found: list[tuple[str, dict]]) -> dict[str, list[dict]]:
+    """The records of `read_sweeps`, per evaluation text name."""
+    texts, seen, names = {}, {}, {}
+    for path, record in found:
+        provenance = record["provenance"]
+        name = os.path.splitext(os.path.basename(provenance["eval_file"]))[0]
+        if names.setdefault(name, provenance["eval_sha256"]) != provenance["eval_sha256"]:
+            raise UserFileError(f"{os.path.dirname(path)}: two different texts are named {name}")
+        case = case_of(name, record)
+        if case in seen:
+            raise UserFileError(f"case {case} is in both {seen[case]} and {path}")
+        seen[case] = path
+        texts.setdefault(name, []).append(record)
     return texts
 
 
@@ -92,9 +118,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         check_writable(args.out, "--out", directory=True)
-        texts = pooled(args.runs)
-        if args.timing_from:
-            timed_elsewhere(texts, pooled(args.timing_from))
+        runs, timing = read_sweeps(args.runs), read_sweeps(args.timing_from or [])
+        one_name_per_calibration([record for _, record in runs + timing])
+        texts = pooled(runs)
+        if timing:
+            timed_elsewhere(texts, pooled(timing))
     except (UserFileError, results.ResultsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

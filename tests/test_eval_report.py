@@ -49,8 +49,8 @@ def test_mean_step_times_come_from_the_timing_sweep_or_not_at_all(tmp_path):
     )
     open(path, "w").write(json.dumps(record) + "\n")
     timing = sweep(tmp_path / "timing", [("caee", 0.3, 0.6, 0.4)], tokens=8192)
-    texts = eval_report.pooled([quality])
-    eval_report.timed_elsewhere(texts, eval_report.pooled([timing]))
+    texts = eval_report.pooled(eval_report.read_sweeps([quality]))
+    eval_report.timed_elsewhere(texts, eval_report.pooled(eval_report.read_sweeps([timing])))
     assert "mean_step_time_s" not in texts["heldout"][0] and texts["heldout"][0]["step_time_s"] == 0.6
 
 
@@ -63,6 +63,35 @@ def test_a_case_without_timing_or_timed_on_another_text_is_refused(tmp_path, cap
     quality_one = sweep(tmp_path / "one", [("caee", 0.3, 0.9, 0.499)], tokens=32768)
     assert eval_report.main(["--runs", quality_one, "--timing-from", other, "--out", str(tmp_path / "s")]) == 2
     assert "timed on another text" in capsys.readouterr().err
+
+
+def calibrated(directory: str, importance: str, sha: str) -> None:
+    """Makes the sweep's records CAEE calibrated by `importance`, a file of content `sha`."""
+    path = os.path.join(directory, "results.jsonl")
+    records = [json.loads(line) for line in open(path)]
+    with open(path, "w") as f:
+        for r in records:
+            r |= dict(layer_sensitivity=True, importance=importance)
+            r["provenance"]["importance_sha256"] = sha
+            f.write(json.dumps(r) + "\n")
+
+
+def test_copies_of_one_importance_file_are_one_rule(tmp_path, capsys):
+    """Accuracy on a copy of the model's importance.npz, timing on the model's own: one rule, labelled as the
+    model's own; a file of other content stays a rule of its own (its case has no timing)."""
+    quality = sweep(tmp_path / "quality", [("caee", 0.3, 0.9, 0.499)], tokens=32768)
+    timing = sweep(tmp_path / "timing", [("caee", 0.3, 0.6, 0.4)], tokens=8192)
+    calibrated(quality, "/runs/importance-top1.npz", "c" * 64)
+    calibrated(timing, "/model/importance.npz", "c" * 64)
+    out = tmp_path / "report"
+    assert eval_report.main(["--runs", quality, "--timing-from", timing, "--out", str(out)]) == 0
+    assert (
+        "| 1 | 1 | caee (layer_sensitivity=True) | 0.3 | 30.0% | 40.0% [39.0, 41.0] |"
+        in (out / "heldout.md").read_text()
+    )
+    calibrated(timing, "/model/importance.npz", "d" * 64)
+    assert eval_report.main(["--runs", quality, "--timing-from", timing, "--out", str(out)]) == 2
+    assert "importance=importance-top1.npz" in capsys.readouterr().err
 
 
 def test_a_caee_case_on_another_importance_file_is_a_rule_of_its_own():
