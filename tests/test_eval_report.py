@@ -47,7 +47,8 @@ def test_mean_step_times_come_from_the_timing_sweep_or_not_at_all(tmp_path):
     record = json.loads(open(path).read()) | dict(
         mean_step_time_s=0.5, mean_step_time_unpruned_s=1.0, mean_step_cut_interval=[0.4, 0.6]
     )
-    open(path, "w").write(json.dumps(record) + "\n")
+    with open(path, "w") as f:
+        f.write(json.dumps(record) + "\n")
     timing = sweep(tmp_path / "timing", [("caee", 0.3, 0.6, 0.4)], tokens=8192)
     texts = eval_report.pooled(eval_report.read_sweeps([quality]))
     eval_report.timed_elsewhere(texts, eval_report.pooled(eval_report.read_sweeps([timing])))
