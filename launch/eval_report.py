@@ -60,14 +60,14 @@ def one_name_per_calibration(records: list[dict]) -> None:
     paths = {}
     for record in records:
         sha, path = record["provenance"].get("importance_sha256"), record.get("importance")
-        if sha and path:
+        if sha:  # recorded only with its file's path
             paths.setdefault(sha, []).append(path)
     name = {
         sha: next((p for p in same if os.path.basename(p) == IMPORTANCE_FILE), same[0]) for sha, same in paths.items()
     }
     for record in records:
         sha = record["provenance"].get("importance_sha256")
-        if sha in name and record.get("importance"):
+        if sha in name:
             record["importance"] = name[sha]
 
 

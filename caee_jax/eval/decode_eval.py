@@ -85,7 +85,7 @@ class Comparison:
             step_time_unpruned_s=float(np.median(timed_base)),
             step_cut_interval=[cut_low, cut_high],
             # The mean step, the time per output token: where step times have modes (batch 1 offloaded: layers
-            # that read or not), the median jumps between them and the mean does not.
+            # that read or not), the median can jump between them; the mean moves smoothly.
             mean_step_time_s=float(np.mean(timed)),
             mean_step_time_unpruned_s=float(np.mean(timed_base)),
             mean_step_cut_interval=[mean_cut_low, mean_cut_high],

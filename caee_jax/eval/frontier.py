@@ -11,7 +11,7 @@ the top (bottom) of its interval gives the low (high) end of the cut's interval 
 between two rules' curves over [0, a], divided by a, is their mean cut difference there.
 The latency axis is the measured decode step cut (`report.step_cut`, of the median step), the cut of the
 mean step (`report.mean_step_cut`: the time per output token; where steps are multimodal, as at batch 1
-offloaded, the median jumps between modes) or, free of timing noise, the cut of the MoE time the cost
+offloaded, the median can jump between modes) or, free of timing noise, the cut of the MoE time the cost
 model predicts for the pairs that ran (`predicted_cut`; same table for every rule).
 Records as `launch/eval.py` writes them; fractions, not percent.
 """

@@ -21,10 +21,14 @@ def step_cut_interval(r: dict) -> tuple[float, float] | None:
     return tuple(interval) if interval else None
 
 
+def _percent(cut: float, interval) -> str:
+    """'12.3% [10.1, 14.2]': a cut and its interval (low, high; None: none), in percent."""
+    return f"{100 * cut:.1f}%" + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
+
+
 def cut_text(r: dict) -> str:
     """'12.3% [10.1, 14.2]': the step cut and its interval, in percent."""
-    interval = step_cut_interval(r)
-    return f"{100 * step_cut(r):.1f}%" + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
+    return _percent(step_cut(r), step_cut_interval(r))
 
 
 def has_mean_step(r: dict) -> bool:
@@ -33,16 +37,13 @@ def has_mean_step(r: dict) -> bool:
 
 
 def mean_step_cut(r: dict) -> float:
-    """The cut of the mean decode step (the time per output token); NaN without it (`has_mean_step`)."""
-    return 1 - r["mean_step_time_s"] / r["mean_step_time_unpruned_s"] if has_mean_step(r) else float("nan")
+    """The cut of the mean decode step (the time per output token), of a record that has it (`has_mean_step`)."""
+    return 1 - r["mean_step_time_s"] / r["mean_step_time_unpruned_s"]
 
 
 def mean_cut_text(r: dict) -> str:
     """'12.3% [10.1, 14.2]': the mean step's cut and its interval, in percent ("-" without it)."""
-    if not has_mean_step(r):
-        return "-"
-    low, high = r["mean_step_cut_interval"]
-    return f"{100 * mean_step_cut(r):.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+    return _percent(mean_step_cut(r), r["mean_step_cut_interval"]) if has_mean_step(r) else "-"
 
 
 def top1_drop(r: dict) -> float:
