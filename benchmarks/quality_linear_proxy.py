@@ -155,7 +155,6 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=1e-2, help="ridge penalty over the mean diagonal")
     parser.add_argument("--thresholds", default="0.3,0.45,0.6", help="combine-weight thresholds (weights sum to 2.5)")
     args = parser.parse_args()
-    torch.manual_seed(0)
     model_dir = caee_jax.api.BUNDLED_MODEL
     model = DeepseekV3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
