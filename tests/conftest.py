@@ -100,6 +100,20 @@ def random_tokens(vocab: int, shape, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, shape, dtype=np.int32)
 
 
+@pytest.fixture
+def tiny_means(tmp_path) -> str:
+    """An expert-means file of the "tiny" preset (seed 0, the launchers' model), calibrated on random tokens."""
+    from caee_jax import init_random
+    from caee_jax.caee import expert_means
+    from caee_jax.calibration.expert_means import calibrate
+
+    model = init_random("tiny")
+    tokens = random_tokens(model.config.vocab_size, (64,), seed=2)
+    path = str(tmp_path / "tiny_means.npz")
+    expert_means.save(path, calibrate(model, tokens, tokens=64, seq_len=8, batch_size=4, progress=False), model.config)
+    return path
+
+
 @contextlib.contextmanager
 def compile_counter():
     """Records XLA compilations inside the block: `with compile_counter() as compiles: ...`, then len(compiles)."""

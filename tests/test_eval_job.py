@@ -18,7 +18,9 @@ FIELDS |= {"step_time_s", "step_time_unpruned_s", "agreement", "kl", "pruned_pai
 FIELDS |= {"mean_step_time_s", "mean_step_time_unpruned_s", "mean_step_cut_interval"}
 
 
-def test_eval_job_writes_records_and_resumes(tmp_path):
+def test_eval_job_writes_records_and_resumes(tmp_path, tiny_means):
+    """Two cases, a rerun that skips them, and other settings (mean compensation from an expert-means file)
+    that make new cases."""
     table = save_table(single_device_table(caee_jax.init_random("tiny")), str(tmp_path))
     (tmp_path / "text.txt").write_text(open(os.path.join(caee_jax.api.BUNDLED_MODEL, "heldout.txt")).read()[:4000])
     command = [sys.executable, "launch/eval.py", "--preset", "tiny", "--eval-file", str(tmp_path / "text.txt")]
@@ -45,12 +47,17 @@ def test_eval_job_writes_records_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(open(tmp_path / "out" / "results.jsonl").readlines()) == 2  # finished cases are skipped
     other = subprocess.run(
-        [*command, "--compensation", "renorm"], capture_output=True, text=True, timeout=600, cwd=ROOT
-    )
+        [*command, "--compensation", "mean", "--expert-means", tiny_means],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
     assert other.returncode == 0, other.stderr[-3000:]
-    assert len(open(tmp_path / "out" / "results.jsonl").readlines()) == 4  # other settings: new cases
+    records = [json.loads(line) for line in open(tmp_path / "out" / "results.jsonl")]
+    assert len(records) == 4  # other settings: new cases
+    for r in records[2:]:
+        assert r["compensation"] == "mean" and r["expert_means"] == tiny_means
+        assert r["pruned_pair_fraction"] > 0 and r["kl"] > 0
     table_text = (tmp_path / "out" / "results.md").read_text()
-    assert "| 1 | 2 | caee | 1.5 |" in table_text and "| 1 | 2 | caee (compensation=renorm) | 1.5 |" in table_text
+    assert "| 1 | 2 | caee | 1.5 |" in table_text and "| 1 | 2 | caee (compensation=mean) | 1.5 |" in table_text
     assert "| 1 | 2 | caee / best peer |" in table_text
     assert (tmp_path / "out" / "pareto.png").stat().st_size > 0
 

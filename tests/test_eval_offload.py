@@ -140,12 +140,14 @@ def test_calibrate_validates_offloaded_and_refuses_mistakes(tmp_path):
     )
     refused(launch(*command, "--offload", "host", "--out", str(tmp_path / "none")), "no such cost table")
     path = save_table(table, str(tmp_path), {"command": "the resident calibration"})
-    calibrated = launch(*command[:3], "--out", str(tmp_path), "--json", "--offload", "host", "--repeats", "1")
+    calibrated = launch(
+        *command[:3], "--out", str(tmp_path), "--json", "--offload", "host", "--repeats", "1", "--cases-per-size", "4"
+    )
     assert calibrated.returncode == 0, calibrated.stderr[-3000:]
     report = json.loads(calibrated.stdout.strip().splitlines()[-1])
     stored = json.load(open(path))
     assert report["table"] == path and stored["command"] == "the resident calibration"  # provenance kept
-    assert stored["offload_host"]["command"].endswith("--offload host --repeats 1")
+    assert stored["offload_host"]["command"].endswith("--offload host --repeats 1 --cases-per-size 4")
     device = stored["devices"][0]
     for name in ("fetch_s", "offload_layer_s", "offload_read_s"):
         assert device[name][1] == report[name]
@@ -210,3 +212,4 @@ def test_a_host_store_priced_as_the_disk_tier_decides_as_the_disk_store(tmp_path
     for got, want in zip(priced[0], disk[0], strict=True):
         np.testing.assert_array_equal(got, want)
     assert priced[1:] == disk[1:]
+    assert sum(step[2] for step in disk[2]) > 0  # misses were pruned: the prices decided something
