@@ -24,9 +24,13 @@ setup() {  # $1: extras ("" or "test")
 }
 
 run_tests() {  # the suite on both cores (2 pytest-xdist workers), then the tests that time this machine
-    # (marker `timing`) on their own, so that the other worker's load cannot skew what they measure
+    # (marker `timing`) on their own, so that the other worker's load cannot skew what they measure.
+    # The untimed part compiles with LLVM's optimisation off: its programs are tiny and mostly compiled
+    # once, so compiling is most of its time (a third less with this flag, docs/RESULTS.md); the timing
+    # tests measure the code users run, so they keep the default.
     local parallel=0 alone=0
-    .venv/bin/python -m pytest -n 2 --dist worksteal -m "not timing" "$@" || parallel=$?
+    XLA_FLAGS="--xla_backend_optimization_level=0 ${XLA_FLAGS:-}" \
+        .venv/bin/python -m pytest -n 2 --dist worksteal -m "not timing" "$@" || parallel=$?
     .venv/bin/python -m pytest -m timing "$@" || alone=$?
     if [ "$parallel" -eq 5 ] && [ "$alone" -eq 5 ]; then return 5; fi  # 5: no test selected
     [ "$parallel" -eq 5 ] && parallel=0
