@@ -83,9 +83,10 @@ def held_out_prompts(batch: int, chars: int) -> list[str]:
     return [text[s : s + chars] for s in starts]
 
 
-def decode(model: caee_jax.Model, prompts: list[str], new_tokens: int) -> dict:
-    """One greedy generation: median step (s, first step skipped), ids, per-step stats (first step skipped)."""
-    g = caee_jax.generate_with_stats(model, prompts, max_new_tokens=new_tokens)
+def decode(model: caee_jax.Model, prompts: list[str], new_tokens: int, stop=None) -> dict:
+    """One greedy generation (stop: ids that end a sequence, default the model's eos): median step (s, first
+    step skipped), ids, per-step stats (first step skipped)."""
+    g = caee_jax.generate_with_stats(model, prompts, max_new_tokens=new_tokens, stop=stop)
     steps = g.decode_offload[1:]
     total = StepStats()
     for step in steps:
