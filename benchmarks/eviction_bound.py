@@ -11,10 +11,11 @@ benchmark bounds what any eviction policy could give on the bundled model:
    exactly as `offload/cache.py` runs them (same victim rule, same loop order; checked against real
    offloaded runs of the same prompts, host store, prefetch off), and Belady's rule (after each step keep
    the S experts needed soonest: the fewest reads any policy can make, prefetch included, on this trace).
-3. Measured in the same run, rounds alternated: the resident decode step, the on-demand LRU disk decode step
-   and the disk store's read bandwidth. A step whose reads are all hidden behind compute is no shorter than
-   max(resident step, bytes read / bandwidth). With LRU's reads that bounds perfect prefetch; with Belady's,
-   prefetch + any eviction policy: each ceiling is the on-demand step over that.
+3. Measured in the same run, rounds alternated: the decode step of the resident model, of on-demand LRU from
+   the disk store and of prefetch + `cost` (the measured speed-up), and the disk store's read bandwidth.
+   A step whose reads are all hidden behind compute is no shorter than max(resident step, bytes read /
+   bandwidth). With LRU's reads that bounds perfect prefetch; with Belady's, prefetch + any eviction
+   policy: each ceiling is the on-demand step over that.
 
     PYTHONPATH=. .venv/bin/python benchmarks/eviction_bound.py --json runs/eviction-bound.json
 """
@@ -125,6 +126,9 @@ def _victim(slot_expert, needed, history, expert: int, upfront: bool) -> int | N
 
 
 def _replay_belady(needs: list[np.ndarray], slots: int) -> np.ndarray:
+    """Experts read per step [steps] when each step reads its non-resident experts once and then keeps the
+    S experts of (resident | needed) needed again soonest: a lower bound on any policy's reads (a real cache
+    with fewer slots than a step's experts reads some twice; reading ahead never reads fewer)."""
     next_use = []  # per step: expert -> the next step that needs it
     upcoming: dict[int, int] = {}
     for step in range(len(needs) - 1, -1, -1):
@@ -162,7 +166,7 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-chars", type=int, default=400)
-    parser.add_argument("--rounds", type=int, default=5, help="timing rounds, resident and on-demand LRU alternated")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds, the three steps alternated")
     parser.add_argument("--json", help="write every figure to this JSON file")
     parser.add_argument("--plot", help="write the speed-ups and their ceilings as a PNG here")
     args = parser.parse_args()
@@ -189,7 +193,7 @@ def main() -> None:
                     run = decode(model, prompts, args.new_tokens, stop=())
                     assert run["ids"] == base["ids"], f"batch {batch}, {policy}: greedy ids differ from resident"
                     checks[policy] = run["stats"]["hit_rate"]
-                timing = time_on_demand(resident, prompts, args, directory, fraction)
+                timing = time_decode_steps(resident, prompts, args, directory, fraction)
                 row = dict(batch=batch, fraction=fraction, slots=slots[fraction], decode_steps=len(trace) - 1)
                 row |= dict(simulated=sim, measured_hit_rate=checks, **timing)
                 for policy in ("lru", "belady"):  # every read hidden, with LRU's reads or Belady's
@@ -207,7 +211,7 @@ def main() -> None:
         os.replace(tmp, args.json)
 
 
-def time_on_demand(resident, prompts, args, directory: str, fraction: float) -> dict:
+def time_decode_steps(resident, prompts, args, directory: str, fraction: float) -> dict:
     """Median decode step of the resident model, of on-demand LRU from the disk store (prefetch off) and of
     pre-gating prefetch with the `cost` policy, alternated over rounds (order reversed every other round), the
     store's read bandwidth measured each round."""
@@ -264,8 +268,8 @@ def plot(rows: list[dict], path: str) -> None:
 
 def print_row(row: dict) -> None:
     sim, real = row["simulated"], row["measured_hit_rate"]
-    steps_ = row["decode_steps"]
-    print(f"\nbatch {row['batch']}, cache {row['fraction']:.0%} ({row['slots']} slots), {steps_} decode steps")
+    decode_steps = row["decode_steps"]
+    print(f"\nbatch {row['batch']}, cache {row['fraction']:.0%} ({row['slots']} slots), {decode_steps} decode steps")
     print("| policy | hit rate (simulated) | hit rate (real cache) | experts read / step | reads vs lru |")
     print("|---|---|---|---|---|")
     lru = sim["lru"]["reads_per_step"]
