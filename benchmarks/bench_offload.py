@@ -88,10 +88,7 @@ def decode(model: caee_jax.Model, prompts: list[str], new_tokens: int, stop=None
     step skipped), ids, per-step stats (first step skipped)."""
     g = caee_jax.generate_with_stats(model, prompts, max_new_tokens=new_tokens, stop=stop)
     steps = g.decode_offload[1:]
-    total = StepStats()
-    for step in steps:
-        for field, value in vars(step).items():
-            setattr(total, field, getattr(total, field) + value)
+    total = StepStats.total(steps)
     n = max(len(steps), 1)
     per_step = {k: getattr(total, k) / n for k in ("fetches", "blocking_fetches", "prefetched_fetches", "bytes_read")}
     stats = dict(hit_rate=total.hit_rate, prediction_recall=total.prediction_recall, **per_step) if steps else {}

@@ -8,7 +8,7 @@ benchmark bounds what any eviction policy could give on the bundled model:
    routing, teacher-forced over prompt + generated ids. A decode step of MoE layer l needs the union of its
    rows' top-k experts.
 2. The device cache's eviction replayed on that trace, per layer, with S slots: `lru`, `lfu` and `cost`
-   exactly as `offload/cache.py` runs them (same victim rule, same loop order; checked against real
+   by a `CacheManager`'s own victim choice in its loop order (checked against real
    offloaded runs of the same prompts, host store, prefetch off), and Belady's rule (after each step keep
    the S experts needed soonest: the fewest reads any policy can make, prefetch included, on this trace).
 3. Measured in the same run, rounds alternated: the decode step of the resident model, of on-demand LRU from
@@ -23,7 +23,6 @@ benchmark bounds what any eviction policy could give on the bundled model:
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -35,8 +34,9 @@ from tqdm import tqdm
 
 import caee_jax
 from caee_jax.api import BUNDLED_MODEL
-from caee_jax.offload.cache import DECAY, Offload, slots_for
+from caee_jax.offload.cache import DECAY, CacheManager, Offload, slots_for
 from caee_jax.offload.disk_store import DiskStore, write_disk_store
+from caee_jax.offload.store import ExpertStore
 from caee_jax.runtime import steps
 from caee_jax.runtime.generate import PROMPT_BUCKET, encode_prompts
 from caee_jax.stats import paired_ratio
@@ -73,56 +73,43 @@ def _routing(model: caee_jax.Model, tokens: np.ndarray) -> jnp.ndarray:
     return steps.routing(model.graphdef, model.state, jnp.asarray(tokens), execution=model.execution)[0]
 
 
-def replay(needs: list[np.ndarray], slots: int, num_experts: int, policy: str) -> tuple[np.ndarray, np.ndarray]:
-    """One MoE layer's steps `needs` (sorted expert ids per step) through an S-slot cache, starting empty.
-    Returns per step (misses [steps], reads [steps]): misses as the cache counts them (needed experts not
-    resident when the step starts, or evicted by the step's own fetches before they ran), reads = experts
-    fetched. lru/lfu/cost: `offload/cache.py`'s victim rule and loop order (announce loads misses into
-    slots the step does not need, in increasing id; the loop fetches the rest as it reaches them, evicting
-    an expert already run). belady: after each step the cache keeps the S experts of (resident | needed)
-    whose next use is soonest."""
+def replay(needs: list[np.ndarray], slots: int, config, policy: str) -> tuple[np.ndarray, np.ndarray]:
+    """One MoE layer's steps `needs` (sorted expert ids per step) through an S-slot cache of a model of
+    `config`, starting empty. Returns per step (misses [steps], reads [steps]): misses as the cache counts
+    them (needed experts not resident when the step starts, or evicted by the step's own fetches before they
+    ran), reads = experts fetched. lru/lfu/cost: a `CacheManager`'s own victim choice, in its order (announce
+    loads misses into slots the step does not need, in increasing id; the loop fetches the rest as it
+    reaches them), over a store that is never read; the use history is kept as the device keeps it
+    (`offload/execute._record`). belady: after each step the cache keeps the S experts of
+    (resident | needed) whose next use is soonest."""
     if policy == "belady":
         reads = _replay_belady(needs, slots)
         return reads, reads
-    slot_expert = np.full(slots, -1)
-    last_use, uses, decayed = np.zeros(num_experts), np.zeros(num_experts), np.zeros(num_experts)
+    cache = CacheManager(ExpertStore(config, np.float32), slots, policy)
+    layer = 0  # the manager's first layer stands for the one replayed
     misses, reads = np.zeros(len(needs), int), np.zeros(len(needs), int)
-    for clock, need in enumerate(needs, start=1):
-        needed = np.zeros(num_experts, bool)
-        needed[need] = True
-        last_use[need], uses[need] = clock, uses[need] + 1
-        decayed *= DECAY
-        decayed[need] += 1
-        history = {"lru": (last_use,), "lfu": (last_use, uses)}.get(policy, (last_use, decayed))
-        victim = functools.partial(_victim, slot_expert, needed, history)
-        hits = {int(e) for e in need if e in slot_expert}
-        step = clock - 1
+    for step, need in enumerate(needs):
+        cache.needed[layer] = False
+        cache.needed[layer, need] = True
+        cache.last_use[layer, need] = step + 1
+        cache.uses[layer, need] += 1
+        cache.decayed[layer] *= DECAY
+        cache.decayed[layer, need] += 1
+        resident = cache.slot_of[layer, need] >= 0
+        hits = set(need[resident].tolist())
         misses[step] = len(need) - len(hits)
-        for expert in [e for e in need if int(e) not in hits]:  # announce: misses into free slots
-            slot = victim(expert, True)
+        for expert in need[~resident]:  # announce: misses into slots the step does not need
+            slot = cache._victim(layer, expert, upfront=True)
             if slot is None:
                 break
-            slot_expert[slot] = expert
+            cache._assign(layer, expert, slot)
             reads[step] += 1
         for expert in need:  # the loop, in increasing id
-            if expert not in slot_expert:
-                slot_expert[victim(expert, False)] = expert
+            if cache.slot_of[layer, expert] < 0:
+                cache._assign(layer, expert, cache._victim(layer, expert))
                 reads[step] += 1
                 misses[step] += int(expert) in hits  # a hit evicted by this step's own fetches
     return misses, reads
-
-
-def _victim(slot_expert, needed, history, expert: int, upfront: bool) -> int | None:
-    """`CacheManager._victim`: an empty slot, else the policy's choice (lexsort of the `history` arrays [E]:
-    the last one is the primary key) among experts the step does not need or (in the loop) has already run."""
-    empty = np.flatnonzero(slot_expert < 0)
-    if empty.size:
-        return int(empty[0])
-    candidates = np.flatnonzero(~needed[slot_expert] | ((not upfront) & (slot_expert < expert)))
-    if candidates.size == 0:
-        return None if upfront else int(np.argmax(slot_expert))
-    owners = slot_expert[candidates]
-    return int(candidates[np.lexsort([h[owners] for h in history])[0]])
 
 
 def _replay_belady(needs: list[np.ndarray], slots: int) -> np.ndarray:
@@ -145,7 +132,7 @@ def _replay_belady(needs: list[np.ndarray], slots: int) -> np.ndarray:
     return reads
 
 
-def simulate(trace, slots: int, num_experts: int) -> dict[str, dict]:
+def simulate(trace, slots: int, config) -> dict[str, dict]:
     """Per policy, over the decode steps after the first (as `bench_offload.decode` counts them; the prefill
     and the first step warm the cache): hit rate and experts read per step."""
     layers, counted = len(trace[0]), trace[2:]
@@ -154,7 +141,7 @@ def simulate(trace, slots: int, num_experts: int) -> dict[str, dict]:
     for policy in POLICIES:
         misses = reads = 0
         for layer in range(layers):
-            m, r = replay([step[layer] for step in trace], slots, num_experts, policy)
+            m, r = replay([step[layer] for step in trace], slots, config, policy)
             misses, reads = misses + m[2:].sum(), reads + r[2:].sum()
         out[policy] = dict(hit_rate=1 - misses / needed, reads_per_step=reads / len(counted))
     return out
@@ -185,7 +172,7 @@ def main() -> None:
             base = decode(resident, prompts, args.new_tokens, stop=())
             trace = routing_trace(resident, prompts, base["ids"])
             for fraction in args.fractions:
-                sim = simulate(trace, slots[fraction], config.n_routed_experts)
+                sim = simulate(trace, slots[fraction], config)
                 checks = {}
                 for policy in ("lru", "lfu", "cost"):  # the simulator against the real cache, same prompts
                     offload = Offload(store="host", fraction=fraction, policy=policy, prefetch=False)

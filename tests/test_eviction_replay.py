@@ -39,9 +39,7 @@ def test_the_replay_counts_the_real_caches_misses_and_reads_step_by_step(model_a
     assert run.tokens == generated
     layers = len(trace[0])
     assert len(trace) == 1 + len(run.decode_offload)
-    replayed = [
-        replay([step[layer] for step in trace], slots, model.config.n_routed_experts, policy) for layer in range(layers)
-    ]
+    replayed = [replay([step[layer] for step in trace], slots, model.config, policy) for layer in range(layers)]
     misses = sum(m for m, _ in replayed)
     reads = sum(r for _, r in replayed)
     real = [run.prefill_offload, *run.decode_offload]
@@ -54,6 +52,6 @@ def test_belady_reads_no_more_than_any_policy(model_and_trace):
     for slots in (1, 2, 5):
         for layer in range(len(trace[0])):
             needs = [step[layer] for step in trace]
-            reads = {p: replay(needs, slots, model.config.n_routed_experts, p)[1].sum() for p in POLICIES}
+            reads = {p: replay(needs, slots, model.config, p)[1].sum() for p in POLICIES}
             assert reads["belady"] <= min(reads.values())
             assert reads["belady"] >= len(np.unique(np.concatenate(needs)))  # every expert is read once at least
