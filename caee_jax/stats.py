@@ -1,4 +1,5 @@
-"""Timing statistics for noisy machines: ratios of medians (or means) with paired bootstrap intervals."""
+"""Statistics for noisy measurements: ratios of medians (or means) with paired bootstrap intervals; standard
+errors of means over correlated samples."""
 
 from __future__ import annotations
 
@@ -18,3 +19,14 @@ def paired_ratio(base, cand, statistic=np.median, seed: int = 0) -> tuple[float,
     ratios = statistic(cand[picks], axis=1) / statistic(base[picks], axis=1)
     low, high = np.quantile(ratios, [0.025, 0.975])
     return float(statistic(cand) / statistic(base)), float(low), float(high)
+
+
+def clustered_se(values, groups) -> float:
+    """The standard error of values.mean() [M] with each group's members counted as one draw (groups [M]
+    non-negative ids; e.g. the tokens of one window, which share a context and need not vary independently):
+    sqrt(G / (G - 1) * sum over groups of (sum of deviations from the mean)^2) / M, G the groups present.
+    With one member per group it is the usual s.e. (ddof 1)."""
+    values = np.asarray(values, np.float64)
+    deviation = np.bincount(groups, values - values.mean())  # [max id + 1] summed per group
+    count = np.count_nonzero(np.bincount(groups))
+    return float(np.sqrt(np.sum(deviation**2) * count / max(count - 1, 1)) / len(values))

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from caee_jax.eval import frontier
 
 
-def record(rule: str, pruned: float, cut: float, drop: float, rise: float, se: float = 0.0) -> dict:
-    """A case whose step cut, relative top-1 drop and perplexity rise are the given fractions."""
+def record(rule: str, pruned: float, cut: float, drop: float, rise: float, se: float = 0.0, nll_se=None) -> dict:
+    """A case whose step cut, relative top-1 drop and perplexity rise are the given fractions; se: the top-1
+    drop's interval half-width; nll_se: the mean NLL rise's standard error (None: a record without it)."""
     return dict(
         rule=rule, knob=pruned, batch_size=16, processes=1, pruned_pair_fraction=pruned,
         step_time_s=1 - cut, step_time_unpruned_s=1.0, top1_acc=0.5 * (1 - drop), top1_acc_unpruned=0.5,
         top1_diff_se=0.5 * se / 2, ppl=10 * (1 + rise), ppl_unpruned=10.0,
         predicted_moe_s=1 - cut / 2, predicted_moe_unpruned_s=1.0,
-    )  # fmt: skip
+    ) | ({} if nll_se is None else dict(nll_diff_se_windows=nll_se))  # fmt: skip
 
 
 def test_isotonic_pools_violators():
@@ -40,8 +43,19 @@ def test_a_lucky_noisy_point_does_not_stand_for_the_rule():
 
 def test_the_interval_reads_the_curve_at_both_ends_of_each_drop():
     rows = [record("r", 0.1, 0.10, 0.005, 0.0, se=0.004), record("r", 0.2, 0.20, 0.010, 0.0, se=0.004)]
-    cut, low, high = frontier.top1_cut(rows, 0.005)  # drops 0.5% and 1%, each +- 0.4%
+    cut, low, high = frontier.interval_cut(rows, frontier.top1_drop, 0.005)  # drops 0.5% and 1%, each +- 0.4%
     assert (cut, low, high) == pytest.approx((0.10, 0.1 * 5 / 9, 0.18))
+
+
+def test_the_perplexity_interval_carries_the_nll_standard_error_through_exp():
+    se = 0.005  # of the mean NLL rise: the rise's interval half-width is (1 + rise) * (exp(2 se) - 1)
+    rows = [record("r", 0.1, 0.10, 0.0, 0.01, nll_se=se), record("r", 0.2, 0.20, 0.0, 0.02, nll_se=se)]
+    half = 1.02 * math.expm1(2 * se)
+    assert frontier.ppl_rise_error(rows[1]) == pytest.approx(half)
+    cut, low, high = frontier.interval_cut(rows, frontier.ppl_rise, 0.02)
+    assert cut == pytest.approx(0.20) and low < cut and high is None  # the lowered curve stops short of 2%
+    first = 0.01 + 1.01 * math.expm1(2 * se)  # the first point's rise at the top of its interval: above 2%
+    assert low == pytest.approx(0.10 * 0.02 / first)  # read between (0, 0) and it
 
 
 def test_matched_table_compares_caee_with_the_best_peer():
@@ -50,6 +64,17 @@ def test_matched_table_compares_caee_with_the_best_peer():
     text = "\n".join(frontier.matched_table(records))
     assert "Best peer rule under both limits: top_p (20.0%); at ppl rise 2% alone: top_p." in text
     assert "| caee | 2.00x | 2.00x | +10.0 points |" in text
+    assert "| ppl rise 1% | ppl rise 2% |" in text  # records without the NLL standard error: no ppl interval
+
+
+def test_with_nll_standard_errors_the_ratio_at_the_perplexity_limit_has_an_interval():
+    records = [record(rule, p, (2 if rule == "caee" else 1) * p, 0.05 * p, 0.1 * p, nll_se=0.0005)
+               for rule in ("caee", "top_p") for p in (0.05, 0.1, 0.2, 0.3)]  # fmt: skip
+    lines = frontier.matched_table(records)
+    assert lines[0].count("[interval]") == 4  # two top-1 levels, two ppl levels
+    row = next(line for line in lines if line.startswith("| caee | 2.00x | 2.00x ["))
+    low, high = map(float, row.split("2.00x [")[1].split("]")[0].split(", "))
+    assert low < 2.0 < high
 
 
 def test_the_predicted_latency_axis_reads_the_cost_models_cut():

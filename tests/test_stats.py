@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caee_jax.stats import paired_ratio
+from caee_jax.stats import clustered_se, paired_ratio
 
 
 def test_paired_ratio_is_exact_and_its_interval_tightens_with_more_pairs():
@@ -32,3 +32,11 @@ def test_paired_ratio_of_means_is_the_ratio_of_totals():
     assert paired_ratio(base, cand)[0] == pytest.approx(1.0)
     ratio, low, high = paired_ratio(base, cand, np.mean)
     assert ratio == pytest.approx(5 / 9) and low <= ratio <= high
+
+
+def test_clustered_se_is_the_usual_one_for_singletons_and_wider_for_groups_that_move_together():
+    values = np.random.default_rng(0).normal(size=400)
+    assert clustered_se(values, np.arange(400)) == pytest.approx(values.std(ddof=1) / np.sqrt(400))
+    together = np.repeat(values[:100], 4)  # 100 draws, each counted 4 times: the s.e. of 100 draws, not 400
+    assert clustered_se(together, np.repeat(np.arange(100), 4)) == pytest.approx(values[:100].std(ddof=1) / 10)
+    assert clustered_se(together, np.arange(400)) < 0.6 * clustered_se(together, np.repeat(np.arange(100), 4))

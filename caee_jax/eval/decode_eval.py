@@ -29,15 +29,15 @@ from caee_jax.model.execution import Execution
 from caee_jax.offload.cache import StepStats
 from caee_jax.parallel.placement import batch_sharding, mesh_context, padded_batch, to_mesh
 from caee_jax.runtime import steps
-from caee_jax.stats import paired_ratio
+from caee_jax.stats import clustered_se, paired_ratio
 
 
 @dataclasses.dataclass
 class Comparison:
     """Per predicted token (M of them): candidate and baseline log-prob of the truth, argmax hits,
-    agreement, KL(baseline || candidate); per step: both step times (s); pair and expert counts; predicted
-    MoE time per layer and device [L, S], unpruned and as run (s); offloaded, both sides' expert cache
-    statistics."""
+    agreement, KL(baseline || candidate), the window it belongs to (0, 1, ... over every batch compared);
+    per step: both step times (s); pair and expert counts; predicted MoE time per layer and device [L, S],
+    unpruned and as run (s); offloaded, both sides' expert cache statistics."""
 
     nll: list = dataclasses.field(default_factory=list)
     nll_base: list = dataclasses.field(default_factory=list)
@@ -45,6 +45,8 @@ class Comparison:
     correct_base: list = dataclasses.field(default_factory=list)
     agree: list = dataclasses.field(default_factory=list)
     kl: list = dataclasses.field(default_factory=list)
+    window: list = dataclasses.field(default_factory=list)
+    windows: int = 0
     step_s: list = dataclasses.field(default_factory=list)
     step_base_s: list = dataclasses.field(default_factory=list)
     kept_pairs: int = 0
@@ -65,18 +67,22 @@ class Comparison:
 
     def summary(self) -> dict:
         """The case's figures; offloaded, `offload` holds each side's cache statistics (`offload_summary`)."""
-        per_token = ("nll", "nll_base", "correct", "correct_base", "agree", "kl")
+        per_token = ("nll", "nll_base", "correct", "correct_base", "agree", "kl", "window")
         cat = {name: np.concatenate(getattr(self, name)) for name in per_token}
         timed_base, timed = np.array(self.step_base_s[1:]), np.array(self.step_s[1:])  # first step: compile
         _, cut_low, cut_high = self.step_cut_interval()
         _, mean_cut_low, mean_cut_high = self.step_cut_interval(np.mean)
         gained = cat["correct"].astype(np.float64) - cat["correct_base"]  # paired: -1, 0 or 1 per token
+        nll_rise = cat["nll"].astype(np.float64) - cat["nll_base"]
         predicted, unpruned = np.array(self.predicted_s), np.array(self.predicted_unpruned_s)  # [steps, L, S]
         return dict(
             tokens=int(len(cat["nll"])),
             top1_acc=float(cat["correct"].mean()),
             top1_acc_unpruned=float(cat["correct_base"].mean()),
             top1_diff_se=float(gained.std(ddof=1) / np.sqrt(len(gained))),
+            # Counting a window's tokens as one draw (`stats.clustered_se`): they share a context.
+            top1_diff_se_windows=clustered_se(gained, cat["window"]),
+            nll_diff_se_windows=clustered_se(nll_rise, cat["window"]),
             agreement=float(cat["agree"].mean()),
             ppl=float(np.exp(cat["nll"].mean())),
             ppl_unpruned=float(np.exp(cat["nll_base"].mean())),
@@ -203,6 +209,7 @@ def compare(
             result.correct_base.append(base_lp.argmax(-1) == truth)
             result.agree.append(cand_lp.argmax(-1) == base_lp.argmax(-1))
             result.kl.append(np.sum(np.exp(base_lp) * (base_lp - cand_lp), axis=-1))
+            result.window.append(result.windows + real)
             result.kept_pairs += int(kept)
             result.total_pairs += batch * model.config.num_experts_per_tok * num_layers
             result.active_experts.append(int(active) / num_layers)
@@ -215,6 +222,7 @@ def compare(
                 result.offload.append(stats[1])
     if offloaded:
         model.expert_cache = experts[0]
+    result.windows += batch
     return result
 
 

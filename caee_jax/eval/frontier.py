@@ -6,8 +6,9 @@ cases (one knob each) become one curve: ordered by their pruned pair fraction (m
 knob), the accuracy loss and the step cut are each fitted by isotonic (non-decreasing) regression, so a
 lucky point cannot stand for the rule, and the curve starts at the unpruned model (0 loss, 0 cut). The cut
 at accuracy level a is read off it, linearly between points; beyond the rule's heaviest point it is not
-extrapolated (None). Top-1 drops carry a paired interval (± 2 s.e.): the curve fitted with every drop at
-the top (bottom) of its interval gives the low (high) end of the cut's interval at level a. The area
+extrapolated (None). Top-1 drops and perplexity rises carry a paired interval (± 2 s.e.; `report`): the curve
+fitted with every loss at the top (bottom) of its interval gives the low (high) end of the cut's interval at
+level a. The area
 between two rules' curves over [0, a], divided by a, is their mean cut difference there.
 The latency axis is the measured decode step cut (`report.step_cut`, of the median step), the cut of the
 mean step (`report.mean_step_cut`: the time per output token; where steps are multimodal, as at batch 1
@@ -24,9 +25,11 @@ import numpy as np
 
 from caee_jax.eval.report import (
     has_mean_step,
+    has_ppl_error,
     legend_below,
     mean_step_cut,
     ppl_rise,
+    ppl_rise_error,
     rule_label,
     step_cut,
     top1_drop,
@@ -58,12 +61,15 @@ def all_predicted(records: list[dict]) -> bool:
     return all(r["predicted_moe_unpruned_s"] > 0 for r in records)
 
 
+ERRORS = {top1_drop: top1_drop_error, ppl_rise: ppl_rise_error}  # each accuracy loss's interval half-width
+
+
 def curve(rows: list[dict], accuracy: Callable[[dict], float], shift: float = 0.0, latency=step_cut):
     """(accuracy loss [P + 1], cut [P + 1]) of the rule's fitted curve from (0, 0), both non-decreasing.
-    `shift` moves each point's loss by shift x its top-1 interval half-width before fitting; `latency`
+    `shift` moves each point's loss by shift x its interval half-width (`ERRORS`) before fitting; `latency`
     gives a record's cut."""
     rows = sorted((r for r in rows if np.isfinite(accuracy(r))), key=lambda r: r["pruned_pair_fraction"])
-    loss = [0.0] + [accuracy(r) + shift * top1_drop_error(r) for r in rows]
+    loss = [0.0] + [accuracy(r) + (shift * ERRORS[accuracy](r) if shift else 0.0) for r in rows]
     cut = [0.0] + [latency(r) for r in rows]
     return np.maximum.accumulate(isotonic(np.asarray(loss))), isotonic(np.asarray(cut))
 
@@ -80,10 +86,10 @@ def cut_at(rows: list[dict], accuracy, level: float, shift: float = 0.0, latency
     return float(ys[i] + (ys[i + 1] - ys[i]) * (level - xs[i]) / (xs[i + 1] - xs[i]))
 
 
-def top1_cut(rows: list[dict], level: float, latency=step_cut) -> tuple:
-    """(cut, low, high) at a relative top-1 drop of `level`: the curve as measured, and with every drop
-    moved to the top of its interval (low) or the bottom (high); each None beyond the curve."""
-    return tuple(cut_at(rows, top1_drop, level, shift, latency) for shift in (0.0, 1.0, -1.0))
+def interval_cut(rows: list[dict], accuracy, level: float, latency=step_cut) -> tuple:
+    """(cut, low, high) at accuracy loss `level` (`top1_drop` or `ppl_rise`): the curve as measured, and with
+    every loss moved to the top of its interval (low) or the bottom (high); each None beyond the curve."""
+    return tuple(cut_at(rows, accuracy, level, shift, latency) for shift in (0.0, 1.0, -1.0))
 
 
 def both_limits_cut(rows: list[dict], max_drop: float, max_rise: float, latency=step_cut) -> tuple[float, bool]:
@@ -116,7 +122,8 @@ def matched_table(records: list[dict], max_drop: float = 0.01, max_rise: float =
     and as the mean cut difference over [0, max_rise] of perplexity rise."""
     header = ["rule"]
     header += [f"top-1 drop {100 * a:g}% [interval]" for a in TOP1_LEVELS]
-    header += [f"ppl rise {100 * a:g}%" for a in PPL_LEVELS]
+    ppl_intervals = all(map(has_ppl_error, records))
+    header += [f"ppl rise {100 * a:g}%" + (" [interval]" if ppl_intervals else "") for a in PPL_LEVELS]
     header += [f"both limits ({100 * max_drop:g}%, {100 * max_rise:g}%)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     labels = sorted({rule_label(r) for r in records})
@@ -129,37 +136,51 @@ def matched_table(records: list[dict], max_drop: float = 0.01, max_rise: float =
             return heaviest if value is None else f"{100 * value:.1f}%"
 
         cells = [label]
-        for level in TOP1_LEVELS:
-            cut, low, high = top1_cut(rows, level, latency)
-            cells.append(f"{pct(cut)} [{pct(low)}, {pct(high)}]")
-        rises = [cut_at(rows, ppl_rise, level, 0.0, latency) for level in PPL_LEVELS]
-        cells += [pct(c) for c in rises]
+        for accuracy, levels in ((top1_drop, TOP1_LEVELS), (ppl_rise, PPL_LEVELS)):
+            for level in levels:
+                cut, low, high = interval_cut(rows, accuracy, level, latency)
+                shown = accuracy is top1_drop or ppl_intervals
+                cells.append(pct(cut) + (f" [{pct(low)}, {pct(high)}]" if shown else ""))
         both[label] = both_limits_cut(rows, max_drop, max_rise, latency)
-        at_rise[label] = cut_at(rows, ppl_rise, max_rise, 0.0, latency)
+        at_rise[label] = interval_cut(rows, ppl_rise, max_rise, latency)
         cells.append(("> " if both[label][1] else "") + f"{100 * both[label][0]:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
     peers = [label for label in labels if not label.startswith("caee")]
     if not peers:
         return lines
     best = max(peers, key=lambda label: both[label][0])  # a lower bound counts in the peer's favour
-    best_rise = max(peers, key=lambda label: -1 if at_rise[label] is None else at_rise[label])
+    best_rise = max(peers, key=lambda label: -1 if at_rise[label][0] is None else at_rise[label][0])
     lines += ["", f"Best peer rule under both limits: {best} ({100 * both[best][0]:.1f}%); at ppl rise "
               f"{100 * max_rise:g}% alone: {best_rise}.", ""]  # fmt: skip
     rise = f"{100 * max_rise:g}%"
+    rise_column = f"cut / {best_rise}'s at ppl rise {rise}" + (" [interval]" if ppl_intervals else "")
     lines += [
-        f"| CAEE variant | cut / {best}'s, both limits | cut / {best_rise}'s at ppl rise {rise} "
+        f"| CAEE variant | cut / {best}'s, both limits | {rise_column} "
         f"| mean cut difference to {best_rise} over ppl rise [0, {rise}] |",
         "|---|---|---|---|",
     ]
     for label in labels:
         if label.startswith("caee"):
             ratio = f"{both[label][0] / both[best][0]:.2f}x" if both[best][0] > 0 else "n/a"
-            ours, theirs = at_rise[label], at_rise[best_rise]
-            rise_ratio = f"{ours / theirs:.2f}x" if ours is not None and theirs else "n/a"
+            rise_ratio = ratio_text(at_rise[label], at_rise[best_rise], ppl_intervals)
             advantage = mean_advantage(by_rule[label], by_rule[best_rise], ppl_rise, max_rise, latency)
             points = "n/a" if advantage is None else f"{100 * advantage:+.1f} points"
             lines.append(f"| {label} | {ratio} | {rise_ratio} | {points} |")
     return lines
+
+
+def ratio_text(ours: tuple, theirs: tuple, interval: bool) -> str:
+    """'1.42x [1.21, 1.70]': our cut over theirs, each (cut, low, high) as `interval_cut` gives them; the
+    interval (our low over their high, our high over their low; one end "-" where a curve stops short) when
+    `interval`; "n/a" without both cuts."""
+    if ours[0] is None or not theirs[0]:
+        return "n/a"
+    text = f"{ours[0] / theirs[0]:.2f}x"
+    if interval:
+        low = f"{ours[1] / theirs[2]:.2f}" if ours[1] is not None and theirs[2] else "-"
+        high = f"{ours[2] / theirs[1]:.2f}" if ours[2] is not None and theirs[1] else "-"
+        text += f" [{low}, {high}]"
+    return text
 
 
 def matched_sections(records: list[dict]) -> list[str]:
