@@ -115,3 +115,10 @@ def test_plot_curves_writes_a_png(tmp_path):
     renderer = FigureCanvasAgg(figure).get_renderer()
     legend_top = legend.get_window_extent(renderer).y1
     assert all(legend_top <= ax.get_tightbbox(renderer).y0 for ax in figure.axes)
+
+
+def test_the_ratio_interval_is_a_lower_bound_where_our_curve_stops_short():
+    assert frontier.ratio_text((0.3, 0.28, 0.33), (0.2, 0.18, 0.22), True, 0.33) == "1.50x [1.27, 1.83]"
+    assert frontier.ratio_text((0.3, 0.28, None), (0.2, 0.18, 0.22), True, 0.32) == "1.50x [1.27, > 1.78]"
+    assert frontier.ratio_text((0.3, 0.28, None), (0.2, 0.18, 0.22), False, 0.32) == "1.50x"
+    assert frontier.ratio_text((None, None, None), (0.2, 0.18, 0.22), True, 0.1) == "n/a"

@@ -162,23 +162,28 @@ def matched_table(records: list[dict], max_drop: float = 0.01, max_rise: float =
     for label in labels:
         if label.startswith("caee"):
             ratio = f"{both[label][0] / both[best][0]:.2f}x" if both[best][0] > 0 else "n/a"
-            rise_ratio = ratio_text(at_rise[label], at_rise[best_rise], ppl_intervals)
+            heaviest = curve(by_rule[label], ppl_rise, 0.0, latency)[1][-1]
+            rise_ratio = ratio_text(at_rise[label], at_rise[best_rise], ppl_intervals, heaviest)
             advantage = mean_advantage(by_rule[label], by_rule[best_rise], ppl_rise, max_rise, latency)
             points = "n/a" if advantage is None else f"{100 * advantage:+.1f} points"
             lines.append(f"| {label} | {ratio} | {rise_ratio} | {points} |")
     return lines
 
 
-def ratio_text(ours: tuple, theirs: tuple, interval: bool) -> str:
-    """'1.42x [1.21, 1.70]': our cut over theirs, each (cut, low, high) as `interval_cut` gives them; the
-    interval (our low over their high, our high over their low; one end "-" where a curve stops short) when
-    `interval`; "n/a" without both cuts."""
+def ratio_text(ours: tuple, theirs: tuple, interval: bool, our_heaviest: float) -> str:
+    """'1.42x [1.31, 1.60]': our cut over theirs, each (cut, low, high) as `interval_cut` gives them; with
+    `interval`, the ratio's interval: our low over their high, our high over their low (where our curve
+    stops short of the level, "> " our heaviest fitted cut over their low: a lower bound; "-" where theirs
+    does); "n/a" without both cuts."""
     if ours[0] is None or not theirs[0]:
         return "n/a"
     text = f"{ours[0] / theirs[0]:.2f}x"
     if interval:
         low = f"{ours[1] / theirs[2]:.2f}" if ours[1] is not None and theirs[2] else "-"
-        high = f"{ours[2] / theirs[1]:.2f}" if ours[2] is not None and theirs[1] else "-"
+        if not theirs[1]:
+            high = "-"
+        else:
+            high = f"{ours[2] / theirs[1]:.2f}" if ours[2] is not None else f"> {our_heaviest / theirs[1]:.2f}"
         text += f" [{low}, {high}]"
     return text
 
