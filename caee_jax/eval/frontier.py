@@ -8,8 +8,7 @@ lucky point cannot stand for the rule, and the curve starts at the unpruned mode
 at accuracy level a is read off it, linearly between points; beyond the rule's heaviest point it is not
 extrapolated (None). Top-1 drops and perplexity rises carry a paired interval (± 2 s.e.; `report`): the curve
 fitted with every loss at the top (bottom) of its interval gives the low (high) end of the cut's interval at
-level a. The area
-between two rules' curves over [0, a], divided by a, is their mean cut difference there.
+level a. The area between two rules' curves over [0, a], divided by a, is their mean cut difference there.
 The latency axis is the measured decode step cut (`report.step_cut`, of the median step), the cut of the
 mean step (`report.mean_step_cut`: the time per output token; where steps are multimodal, as at batch 1
 offloaded, the median can jump between modes) or, free of timing noise, the cut of the MoE time the cost
