@@ -26,15 +26,10 @@ dependency). Perplexity is not printed: in full-sequence passes it is no damage 
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
-from quality_linear_proxy import expert_output, log_probs, moe_inputs, windows
-from tokenizers import Tokenizer
+from quality_linear_proxy import bundled_reference, expert_output, log_probs, moe_inputs, windows
 from tqdm import tqdm
-from transformers import DeepseekV3ForCausalLM
-
-import caee_jax
 
 
 def fit_log_norm(model, inputs: dict[int, torch.Tensor], ridge: float) -> dict[int, list[torch.Tensor]]:
@@ -114,10 +109,7 @@ def main() -> None:
     parser.add_argument("--ranks", default="16,64", help="sketch ranks")
     parser.add_argument("--fractions", default="0.3,0.5,0.7", help="fractions q of the prunable slots pruned")
     args = parser.parse_args()
-    model_dir = caee_jax.api.BUNDLED_MODEL
-    model = DeepseekV3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
-    layers = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
+    model, tokenizer, layers = bundled_reference()
     ranks = [int(r) for r in args.ranks.split(",")]
     config = model.config
     expert_size = 3 * config.hidden_size * config.moe_intermediate_size

@@ -138,6 +138,15 @@ def pruned_experts_forward(experts, fitted, setting: dict):
     return forward
 
 
+def bundled_reference() -> tuple[DeepseekV3ForCausalLM, Tokenizer, list[int]]:
+    """transformers' DeepseekV3ForCausalLM on the bundled weights (float32, eval mode), its tokenizer and the
+    indices of its MoE layers."""
+    model_dir = caee_jax.api.BUNDLED_MODEL
+    model = DeepseekV3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    return model, tokenizer, [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
+
+
 def log_probs(model, ids: torch.Tensor, batch: int = 8) -> torch.Tensor:
     """[N, T, V] next-token log-probabilities over the windows ids [N, T]."""
     with torch.no_grad():
@@ -155,10 +164,7 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=1e-2, help="ridge penalty over the mean diagonal")
     parser.add_argument("--thresholds", default="0.3,0.45,0.6", help="combine-weight thresholds (weights sum to 2.5)")
     args = parser.parse_args()
-    model_dir = caee_jax.api.BUNDLED_MODEL
-    model = DeepseekV3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
-    layers = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
+    model, tokenizer, layers = bundled_reference()
 
     fit_ids = windows(tokenizer, args.fit_text, args.fit_tokens, args.length)
     fitted = fit_stand_ins(model, moe_inputs(model, fit_ids, layers), args.rank, args.ridge)
