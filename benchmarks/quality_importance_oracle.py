@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from quality_linear_proxy import bundled_reference, expert_output, log_probs, moe_inputs, windows
+from quality_linear_proxy import bundled_reference, expert_output, log_probs, moe_inputs, ridge_fit, windows
 from tqdm import tqdm
 
 
@@ -41,11 +41,9 @@ def fit_log_norm(model, inputs: dict[int, torch.Tensor], ridge: float) -> dict[i
             _, _, topk = mlp.gate(x_all)
             fitted[layer] = []
             for e in range(mlp.experts.num_experts):
-                x = x_all[(topk == e).any(1)].double()
-                target = expert_output(mlp.experts, e, x.float()).norm(dim=-1).log().double()
-                xa = torch.cat([x, torch.ones(len(x), 1, dtype=torch.double)], 1)
-                penalty = ridge * xa.pow(2).sum() / xa.shape[1] * torch.eye(xa.shape[1], dtype=torch.double)
-                fitted[layer].append(torch.linalg.solve(xa.T @ xa + penalty, xa.T @ target).float())
+                x = x_all[(topk == e).any(1)]
+                target = expert_output(mlp.experts, e, x).norm(dim=-1).log()
+                fitted[layer].append(ridge_fit(x, target, ridge).float())
     return fitted
 
 

@@ -62,6 +62,14 @@ def expert_output(experts, e: int, x: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ experts.down_proj[e].T
 
 
+def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Coefficients [D + 1, ...] (the last row the offset) of the ridge regression of y [n, ...] on x [n, D]
+    with an offset, in float64; the penalty is `ridge` times the mean diagonal of the Gram matrix."""
+    xa = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.double)], 1)
+    penalty = ridge * xa.pow(2).sum() / xa.shape[1] * torch.eye(xa.shape[1], dtype=torch.double)
+    return torch.linalg.solve(xa.T @ xa + penalty, xa.T @ y.double())
+
+
 def fit_stand_ins(model, inputs: dict[int, torch.Tensor], rank: int, ridge: float) -> dict:
     """Per MoE layer and expert: (mean [hidden], linear map as (x -> coords [hidden, r], offset [r],
     coords -> output [r, hidden], output mean [hidden])), fitted on the tokens routed to the expert."""
@@ -74,10 +82,8 @@ def fit_stand_ins(model, inputs: dict[int, torch.Tensor], rank: int, ridge: floa
             for e in range(mlp.experts.num_experts):
                 x = x_all[(topk == e).any(1)]
                 y = expert_output(mlp.experts, e, x).double()
-                xa = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.double)], 1)
-                scale = ridge * xa.pow(2).sum() / xa.shape[1]
-                coef = torch.linalg.solve(xa.T @ xa + scale * torch.eye(xa.shape[1], dtype=torch.double), xa.T @ y)
-                fit = xa @ coef
+                coef = ridge_fit(x, y, ridge)
+                fit = x.double() @ coef[:-1] + coef[-1]
                 centre = fit.mean(0)
                 basis = torch.linalg.svd(fit - centre, full_matrices=False)[2][:rank].T  # [hidden, r]
                 linear = (coef[:-1] @ basis, (coef[-1] - centre) @ basis, basis.T, centre)
