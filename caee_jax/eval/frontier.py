@@ -68,7 +68,7 @@ def curve(rows: list[dict], accuracy: Callable[[dict], float], shift: float = 0.
     `shift` moves each point's loss by shift x its interval half-width (`ERRORS`) before fitting; `latency`
     gives a record's cut."""
     rows = sorted((r for r in rows if np.isfinite(accuracy(r))), key=lambda r: r["pruned_pair_fraction"])
-    loss = [0.0] + [accuracy(r) + (shift * ERRORS[accuracy](r) if shift else 0.0) for r in rows]
+    loss = [0.0] + [accuracy(r) + shift * ERRORS[accuracy](r) for r in rows]
     cut = [0.0] + [latency(r) for r in rows]
     return np.maximum.accumulate(isotonic(np.asarray(loss))), isotonic(np.asarray(cut))
 
@@ -128,8 +128,9 @@ def matched_table(records: list[dict], max_drop: float = 0.01, max_rise: float =
     labels = sorted({rule_label(r) for r in records})
     by_rule = {label: [r for r in records if rule_label(r) == label] for label in labels}
     both, at_rise = {}, {}
+    heaviest_cut = {label: curve(rows, ppl_rise, 0.0, latency)[1][-1] for label, rows in by_rule.items()}
     for label, rows in by_rule.items():
-        heaviest = f"> {100 * curve(rows, ppl_rise, 0.0, latency)[1][-1]:.1f}%"
+        heaviest = f"> {100 * heaviest_cut[label]:.1f}%"
 
         def pct(value, heaviest=heaviest):
             return heaviest if value is None else f"{100 * value:.1f}%"
@@ -161,8 +162,7 @@ def matched_table(records: list[dict], max_drop: float = 0.01, max_rise: float =
     for label in labels:
         if label.startswith("caee"):
             ratio = f"{both[label][0] / both[best][0]:.2f}x" if both[best][0] > 0 else "n/a"
-            heaviest = curve(by_rule[label], ppl_rise, 0.0, latency)[1][-1]
-            rise_ratio = ratio_text(at_rise[label], at_rise[best_rise], ppl_intervals, heaviest)
+            rise_ratio = ratio_text(at_rise[label], at_rise[best_rise], ppl_intervals, heaviest_cut[label])
             advantage = mean_advantage(by_rule[label], by_rule[best_rise], ppl_rise, max_rise, latency)
             points = "n/a" if advantage is None else f"{100 * advantage:+.1f} points"
             lines.append(f"| {label} | {ratio} | {rise_ratio} | {points} |")
@@ -181,8 +181,10 @@ def ratio_text(ours: tuple, theirs: tuple, interval: bool, our_heaviest: float) 
         low = f"{ours[1] / theirs[2]:.2f}" if ours[1] is not None and theirs[2] else "-"
         if not theirs[1]:
             high = "-"
+        elif ours[2] is None:
+            high = f"> {our_heaviest / theirs[1]:.2f}"
         else:
-            high = f"{ours[2] / theirs[1]:.2f}" if ours[2] is not None else f"> {our_heaviest / theirs[1]:.2f}"
+            high = f"{ours[2] / theirs[1]:.2f}"
         text += f" [{low}, {high}]"
     return text
 
