@@ -54,8 +54,8 @@ def top1_drop(r: dict) -> float:
 
 def top1_drop_error(r: dict) -> float:
     """Two standard errors of the relative top-1 drop, paired over the same tokens, a window's tokens counted
-    as one draw (records measured before that was kept: each token as one draw: 1-7% narrower on the bundled
-    model at 32 tokens per window)."""
+    as one draw (records measured before that was kept: each token as one draw, within 0.96-1.08x of it on
+    the bundled model at 32 tokens per window)."""
     return 2 * _ratio(r.get("top1_diff_se_windows", r["top1_diff_se"]), r["top1_acc_unpruned"])
 
 
