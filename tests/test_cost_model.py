@@ -205,6 +205,7 @@ def test_random_cases_cover_sizes_skew_and_pruning():
     assert any(not c.keep_mask.all() for c in cases) and any(c.keep_mask.all() for c in cases)
 
 
+@pytest.mark.timing
 def test_calibrate_and_validate_one_device():
     model = caee_jax.init_random("tiny", seed=0)
     table = calibrate(model, cases_per_size=2, repeats=2)
