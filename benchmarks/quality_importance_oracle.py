@@ -13,6 +13,10 @@ each layer's own quantile), then measures KL(unpruned || pruned) and top-1 agree
   sketchR  w * |y_R|, y_R the expert computed with rank-R truncations of its three matrices (R * 3 * (D + I)
            floats per expert, printed as a share of the expert)
 
+and, with `--stand-in-rank R`, three more with a pruned slot replaced by `quality_linear_proxy.py`'s rank-R
+linear stand-in y_lin rather than dropped (the two ideas combined): weight+linear, lognorm+linear and
+oracle+linear, the last ranked by w * |y - y_lin| (what the stand-in misses: its ceiling).
+
 The KL the oracle saves over `weight` at equal pruned fraction bounds what any signal known before the step
 could save this way; the two cheap predictors show how much of it is within reach, and at what read. It uses
 transformers' DeepseekV3ForCausalLM on the bundled weights (torch is the reference here, never a runtime
@@ -28,7 +32,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-from quality_linear_proxy import bundled_reference, expert_output, log_probs, moe_inputs, ridge_fit, windows
+from quality_linear_proxy import (
+    bundled_reference,
+    expert_output,
+    fit_stand_ins,
+    log_probs,
+    moe_inputs,
+    ridge_fit,
+    stand_in,
+    windows,
+)
 from tqdm import tqdm
 
 
@@ -63,15 +76,17 @@ def sketches(experts, rank: int) -> list[tuple[torch.Tensor, torch.Tensor, torch
         return out
 
 
-def ranked_forward(experts, log_norm: list[torch.Tensor], sketch: dict[int, list], setting: dict):
+def ranked_forward(experts, log_norm: list[torch.Tensor], sketch: dict[int, list], stand_ins: list, setting: dict):
     """A replacement for transformers' expert loop that prunes, in this layer, the fraction setting['q'] of
-    the prunable slots lowest by the signal setting['signal'] (see the module doc)."""
+    the prunable slots lowest by the signal setting['signal'] (see the module doc); with a '+linear' signal
+    a pruned slot gets its expert's linear stand-in (`stand_ins`, per expert) instead of nothing."""
 
     def forward(hidden, top_k_index, top_k_weights):
         tokens, top_k = top_k_index.shape
         outputs = hidden.new_zeros(tokens, top_k, hidden.shape[1])
+        fills = hidden.new_zeros(tokens, top_k, hidden.shape[1])  # what a pruned slot adds instead
         norm = hidden.new_ones(tokens, top_k)  # the signal's per-slot factor multiplying w
-        signal = setting["signal"]
+        signal, linear = setting["signal"].removesuffix("+linear"), setting["signal"].endswith("+linear")
         for e in range(experts.num_experts):
             token, slot = (top_k_index == e).nonzero(as_tuple=True)
             if len(token) == 0:
@@ -79,8 +94,10 @@ def ranked_forward(experts, log_norm: list[torch.Tensor], sketch: dict[int, list
             x = hidden[token]
             y = expert_output(experts, e, x)
             outputs[token, slot] = y
+            if linear:
+                fills[token, slot] = stand_in("linear", stand_ins[e], x)
             if signal == "oracle":
-                norm[token, slot] = y.norm(dim=-1)
+                norm[token, slot] = (y - fills[token, slot]).norm(dim=-1)
             elif signal == "lognorm":
                 norm[token, slot] = (x @ log_norm[e][:-1] + log_norm[e][-1]).exp()
             elif signal.startswith("sketch"):
@@ -91,7 +108,7 @@ def ranked_forward(experts, log_norm: list[torch.Tensor], sketch: dict[int, list
         keep = torch.ones_like(heaviest)
         if setting["q"] > 0:
             keep = heaviest | (score > torch.quantile(score[~heaviest], setting["q"]))
-        return (top_k_weights[..., None] * outputs * keep[..., None]).sum(1)
+        return (top_k_weights[..., None] * torch.where(keep[..., None], outputs, fills)).sum(1)
 
     return forward
 
@@ -106,13 +123,17 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=1e-4, help="ridge penalty over the mean diagonal")
     parser.add_argument("--ranks", default="16,64", help="sketch ranks")
     parser.add_argument("--fractions", default="0.3,0.5,0.7", help="fractions q of the prunable slots pruned")
+    parser.add_argument("--stand-in-rank", type=int, default=0, help="rank of the '+linear' stand-ins (0: none)")
     args = parser.parse_args()
     model, tokenizer, layers = bundled_reference()
     ranks = [int(r) for r in args.ranks.split(",")]
     config = model.config
     expert_size = 3 * config.hidden_size * config.moe_intermediate_size
     fit_ids = windows(tokenizer, args.fit_text, args.fit_tokens, args.length)
-    log_norm = fit_log_norm(model, moe_inputs(model, fit_ids, layers), args.ridge)
+    fit_inputs = moe_inputs(model, fit_ids, layers)
+    log_norm = fit_log_norm(model, fit_inputs, args.ridge)
+    # The stand-ins keep quality_linear_proxy.py's default ridge penalty (a map per expert, not a log-norm).
+    stand_ins = fit_stand_ins(model, fit_inputs, args.stand_in_rank, 1e-2) if args.stand_in_rank else {}
     ids = windows(tokenizer, args.text, args.tokens, args.length)
     print(f"log-norm fitted on {fit_ids.numel():,} tokens; evaluated on {ids.numel():,}")
     print(f"lognorm: {100 * (config.hidden_size + 1) / expert_size:.2f}% of an expert's weights")
@@ -124,9 +145,10 @@ def main() -> None:
     for layer in layers:
         experts = model.model.layers[layer].mlp.experts
         per_rank = {rank: sketches(experts, rank) for rank in ranks}
-        experts.forward = ranked_forward(experts, log_norm[layer], per_rank, setting)
+        experts.forward = ranked_forward(experts, log_norm[layer], per_rank, stand_ins.get(layer), setting)
     unpruned = log_probs(model, ids)
     signals = ["weight", "oracle", "lognorm"] + [f"sketch{rank}" for rank in ranks]
+    signals += [f"{signal}+linear" for signal in ("weight", "lognorm", "oracle")] if args.stand_in_rank else []
     cases = [(float(q), signal) for q in args.fractions.split(",") for signal in signals]
     print("| pruned fraction of prunable slots | signal | KL | KL / weight's | top-1 agreement |")
     print("|---|---|---|---|---|")
