@@ -9,7 +9,8 @@ nor calibration reads:
 
 `configs/heldout/{numpy,flax}.json` pin 120,000-character texts; `{numpy,flax}-480k.json` 4x longer ones
 (the same selection continued: each starts with the shorter text), for evaluations of 32768 tokens;
-`numpy-1800k.json` nearly all of numpy's files (481), for 131072 tokens.
+`numpy-1800k.json` nearly all of numpy's files (481), for 131072 tokens; `numpy-3600k.json` up to 20,000
+characters of each of 429 files (a selection of its own, not a continuation), for 262144 tokens.
 
 A manifest pins each text (package, version, files in order with their SHA-256, the text's SHA-256):
 building checks every file and the result against it, so the same manifest always gives the same bytes,
