@@ -33,6 +33,7 @@ import argparse
 
 import torch
 from quality_linear_proxy import (
+    STAND_IN_RIDGE,
     bundled_reference,
     expert_output,
     fit_stand_ins,
@@ -76,7 +77,9 @@ def sketches(experts, rank: int) -> list[tuple[torch.Tensor, torch.Tensor, torch
         return out
 
 
-def ranked_forward(experts, log_norm: list[torch.Tensor], sketch: dict[int, list], stand_ins: list, setting: dict):
+def ranked_forward(
+    experts, log_norm: list[torch.Tensor], sketch: dict[int, list], stand_ins: list | None, setting: dict
+):
     """A replacement for transformers' expert loop that prunes, in this layer, the fraction setting['q'] of
     the prunable slots lowest by the signal setting['signal'] (see the module doc); with a '+linear' signal
     a pruned slot gets its expert's linear stand-in (`stand_ins`, per expert) instead of nothing."""
@@ -132,8 +135,8 @@ def main() -> None:
     fit_ids = windows(tokenizer, args.fit_text, args.fit_tokens, args.length)
     fit_inputs = moe_inputs(model, fit_ids, layers)
     log_norm = fit_log_norm(model, fit_inputs, args.ridge)
-    # The stand-ins keep quality_linear_proxy.py's default ridge penalty (a map per expert, not a log-norm).
-    stand_ins = fit_stand_ins(model, fit_inputs, args.stand_in_rank, 1e-2) if args.stand_in_rank else {}
+    # The stand-ins keep their own default ridge penalty (a map per expert, not a log-norm).
+    stand_ins = fit_stand_ins(model, fit_inputs, args.stand_in_rank, STAND_IN_RIDGE) if args.stand_in_rank else {}
     ids = windows(tokenizer, args.text, args.tokens, args.length)
     print(f"log-norm fitted on {fit_ids.numel():,} tokens; evaluated on {ids.numel():,}")
     print(f"lognorm: {100 * (config.hidden_size + 1) / expert_size:.2f}% of an expert's weights")

@@ -30,6 +30,8 @@ from transformers import DeepseekV3ForCausalLM
 
 import caee_jax
 
+STAND_IN_RIDGE = 1e-2  # the stand-ins' default ridge penalty, over the mean diagonal
+
 
 def windows(tokenizer: Tokenizer, path: str, tokens: int, length: int) -> torch.Tensor:
     """[tokens // length, length] token ids from the start of the text file at `path`."""
@@ -167,7 +169,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--length", type=int, default=256, help="tokens per window")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--ridge", type=float, default=1e-2, help="ridge penalty over the mean diagonal")
+    parser.add_argument("--ridge", type=float, default=STAND_IN_RIDGE, help="ridge penalty over the mean diagonal")
     parser.add_argument("--thresholds", default="0.3,0.45,0.6", help="combine-weight thresholds (weights sum to 2.5)")
     args = parser.parse_args()
     model, tokenizer, layers = bundled_reference()
